@@ -1,0 +1,253 @@
+//! One upstream's [`Breaker`] as bytes in Envoy shared data: versioned, fixed layout, little-endian.
+//!
+//! ```text
+//! offset size  field
+//!      0    1  magic 0xCB
+//!      1    1  version (1)
+//!      2    1  state: 0 closed, 1 open, 2 half-open
+//!      3    1  window: 0 count, 1 time
+//!      4    4  generation
+//!      8    4  consecutive failures
+//!     12    8  open time in force (ms)
+//!     20    8  open: until (ms); half-open: last permit (ms); closed: 0
+//!     28    2  half-open permits in flight
+//!     30    2  half-open successes
+//!     32       count window: size u16, len u16, head u16, failure bits, slow bits (⌈size/8⌉ bytes each)
+//!              time window: bucket length u64, then 10 × (epoch u64, calls u32, failures u32, slow u32)
+//! ```
+//!
+//! A count window of 100 takes 64 bytes in all; of 1024, 294; a time window, 240. Bytes that are not
+//! exactly this layout (foreign data, another version, a truncated write, an impossible window) decode
+//! to a [`CodecError`]: the caller starts the breaker afresh, counts it and logs it. Never a panic.
+
+use std::fmt;
+
+use crate::breaker::{Breaker, BreakerState};
+use crate::window::{Bucket, CountWindow, TimeWindow, Window, TIME_BUCKETS};
+
+const MAGIC: u8 = 0xCB;
+/// Layout version written by this build.
+pub const VERSION: u8 = 1;
+const HEADER_LEN: usize = 32;
+
+/// Why stored bytes could not be decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CodecError {
+    /// Too short, too long, or not starting with the magic byte.
+    Malformed,
+    /// Written by another layout version.
+    Version(u8),
+    /// The fields are individually readable but describe an impossible breaker.
+    Invalid(&'static str),
+}
+
+impl fmt::Display for CodecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CodecError::Malformed => write!(f, "not a breaker state (bad length or magic)"),
+            CodecError::Version(v) => write!(f, "breaker state of unknown version {v} (this build reads {VERSION})"),
+            CodecError::Invalid(why) => write!(f, "impossible breaker state: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for CodecError {}
+
+/// Encodes a breaker.
+pub fn encode(b: &Breaker) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + 64);
+    let (tag, time, in_flight, successes) = match b.state {
+        BreakerState::Closed => (0u8, 0u64, 0u16, 0u16),
+        BreakerState::Open { until_ms } => (1, until_ms, 0, 0),
+        BreakerState::HalfOpen { in_flight, successes, last_permit_ms } => (2, last_permit_ms, in_flight, successes),
+    };
+    out.extend_from_slice(&[MAGIC, VERSION, tag, matches!(b.window, Window::Time(_)) as u8]);
+    out.extend_from_slice(&b.generation.to_le_bytes());
+    out.extend_from_slice(&b.consecutive_failures.to_le_bytes());
+    out.extend_from_slice(&b.open_timeout_ms.to_le_bytes());
+    out.extend_from_slice(&time.to_le_bytes());
+    out.extend_from_slice(&in_flight.to_le_bytes());
+    out.extend_from_slice(&successes.to_le_bytes());
+    match &b.window {
+        Window::Count(w) => {
+            out.extend_from_slice(&w.size().to_le_bytes());
+            out.extend_from_slice(&w.len().to_le_bytes());
+            out.extend_from_slice(&w.head().to_le_bytes());
+            let n = bit_bytes(w.size());
+            let (f, s) = w.bits();
+            for words in [f, s] {
+                out.extend(words.iter().flat_map(|w| w.to_le_bytes()).take(n));
+            }
+        }
+        Window::Time(w) => {
+            out.extend_from_slice(&w.bucket_ms().to_le_bytes());
+            for bucket in w.buckets() {
+                out.extend_from_slice(&bucket.epoch.to_le_bytes());
+                out.extend_from_slice(&bucket.calls.to_le_bytes());
+                out.extend_from_slice(&bucket.failures.to_le_bytes());
+                out.extend_from_slice(&bucket.slow.to_le_bytes());
+            }
+        }
+    }
+    out
+}
+
+/// Decodes bytes written by [`encode`].
+pub fn decode(bytes: &[u8]) -> Result<Breaker, CodecError> {
+    let mut r = Reader(bytes);
+    if r.u8()? != MAGIC {
+        return Err(CodecError::Malformed);
+    }
+    let version = r.u8()?;
+    if version != VERSION {
+        return Err(CodecError::Version(version));
+    }
+    let tag = r.u8()?;
+    let window_tag = r.u8()?;
+    let generation = r.u32()?;
+    let consecutive_failures = r.u32()?;
+    let open_timeout_ms = r.u64()?;
+    let time = r.u64()?;
+    let in_flight = r.u16()?;
+    let successes = r.u16()?;
+    let state = match tag {
+        0 => BreakerState::Closed,
+        1 => BreakerState::Open { until_ms: time },
+        2 => BreakerState::HalfOpen { in_flight, successes, last_permit_ms: time },
+        _ => return Err(CodecError::Invalid("unknown state tag")),
+    };
+    let window = match window_tag {
+        0 => {
+            let (size, len, head) = (r.u16()?, r.u16()?, r.u16()?);
+            let n = bit_bytes(size);
+            let failure_bits = r.words(n)?;
+            let slow_bits = r.words(n)?;
+            Window::Count(
+                CountWindow::from_parts(size, len, head, failure_bits, slow_bits)
+                    .ok_or(CodecError::Invalid("count window"))?,
+            )
+        }
+        1 => {
+            let bucket_ms = r.u64()?;
+            let mut buckets = [Bucket::default(); TIME_BUCKETS];
+            for b in buckets.iter_mut() {
+                *b = Bucket { epoch: r.u64()?, calls: r.u32()?, failures: r.u32()?, slow: r.u32()? };
+                if b.failures > b.calls || b.slow > b.calls {
+                    return Err(CodecError::Invalid("time bucket counts"));
+                }
+            }
+            Window::Time(TimeWindow::from_parts(bucket_ms, buckets).ok_or(CodecError::Invalid("time window"))?)
+        }
+        _ => return Err(CodecError::Invalid("unknown window tag")),
+    };
+    if !r.0.is_empty() {
+        return Err(CodecError::Malformed);
+    }
+    Ok(Breaker { state, generation, consecutive_failures, open_timeout_ms, window })
+}
+
+fn bit_bytes(size: u16) -> usize {
+    usize::from(size).div_ceil(8)
+}
+
+/// A cursor that answers `Malformed` instead of reading past the end.
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn take<const N: usize>(&mut self) -> Result<[u8; N], CodecError> {
+        let (head, rest) = self.0.split_first_chunk::<N>().ok_or(CodecError::Malformed)?;
+        self.0 = rest;
+        Ok(*head)
+    }
+
+    fn u8(&mut self) -> Result<u8, CodecError> {
+        Ok(self.take::<1>()?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, CodecError> {
+        self.take().map(u16::from_le_bytes)
+    }
+
+    fn u32(&mut self) -> Result<u32, CodecError> {
+        self.take().map(u32::from_le_bytes)
+    }
+
+    fn u64(&mut self) -> Result<u64, CodecError> {
+        self.take().map(u64::from_le_bytes)
+    }
+
+    /// `n` bytes of little-endian bit words, zero-padded to the full array.
+    fn words(&mut self, n: usize) -> Result<[u64; 16], CodecError> {
+        if n > 128 {
+            return Err(CodecError::Invalid("count window size"));
+        }
+        let (bytes, rest) = self.0.split_at_checked(n).ok_or(CodecError::Malformed)?;
+        self.0 = rest;
+        let mut words = [0u64; 16];
+        for (word, chunk) in words.iter_mut().zip(bytes.chunks(8)) {
+            let mut buf = [0u8; 8];
+            for (dst, src) in buf.iter_mut().zip(chunk) {
+                *dst = *src;
+            }
+            *word = u64::from_le_bytes(buf);
+        }
+        Ok(words)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+    use super::*;
+    use crate::config::{BreakerConfig, WindowConfig};
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    fn sample(window: WindowConfig) -> Breaker {
+        let cfg = BreakerConfig { window, ..BreakerConfig::default() };
+        let mut b = Breaker::new(&cfg);
+        for i in 0..150u64 {
+            b.window.record(i * 37, i % 3 == 0, i % 7 == 0);
+        }
+        b.generation = 7;
+        b.consecutive_failures = 3;
+        b.state = BreakerState::HalfOpen { in_flight: 2, successes: 1, last_permit_ms: 1_234_567 };
+        b
+    }
+
+    #[test]
+    fn round_trips_both_window_kinds() {
+        for w in [WindowConfig::Count(100), WindowConfig::Count(1), WindowConfig::Count(1024), WindowConfig::Time { duration_ms: 60_000 }] {
+            let b = sample(w);
+            assert_eq!(decode(&encode(&b)), Ok(b), "{w:?}");
+        }
+    }
+
+    #[test]
+    fn encoded_sizes_fit_the_budget() {
+        assert_eq!(encode(&sample(WindowConfig::Count(100))).len(), 64);
+        assert!(encode(&sample(WindowConfig::Count(100))).len() <= 200);
+        assert_eq!(encode(&sample(WindowConfig::Count(1024))).len(), 294);
+        assert_eq!(encode(&sample(WindowConfig::Time { duration_ms: 10_000 })).len(), 240);
+    }
+
+    #[test]
+    fn corrupt_bytes_are_errors() {
+        let good = encode(&sample(WindowConfig::Count(100)));
+        assert_eq!(decode(&[]), Err(CodecError::Malformed));
+        assert_eq!(decode(b"hello world"), Err(CodecError::Malformed));
+        assert_eq!(decode(&good[..good.len() - 1]), Err(CodecError::Malformed));
+        let mut longer = good.clone();
+        longer.push(0);
+        assert_eq!(decode(&longer), Err(CodecError::Malformed));
+        let mut v2 = good.clone();
+        v2[1] = 2;
+        assert_eq!(decode(&v2), Err(CodecError::Version(2)));
+        let mut bad_state = good.clone();
+        bad_state[2] = 9;
+        assert!(matches!(decode(&bad_state), Err(CodecError::Invalid(_))));
+        let mut bad_len = good.clone();
+        bad_len[34] = 200; // len > size
+        assert!(matches!(decode(&bad_len), Err(CodecError::Invalid(_))));
+    }
+}

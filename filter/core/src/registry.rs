@@ -1,0 +1,440 @@
+//! The breakers of one Envoy (one `vm_id`), as seen from one worker: which upstream keys have a breaker,
+//! and admit / record / release through the shared store.
+//!
+//! Shared data cannot list its keys, so the registry keeps an index of the upstream keys in one entry,
+//! bounded by `max_upstreams`. Each worker remembers locally which keys it has seen registered, so the
+//! index is read only the first time a worker meets a key; once the index is full it stays full (shared
+//! data has no delete), so a worker that learns this stops reading it too, and a flood of new keys
+//! (`header:` keys from a hostile client) costs one `get` of a missing key each.
+
+use std::collections::HashSet;
+
+use crate::breaker::{Breaker, Decision, Rejection, StateKind, Ticket, Transition};
+use crate::classify::Classification;
+use crate::codec::{self, CodecError};
+use crate::config::{BreakerConfig, Mode, MAX_KEY_LEN};
+use crate::store::{self, SharedStore, StoreError, UpdateError, MAX_CAS_ATTEMPTS};
+use crate::window::WindowStats;
+
+/// Shared-data key of the upstream index.
+pub const INDEX_KEY: &str = "circuit_breaker.v1.index";
+const STATE_PREFIX: &str = "circuit_breaker.v1.state.";
+const INDEX_MAGIC: [u8; 2] = [0xCA, 1];
+
+/// Shared-data key of one upstream's breaker.
+pub fn state_key(upstream: &str) -> String {
+    let mut k = String::with_capacity(STATE_PREFIX.len() + upstream.len());
+    k.push_str(STATE_PREFIX);
+    k.push_str(upstream);
+    k
+}
+
+/// Why a call passed without a breaker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Untracked {
+    /// `mode: disabled`.
+    Disabled,
+    /// `max_upstreams` breakers exist already.
+    TooManyUpstreams,
+    /// The key is longer than [`MAX_KEY_LEN`] bytes.
+    KeyTooLong,
+    /// The request had no key (no cluster, not a gRPC path, header absent).
+    NoKey,
+    /// Shared data failed us; the call fails open.
+    Store(UpdateError),
+}
+
+impl Untracked {
+    /// Whether `circuit_breaker_untracked_calls_total` counts this (everything but `disabled`).
+    pub fn counted(&self) -> bool {
+        !matches!(self, Untracked::Disabled)
+    }
+}
+
+/// What the filter does with a new call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// Let it through and record it with the ticket.
+    Allow(Ticket),
+    /// Answer it with the rejection.
+    Reject(Rejection),
+    /// Let it through, mark it; not recorded (`dry_run`).
+    DryRun(Rejection),
+    /// Let it through; no breaker applies.
+    Untracked(Untracked),
+}
+
+/// Everything that happened while admitting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admitted {
+    /// The decision.
+    pub admission: Admission,
+    /// A state change it caused (Open → HalfOpen, or a forced opening).
+    pub transition: Option<Transition>,
+    /// Stored bytes were corrupt and the breaker was restarted.
+    pub corrupt: Option<CodecError>,
+    /// CAS attempts taken (0 when the store was not touched).
+    pub attempts: u32,
+}
+
+impl Admitted {
+    fn untracked(why: Untracked) -> Self {
+        Self { admission: Admission::Untracked(why), transition: None, corrupt: None, attempts: 0 }
+    }
+}
+
+/// Everything that happened while recording an outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recorded {
+    /// A state change the outcome caused.
+    pub transition: Option<Transition>,
+    /// Stored bytes were corrupt and the breaker was restarted (the outcome went into the fresh one).
+    pub corrupt: Option<CodecError>,
+    /// CAS attempts taken.
+    pub attempts: u32,
+    /// The outcome could not be stored (lost, and counted by the caller).
+    pub error: Option<UpdateError>,
+}
+
+/// One breaker as the health endpoint reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamHealth {
+    /// The upstream key.
+    pub upstream: String,
+    /// Its state.
+    pub state: StateKind,
+    /// The window's totals now.
+    pub stats: WindowStats,
+    /// Failures in a row.
+    pub consecutive_failures: u32,
+    /// Ms until probes may go through, while Open.
+    pub retry_after_ms: Option<u64>,
+}
+
+/// One worker's view of the breakers.
+#[derive(Debug)]
+pub struct Registry {
+    max_upstreams: u32,
+    known: HashSet<String>,
+    full: bool,
+}
+
+impl Registry {
+    /// A registry for a configuration's `max_upstreams`.
+    pub fn new(max_upstreams: u32) -> Self {
+        Self { max_upstreams, known: HashSet::new(), full: false }
+    }
+
+    /// Creates the (empty) index if it does not exist yet. Call once per worker at configuration time:
+    /// shared data has no atomic create, so two first writers could overwrite each other; doing it
+    /// before traffic flows keeps that race away from registrations.
+    pub fn ensure_index<S: SharedStore + ?Sized>(store: &S) -> Result<(), StoreError> {
+        if store.get(INDEX_KEY)?.is_none() {
+            store.set(INDEX_KEY, &encode_index(&[]), None)?;
+        }
+        Ok(())
+    }
+
+    /// Decides on a new call for upstream `key` at `now_ms`.
+    pub fn admit<S: SharedStore + ?Sized>(&mut self, store: &S, key: &str, cfg: &BreakerConfig, now_ms: u64) -> Admitted {
+        if cfg.mode == Mode::Disabled {
+            return Admitted::untracked(Untracked::Disabled);
+        }
+        if let Err(why) = self.register(store, key, cfg) {
+            return Admitted::untracked(why);
+        }
+        let result = update_or_create(store, key, cfg, |b| {
+            let conformed = b.conform(cfg);
+            let before = b.clone();
+            let (decision, transition) = b.admit(cfg, now_ms);
+            ((decision, transition), conformed || *b != before)
+        });
+        match result {
+            Ok(u) => {
+                let (decision, transition) = u.value;
+                let admission = match decision {
+                    Decision::Allow(t) => Admission::Allow(t),
+                    Decision::Reject(r) => Admission::Reject(r),
+                    Decision::DryRunReject(r) => Admission::DryRun(r),
+                };
+                Admitted { admission, transition, corrupt: u.corrupt, attempts: u.attempts }
+            }
+            Err(e) => Admitted { attempts: MAX_CAS_ATTEMPTS, ..Admitted::untracked(Untracked::Store(e)) },
+        }
+    }
+
+    /// Records the outcome of a call admitted with `ticket`.
+    pub fn record<S: SharedStore + ?Sized>(
+        &self,
+        store: &S,
+        key: &str,
+        cfg: &BreakerConfig,
+        ticket: Ticket,
+        now_ms: u64,
+        outcome: Classification,
+    ) -> Recorded {
+        let result = update_or_create(store, key, cfg, |b| {
+            let conformed = b.conform(cfg);
+            let before = b.clone();
+            let transition = b.record(cfg, ticket, now_ms, outcome);
+            (transition, conformed || *b != before)
+        });
+        match result {
+            Ok(u) => Recorded { transition: u.value, corrupt: u.corrupt, attempts: u.attempts, error: None },
+            Err(e) => Recorded { transition: None, corrupt: None, attempts: MAX_CAS_ATTEMPTS, error: Some(e) },
+        }
+    }
+
+    /// Gives back a probe permit of a call that ended with nothing to judge.
+    pub fn release<S: SharedStore + ?Sized>(&self, store: &S, key: &str, cfg: &BreakerConfig, ticket: Ticket) -> Result<(), UpdateError> {
+        if !ticket.probe {
+            return Ok(());
+        }
+        update_or_create(store, key, cfg, |b| ((), b.release(ticket))).map(|_| ())
+    }
+
+    /// Every registered breaker, for the health endpoint, in registration order. Keys whose state is
+    /// missing or corrupt are left out (the next call to them restarts them).
+    pub fn snapshot<S: SharedStore + ?Sized>(store: &S, now_ms: u64) -> Result<Vec<UpstreamHealth>, StoreError> {
+        let keys = match store.get(INDEX_KEY)? {
+            Some((bytes, _)) => decode_index(&bytes).unwrap_or_default(),
+            None => Vec::new(),
+        };
+        let mut out = Vec::with_capacity(keys.len());
+        for key in keys {
+            let Some((bytes, _)) = store.get(&state_key(&key))? else { continue };
+            let Ok(b) = codec::decode(&bytes) else { continue };
+            out.push(UpstreamHealth {
+                state: b.state.kind(),
+                stats: b.stats(now_ms),
+                consecutive_failures: b.consecutive_failures,
+                retry_after_ms: b.retry_after_ms(now_ms),
+                upstream: key,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Number of keys this worker has seen registered.
+    pub fn known_len(&self) -> usize {
+        self.known.len()
+    }
+
+    /// Makes sure `key` has a breaker, registering it in the index if this is its first call anywhere.
+    fn register<S: SharedStore + ?Sized>(&mut self, store: &S, key: &str, cfg: &BreakerConfig) -> Result<(), Untracked> {
+        if self.known.contains(key) {
+            return Ok(());
+        }
+        if key.is_empty() {
+            return Err(Untracked::NoKey);
+        }
+        if key.len() > MAX_KEY_LEN {
+            return Err(Untracked::KeyTooLong);
+        }
+        let skey = state_key(key);
+        if store.get(&skey).map_err(|e| Untracked::Store(UpdateError::Store(e)))?.is_some() {
+            self.remember(key);
+            return Ok(());
+        }
+        if self.full {
+            return Err(Untracked::TooManyUpstreams);
+        }
+        for _ in 0..MAX_CAS_ATTEMPTS {
+            let stored = store.get(INDEX_KEY).map_err(|e| Untracked::Store(UpdateError::Store(e)))?;
+            let (mut keys, cas) = match stored {
+                // A corrupt index is rebuilt from scratch: breakers stay reachable through their own
+                // keys; only the listing (and the count toward the bound) restarts.
+                Some((bytes, cas)) => (decode_index(&bytes).unwrap_or_default(), Some(cas)),
+                None => (Vec::new(), None),
+            };
+            if keys.iter().any(|k| k == key) {
+                // Another worker registered it and is creating its state right now.
+                self.remember(key);
+                return Ok(());
+            }
+            if keys.len() >= self.max_upstreams as usize {
+                self.full = true;
+                return Err(Untracked::TooManyUpstreams);
+            }
+            keys.push(key.to_string());
+            match store.set(INDEX_KEY, &encode_index(&keys), cas) {
+                Ok(()) => {
+                    // The CAS on the index makes this worker the key's only creator.
+                    store
+                        .set(&skey, &codec::encode(&Breaker::new(cfg)), None)
+                        .map_err(|e| Untracked::Store(UpdateError::Store(e)))?;
+                    self.remember(key);
+                    return Ok(());
+                }
+                Err(StoreError::CasMismatch) => continue,
+                Err(e) => return Err(Untracked::Store(UpdateError::Store(e))),
+            }
+        }
+        Err(Untracked::Store(UpdateError::GaveUp))
+    }
+
+    fn remember(&mut self, key: &str) {
+        // Bounded: only registered keys are remembered, and there are at most max_upstreams of them
+        // (plus the few a corrupt index may have let through twice).
+        if self.known.len() < (self.max_upstreams as usize).saturating_mul(2) {
+            self.known.insert(key.to_string());
+        }
+    }
+}
+
+/// [`store::update`] on an upstream's state key. A registered key whose state is not there yet (its
+/// creator is between the index write and the state write, or the entry was lost) is created fresh and
+/// the update tried again.
+fn update_or_create<S, R>(
+    store: &S,
+    key: &str,
+    cfg: &BreakerConfig,
+    mut change: impl FnMut(&mut Breaker) -> (R, bool),
+) -> Result<store::Updated<R>, UpdateError>
+where
+    S: SharedStore + ?Sized,
+{
+    let skey = state_key(key);
+    match store::update(store, &skey, || Breaker::new(cfg), &mut change) {
+        Err(UpdateError::Missing) => {
+            store.set(&skey, &codec::encode(&Breaker::new(cfg)), None).map_err(UpdateError::Store)?;
+            store::update(store, &skey, || Breaker::new(cfg), &mut change)
+        }
+        other => other,
+    }
+}
+
+/// Encodes the index: magic, version, count (u32), then each key as u16 length + bytes.
+pub fn encode_index(keys: &[String]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(6 + keys.iter().map(|k| k.len() + 2).sum::<usize>());
+    out.extend_from_slice(&INDEX_MAGIC);
+    out.extend_from_slice(&(keys.len() as u32).to_le_bytes());
+    for k in keys {
+        out.extend_from_slice(&(k.len() as u16).to_le_bytes());
+        out.extend_from_slice(k.as_bytes());
+    }
+    out
+}
+
+/// Decodes the index; `None` for bytes that are not an index.
+pub fn decode_index(bytes: &[u8]) -> Option<Vec<String>> {
+    let rest = bytes.strip_prefix(&INDEX_MAGIC)?;
+    let (count, mut rest) = rest.split_first_chunk::<4>()?;
+    let count = u32::from_le_bytes(*count) as usize;
+    // Each entry takes at least 2 bytes: a count larger than that is a lie, not an allocation to make.
+    if count > rest.len() / 2 {
+        return None;
+    }
+    let mut keys = Vec::with_capacity(count);
+    for _ in 0..count {
+        let (len, tail) = rest.split_first_chunk::<2>()?;
+        let (key, tail) = tail.split_at_checked(usize::from(u16::from_le_bytes(*len)))?;
+        keys.push(String::from_utf8(key.to_vec()).ok()?);
+        rest = tail;
+    }
+    rest.is_empty().then_some(keys)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+    use super::*;
+    use crate::classify::Outcome;
+    use crate::store::MemoryStore;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    const FAIL: Classification = Classification { outcome: Outcome::Failure, slow: false };
+
+    fn cfg() -> BreakerConfig {
+        BreakerConfig { failure_threshold: 2, open_timeout_ms: 1_000, ..BreakerConfig::default() }
+    }
+
+    fn allow(r: &mut Registry, s: &MemoryStore, key: &str, c: &BreakerConfig, now: u64) -> Ticket {
+        match r.admit(s, key, c, now).admission {
+            Admission::Allow(t) => t,
+            other => panic!("expected Allow, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn two_workers_share_one_breaker() {
+        let s = MemoryStore::new();
+        Registry::ensure_index(&s).unwrap();
+        let (mut w1, mut w2) = (Registry::new(10), Registry::new(10));
+        let c = cfg();
+        let t = allow(&mut w1, &s, "content", &c, 0);
+        assert_eq!(w1.record(&s, "content", &c, t, 0, FAIL).transition, None);
+        let t = allow(&mut w2, &s, "content", &c, 0);
+        let rec = w2.record(&s, "content", &c, t, 0, FAIL);
+        assert_eq!(rec.transition.unwrap().to, StateKind::Open);
+        assert!(matches!(w1.admit(&s, "content", &c, 1).admission, Admission::Reject(_)));
+        let health = Registry::snapshot(&s, 1).unwrap();
+        assert_eq!(health.len(), 1);
+        assert_eq!(health[0].state, StateKind::Open);
+        assert_eq!(health[0].retry_after_ms, Some(999));
+    }
+
+    #[test]
+    fn max_upstreams_bounds_the_breakers() {
+        let s = MemoryStore::new();
+        Registry::ensure_index(&s).unwrap();
+        let mut w1 = Registry::new(2);
+        let mut w2 = Registry::new(2);
+        let c = cfg();
+        allow(&mut w1, &s, "a", &c, 0);
+        allow(&mut w2, &s, "b", &c, 0);
+        assert_eq!(w1.admit(&s, "c", &c, 0).admission, Admission::Untracked(Untracked::TooManyUpstreams));
+        assert_eq!(w2.admit(&s, "d", &c, 0).admission, Admission::Untracked(Untracked::TooManyUpstreams));
+        // Registered keys keep working from any worker.
+        allow(&mut w1, &s, "b", &c, 0);
+        assert_eq!(Registry::snapshot(&s, 0).unwrap().len(), 2);
+        let long = "x".repeat(MAX_KEY_LEN + 1);
+        assert_eq!(w1.admit(&s, &long, &c, 0).admission, Admission::Untracked(Untracked::KeyTooLong));
+        assert_eq!(w1.admit(&s, "", &c, 0).admission, Admission::Untracked(Untracked::NoKey));
+    }
+
+    #[test]
+    fn disabled_mode_touches_nothing() {
+        let s = MemoryStore::new();
+        let c = BreakerConfig { mode: Mode::Disabled, ..cfg() };
+        let a = Registry::new(10).admit(&s, "a", &c, 0);
+        assert_eq!(a.admission, Admission::Untracked(Untracked::Disabled));
+        assert!(!Untracked::Disabled.counted());
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn corrupt_state_fails_open_and_restarts() {
+        let s = MemoryStore::new();
+        Registry::ensure_index(&s).unwrap();
+        let mut w = Registry::new(10);
+        let c = cfg();
+        allow(&mut w, &s, "a", &c, 0);
+        s.put_raw(&state_key("a"), b"\xde\xad\xbe\xef");
+        let a = w.admit(&s, "a", &c, 0);
+        assert!(matches!(a.admission, Admission::Allow(_)));
+        assert_eq!(a.corrupt, Some(CodecError::Malformed));
+        assert!(codec::decode(&s.get(&state_key("a")).unwrap().unwrap().0).is_ok());
+    }
+
+    #[test]
+    fn missing_state_of_a_registered_key_is_recreated() {
+        let s = MemoryStore::new();
+        s.put_raw(INDEX_KEY, &encode_index(&["a".to_string()]));
+        let mut w = Registry::new(10);
+        allow(&mut w, &s, "a", &cfg(), 0);
+        assert!(s.get(&state_key("a")).unwrap().is_some());
+    }
+
+    #[test]
+    fn index_round_trips_and_rejects_garbage() {
+        let keys = vec!["a".to_string(), "outbound|8083||auth.svc".to_string(), String::new()];
+        assert_eq!(decode_index(&encode_index(&keys)), Some(keys));
+        assert_eq!(decode_index(b""), None);
+        assert_eq!(decode_index(&[0xCA, 1, 255, 255, 255, 255]), None);
+        let mut trailing = encode_index(&[]);
+        trailing.push(0);
+        assert_eq!(decode_index(&trailing), None);
+    }
+}

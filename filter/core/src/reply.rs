@@ -1,0 +1,216 @@
+//! The responses the filter sends itself (contract section 4 and 5): the rejection of a call while the
+//! breaker is open, the fallback that replaces it, and the health endpoint's JSON.
+
+use serde::Serialize;
+
+use crate::breaker::{Rejection, StateKind};
+use crate::classify::GRPC_UNAVAILABLE;
+use crate::config::Fallback;
+use crate::registry::UpstreamHealth;
+
+/// A response for the host to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalReply {
+    /// HTTP status.
+    pub status: u16,
+    /// Headers (lower-case names).
+    pub headers: Vec<(String, String)>,
+    /// Body; empty for a gRPC trailers-only response.
+    pub body: Vec<u8>,
+}
+
+/// Whether a request is gRPC, from its `content-type`.
+pub fn is_grpc(content_type: Option<&str>) -> bool {
+    content_type.is_some_and(|ct| ct.trim_start().to_ascii_lowercase().starts_with("application/grpc"))
+}
+
+/// The reply to a call rejected for `upstream`.
+pub fn rejection(grpc: bool, upstream: &str, r: &Rejection, fallback: Option<&Fallback>) -> LocalReply {
+    let marker = r.state.as_str().to_string();
+    if let Some(fb) = fallback {
+        let mut headers = fb.headers.clone();
+        if !headers.iter().any(|(k, _)| k == "x-circuit-breaker") {
+            headers.push(("x-circuit-breaker".into(), marker));
+        }
+        return LocalReply { status: fb.status, headers, body: fb.body.clone().into_bytes() };
+    }
+    if grpc {
+        let mut headers = vec![
+            ("content-type".to_string(), "application/grpc".to_string()),
+            ("grpc-status".to_string(), GRPC_UNAVAILABLE.to_string()),
+            ("grpc-message".to_string(), percent_encode(&format!("circuit breaker open for {upstream}"))),
+        ];
+        if let Some(ms) = r.retry_after_ms {
+            headers.push(("grpc-retry-pushback-ms".to_string(), ms.to_string()));
+        }
+        headers.push(("x-circuit-breaker".to_string(), marker));
+        // No body: headers with end-of-stream make a gRPC trailers-only response.
+        LocalReply { status: 200, headers, body: Vec::new() }
+    } else {
+        let body = serde_json::json!({"error": "circuit breaker open", "upstream": upstream}).to_string();
+        let headers = vec![
+            ("content-type".to_string(), "application/json".to_string()),
+            ("retry-after".to_string(), retry_after_seconds(r).to_string()),
+            ("x-circuit-breaker".to_string(), marker),
+        ];
+        LocalReply { status: 503, headers, body: body.into_bytes() }
+    }
+}
+
+/// `retry-after` in whole seconds, rounded up so a client never comes back before probes start, and at
+/// least 1 (when HalfOpen is full or the time is unknown, a second is a fair guess).
+fn retry_after_seconds(r: &Rejection) -> u64 {
+    r.retry_after_ms.map_or(1, |ms| ms.div_ceil(1000)).max(1)
+}
+
+/// Percent-encodes a `grpc-message` as the gRPC spec asks: every byte outside printable ASCII
+/// (0x20..=0x7E), and `%` itself.
+pub fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x20..=0x7E).contains(&b) && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[derive(Serialize)]
+struct HealthBody<'a> {
+    status: &'static str,
+    circuit_breakers: Vec<HealthEntry<'a>>,
+}
+
+#[derive(Serialize)]
+struct HealthEntry<'a> {
+    upstream: &'a str,
+    state: &'static str,
+    failure_rate: f64,
+    slow_call_rate: f64,
+    calls_in_window: u32,
+    consecutive_failures: u32,
+    retry_after_ms: Option<u64>,
+}
+
+/// The health endpoint's reply: 200 and `healthy` when every breaker is closed, else 503 and `degraded`.
+pub fn health(breakers: &[UpstreamHealth]) -> LocalReply {
+    let healthy = breakers.iter().all(|b| b.state == StateKind::Closed);
+    let body = HealthBody {
+        status: if healthy { "healthy" } else { "degraded" },
+        circuit_breakers: breakers
+            .iter()
+            .map(|b| HealthEntry {
+                upstream: &b.upstream,
+                state: b.state.as_str(),
+                failure_rate: round4(b.stats.failure_rate()),
+                slow_call_rate: round4(b.stats.slow_call_rate()),
+                calls_in_window: b.stats.calls,
+                consecutive_failures: b.consecutive_failures,
+                retry_after_ms: b.retry_after_ms,
+            })
+            .collect(),
+    };
+    let json = serde_json::to_vec(&body).unwrap_or_else(|_| b"{\"status\":\"degraded\",\"circuit_breakers\":[]}".to_vec());
+    LocalReply {
+        status: if healthy { 200 } else { 503 },
+        headers: vec![
+            ("content-type".into(), "application/json".into()),
+            ("cache-control".into(), "no-store".into()),
+        ],
+        body: json,
+    }
+}
+
+fn round4(x: f64) -> f64 {
+    (x * 10_000.0).round() / 10_000.0
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+    use super::*;
+    use crate::window::WindowStats;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    fn header<'a>(r: &'a LocalReply, name: &str) -> Option<&'a str> {
+        r.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn grpc_rejection_is_trailers_only_unavailable_with_pushback() {
+        let r = rejection(true, "content", &Rejection { state: StateKind::Open, retry_after_ms: Some(1500) }, None);
+        assert_eq!(r.status, 200);
+        assert!(r.body.is_empty());
+        assert_eq!(header(&r, "content-type"), Some("application/grpc"));
+        assert_eq!(header(&r, "grpc-status"), Some("14"));
+        assert_eq!(header(&r, "grpc-message"), Some("circuit breaker open for content"));
+        assert_eq!(header(&r, "grpc-retry-pushback-ms"), Some("1500"));
+        assert_eq!(header(&r, "x-circuit-breaker"), Some("open"));
+        let r = rejection(true, "c", &Rejection { state: StateKind::HalfOpen, retry_after_ms: None }, None);
+        assert_eq!(header(&r, "grpc-retry-pushback-ms"), None);
+        assert_eq!(header(&r, "x-circuit-breaker"), Some("half_open"));
+    }
+
+    #[test]
+    fn http_rejection_is_503_with_retry_after_and_json() {
+        let r = rejection(false, "a\"b", &Rejection { state: StateKind::Open, retry_after_ms: Some(1001) }, None);
+        assert_eq!(r.status, 503);
+        assert_eq!(header(&r, "retry-after"), Some("2"));
+        assert_eq!(header(&r, "x-circuit-breaker"), Some("open"));
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(v, serde_json::json!({"error": "circuit breaker open", "upstream": "a\"b"}));
+        let r = rejection(false, "a", &Rejection { state: StateKind::Open, retry_after_ms: Some(0) }, None);
+        assert_eq!(header(&r, "retry-after"), Some("1"));
+    }
+
+    #[test]
+    fn fallback_replaces_both() {
+        let fb = Fallback { status: 200, headers: vec![("x-fallback".into(), "1".into())], body: "cached".into() };
+        for grpc in [true, false] {
+            let r = rejection(grpc, "a", &Rejection { state: StateKind::Open, retry_after_ms: None }, Some(&fb));
+            assert_eq!((r.status, r.body.as_slice()), (200, &b"cached"[..]));
+            assert_eq!(header(&r, "x-fallback"), Some("1"));
+            assert_eq!(header(&r, "x-circuit-breaker"), Some("open"));
+        }
+    }
+
+    #[test]
+    fn grpc_message_is_percent_encoded() {
+        assert_eq!(percent_encode("100% é\n"), "100%25 %C3%A9%0A");
+    }
+
+    #[test]
+    fn health_json_follows_the_contract() {
+        let b = |upstream: &str, state| UpstreamHealth {
+            upstream: upstream.into(),
+            state,
+            stats: WindowStats { calls: 57, failures: 7, slow: 0 },
+            consecutive_failures: 0,
+            retry_after_ms: None,
+        };
+        let r = health(&[b("content", StateKind::Closed)]);
+        assert_eq!(r.status, 200);
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(v["status"], "healthy");
+        assert_eq!(v["circuit_breakers"][0]["failure_rate"], 0.1228);
+        assert_eq!(v["circuit_breakers"][0]["calls_in_window"], 57);
+        assert!(v["circuit_breakers"][0]["retry_after_ms"].is_null());
+        let r = health(&[b("content", StateKind::Closed), b("feed", StateKind::HalfOpen)]);
+        assert_eq!(r.status, 503);
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(v["status"], "degraded");
+        assert_eq!(v["circuit_breakers"][1]["state"], "half_open");
+        assert_eq!(health(&[]).status, 200);
+    }
+
+    #[test]
+    fn grpc_detection() {
+        assert!(is_grpc(Some("application/grpc")));
+        assert!(is_grpc(Some("application/grpc+proto")));
+        assert!(!is_grpc(Some("application/json")));
+        assert!(!is_grpc(None));
+    }
+}
