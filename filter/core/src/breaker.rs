@@ -367,7 +367,6 @@ impl Breaker {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::panic)]
     use super::*;
     use crate::config::WindowConfig;
     #[cfg(target_arch = "wasm32")]

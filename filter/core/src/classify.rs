@@ -317,7 +317,6 @@ fn outcome(cfg: &BreakerConfig, facts: &CallFacts<'_>) -> Outcome {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;

@@ -197,7 +197,6 @@ impl Reader<'_> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
     use super::*;
     use crate::config::{BreakerConfig, WindowConfig};
     #[cfg(target_arch = "wasm32")]

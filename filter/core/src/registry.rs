@@ -337,7 +337,6 @@ pub fn decode_index(bytes: &[u8]) -> Option<Vec<String>> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::panic)]
     use super::*;
     use crate::classify::Outcome;
     use crate::store::MemoryStore;

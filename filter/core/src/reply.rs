@@ -129,7 +129,6 @@ fn round4(x: f64) -> f64 {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
     use super::*;
     use crate::window::WindowStats;
     #[cfg(target_arch = "wasm32")]

@@ -212,7 +212,6 @@ where
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::config::BreakerConfig;
     #[cfg(target_arch = "wasm32")]
