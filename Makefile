@@ -63,10 +63,11 @@ envoy:
 		ln -sf "$$($(VENV)/bin/python -c 'import envoy, os; print(os.path.dirname(envoy.__file__))')/_bin/envoy" $(TOOLS)/envoy && \
 		$(TOOLS)/envoy --version; fi
 
-## the wasm-bindgen test runner, at the version Cargo.lock pins wasm-bindgen to
+## the wasm-bindgen test runner, at the version Cargo.lock pins wasm-bindgen to. Not --locked: the CLI's
+## own lock file names a webpki-roots release the registry no longer serves.
 wasm-test-runner:
 	@if [ "$$($(WASM_TEST_RUNNER) --version 2>/dev/null | awk '{print $$2}')" != "$(WASM_BINDGEN_VERSION)" ]; then \
-		cargo install wasm-bindgen-cli --version $(WASM_BINDGEN_VERSION) --locked --root $(TOOLS); fi
+		cargo install wasm-bindgen-cli --version $(WASM_BINDGEN_VERSION) --root $(TOOLS); fi
 
 clean:
 	cargo clean
