@@ -4,11 +4,13 @@
 //!   upstreams.
 //! - [`services`]: the demo gRPC services (user, content, feed, auth) with a fault mode that can be
 //!   switched while they run.
+//! - [`envoy`]: a real Envoy with the built filter, for the e2e tests and the demo.
 //! - [`simulate`]: replays an access log or a scenario through the core, offline.
 //! - [`demo`]: the outage demo behind `make demo`.
 #![forbid(unsafe_code)]
 
 pub mod demo;
+pub mod envoy;
 pub mod services;
 pub mod sim;
 pub mod simulate;
