@@ -17,7 +17,9 @@ impl SharedStore for HostStore {
         match hostcalls::get_shared_data(key) {
             Ok((Some(bytes), cas)) => Ok(Some((bytes, cas.unwrap_or(0)))),
             Ok((None, _)) => Ok(None),
-            Err(status) => Err(StoreError::Host(format!("get_shared_data({key}): {status:?}"))),
+            Err(status) => Err(StoreError::Host(format!(
+                "get_shared_data({key}): {status:?}"
+            ))),
         }
     }
 
@@ -25,7 +27,9 @@ impl SharedStore for HostStore {
         match hostcalls::set_shared_data(key, Some(value), cas) {
             Ok(()) => Ok(()),
             Err(Status::CasMismatch) => Err(StoreError::CasMismatch),
-            Err(status) => Err(StoreError::Host(format!("set_shared_data({key}): {status:?}"))),
+            Err(status) => Err(StoreError::Host(format!(
+                "set_shared_data({key}): {status:?}"
+            ))),
         }
     }
 }
@@ -33,7 +37,9 @@ impl SharedStore for HostStore {
 /// Host time in ms since the Unix epoch; `None` if the host cannot say (the call then fails open).
 pub fn now_ms() -> Option<u64> {
     let t = hostcalls::get_current_time().ok()?;
-    t.duration_since(UNIX_EPOCH).ok().map(|d| d.as_millis() as u64)
+    t.duration_since(UNIX_EPOCH)
+        .ok()
+        .map(|d| d.as_millis() as u64)
 }
 
 /// Logs a line; logging never fails a request.
@@ -43,7 +49,9 @@ pub fn log(level: LogLevel, message: &str) {
 
 /// A request header's value, as bytes (header values need not be UTF-8).
 pub fn request_header(name: &str) -> Option<Vec<u8>> {
-    hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name).ok().flatten()
+    hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
+        .ok()
+        .flatten()
 }
 
 /// Sets (replaces) a request header.
@@ -53,7 +61,9 @@ pub fn set_request_header(name: &str, value: &str) {
 
 /// A response header's value, as bytes.
 pub fn response_header(name: &str) -> Option<Vec<u8>> {
-    hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, name).ok().flatten()
+    hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, name)
+        .ok()
+        .flatten()
 }
 
 /// Adds a response header.
@@ -63,7 +73,9 @@ pub fn add_response_header(name: &str, value: &str) {
 
 /// A response trailer's value, as bytes.
 pub fn response_trailer(name: &str) -> Option<Vec<u8>> {
-    hostcalls::get_map_value_bytes(MapType::HttpResponseTrailers, name).ok().flatten()
+    hostcalls::get_map_value_bytes(MapType::HttpResponseTrailers, name)
+        .ok()
+        .flatten()
 }
 
 /// An attribute as raw bytes (`["xds", "cluster_name"]`, `["response", "flags"]`...).
@@ -80,15 +92,27 @@ pub fn property_u64(path: &[&str]) -> Option<u64> {
 
 /// The plugin configuration bytes (empty when none was given).
 pub fn plugin_configuration() -> Vec<u8> {
-    hostcalls::get_buffer(proxy_wasm::types::BufferType::PluginConfiguration, 0, usize::MAX)
-        .ok()
-        .flatten()
-        .unwrap_or_default()
+    hostcalls::get_buffer(
+        proxy_wasm::types::BufferType::PluginConfiguration,
+        0,
+        usize::MAX,
+    )
+    .ok()
+    .flatten()
+    .unwrap_or_default()
 }
 
 /// Sends a reply built by the core. `false` if the host refused (the request then continues upstream).
 pub fn send_reply(reply: &LocalReply) -> bool {
-    let headers: Vec<(&str, &str)> = reply.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let body = if reply.body.is_empty() { None } else { Some(reply.body.as_slice()) };
+    let headers: Vec<(&str, &str)> = reply
+        .headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let body = if reply.body.is_empty() {
+        None
+    } else {
+        Some(reply.body.as_slice())
+    };
     hostcalls::send_http_response(u32::from(reply.status), headers, body).is_ok()
 }

@@ -38,23 +38,39 @@ pub struct Stream {
 impl Stream {
     /// A stream under a configuration (`None` only if the root was never configured: pass through).
     pub fn new(shared: Option<Rc<Shared>>) -> Self {
-        Self { shared, call: None, dry_run: None }
+        Self {
+            shared,
+            call: None,
+            dry_run: None,
+        }
     }
 
     /// Answers the health endpoint if this request is for it.
     fn answer_health(&self, shared: &Shared) -> bool {
-        let Some(health_path) = shared.config.health_path.as_deref() else { return false };
-        let Some(path) = host::request_header(":path") else { return false };
+        let Some(health_path) = shared.config.health_path.as_deref() else {
+            return false;
+        };
+        let Some(path) = host::request_header(":path") else {
+            return false;
+        };
         let path = path.split(|b| *b == b'?').next().unwrap_or_default();
-        if path != health_path.as_bytes() || host::request_header(":method").as_deref() != Some(b"GET") {
+        if path != health_path.as_bytes()
+            || host::request_header(":method").as_deref() != Some(b"GET")
+        {
             return false;
         }
         let now = host::now_ms().unwrap_or(0);
         let reply = match Registry::snapshot(&HostStore, now) {
             Ok(breakers) => reply::health(&breakers),
             Err(e) => {
-                host::log(LogLevel::Warn, &format!("circuit breaker: health endpoint could not read shared data: {e}"));
-                reply::LocalReply { status: 503, ..reply::health(&[]) }
+                host::log(
+                    LogLevel::Warn,
+                    &format!("circuit breaker: health endpoint could not read shared data: {e}"),
+                );
+                reply::LocalReply {
+                    status: 503,
+                    ..reply::health(&[])
+                }
             }
         };
         host::send_reply(&reply)
@@ -63,22 +79,35 @@ impl Stream {
     /// Admits the request, or answers it.
     fn admit(&mut self, shared: &Shared) -> Action {
         let config = &shared.config;
-        let (Some(upstream), Some(now)) = (upstream_key(&config.upstream_key), host::now_ms()) else {
+        let (Some(upstream), Some(now)) = (upstream_key(&config.upstream_key), host::now_ms())
+        else {
             count_untracked(shared, &Untracked::NoKey);
             return Action::Continue;
         };
         let cfg = config.breaker_for(&upstream);
-        let Ok(mut registry) = shared.registry.try_borrow_mut() else { return Action::Continue };
+        let Ok(mut registry) = shared.registry.try_borrow_mut() else {
+            return Action::Continue;
+        };
         let admitted = registry.admit(&HostStore, &upstream, cfg, now);
         drop(registry);
         report_admission(shared, &upstream, &admitted);
-        let grpc = reply::is_grpc(host::request_header("content-type").as_deref().and_then(|v| std::str::from_utf8(v).ok()));
+        let grpc = reply::is_grpc(
+            host::request_header("content-type")
+                .as_deref()
+                .and_then(|v| std::str::from_utf8(v).ok()),
+        );
         match admitted.admission {
             Admission::Allow(ticket) => {
                 if let Some(ms) = cfg.call_timeout_ms {
                     host::set_request_header("x-envoy-upstream-rq-timeout-ms", &ms.to_string());
                 }
-                self.call = Some(Call { upstream, ticket, grpc, start_ms: now, http_status: None });
+                self.call = Some(Call {
+                    upstream,
+                    ticket,
+                    grpc,
+                    start_ms: now,
+                    http_status: None,
+                });
                 Action::Continue
             }
             Admission::Reject(rejection) => {
@@ -104,19 +133,27 @@ impl Stream {
 
     /// Records the outcome of the admitted call, once.
     fn settle(&mut self, mut facts: CallFacts<'_>) {
-        let (Some(shared), Some(call)) = (self.shared.clone(), self.call.take()) else { return };
+        let (Some(shared), Some(call)) = (self.shared.clone(), self.call.take()) else {
+            return;
+        };
         let cfg: &BreakerConfig = shared.config.breaker_for(&call.upstream);
         let now = host::now_ms().unwrap_or(call.start_ms);
         facts.grpc = call.grpc;
         facts.duration_ms = Some(now.saturating_sub(call.start_ms));
         facts.flags = ResponseFlags(host::property_u64(&["response", "flags"]).unwrap_or(0));
         let verdict = classify(cfg, &facts);
-        let Ok(registry) = shared.registry.try_borrow() else { return };
+        let Ok(registry) = shared.registry.try_borrow() else {
+            return;
+        };
         let recorded = registry.record(&HostStore, &call.upstream, cfg, call.ticket, now, verdict);
         drop(registry);
         with_metrics(&shared, |m| {
             if verdict.outcome != Outcome::Ignored {
-                m.call(&call.upstream, verdict.outcome == Outcome::Failure, verdict.slow);
+                m.call(
+                    &call.upstream,
+                    verdict.outcome == Outcome::Failure,
+                    verdict.slow,
+                );
             }
         });
         report_record(&shared, &call.upstream, &recorded);
@@ -127,7 +164,9 @@ impl Context for Stream {}
 
 impl HttpContext for Stream {
     fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
-        let Some(shared) = self.shared.clone() else { return Action::Continue };
+        let Some(shared) = self.shared.clone() else {
+            return Action::Continue;
+        };
         if self.answer_health(&shared) {
             return Action::Pause;
         }
@@ -138,15 +177,24 @@ impl HttpContext for Stream {
         if let Some(state) = self.dry_run.take() {
             host::add_response_header("x-circuit-breaker-dry-run", state.as_str());
         }
-        let Some(call) = self.call.as_mut() else { return Action::Continue };
+        let Some(call) = self.call.as_mut() else {
+            return Action::Continue;
+        };
         let status = host::response_header(":status").and_then(|s| parse_status(&s));
         call.http_status = status;
         if !call.grpc {
-            self.settle(CallFacts { http_status: status, ..CallFacts::default() });
+            self.settle(CallFacts {
+                http_status: status,
+                ..CallFacts::default()
+            });
         } else if end_of_stream {
             // Trailers-only gRPC response: the status is in the headers.
             let grpc_status = host::response_header("grpc-status");
-            self.settle(CallFacts { http_status: status, grpc_status: grpc_status.as_deref(), ..CallFacts::default() });
+            self.settle(CallFacts {
+                http_status: status,
+                grpc_status: grpc_status.as_deref(),
+                ..CallFacts::default()
+            });
         }
         Action::Continue
     }
@@ -155,7 +203,11 @@ impl HttpContext for Stream {
         if let Some(call) = self.call.as_ref() {
             let http_status = call.http_status;
             let grpc_status = host::response_trailer("grpc-status");
-            self.settle(CallFacts { http_status, grpc_status: grpc_status.as_deref(), ..CallFacts::default() });
+            self.settle(CallFacts {
+                http_status,
+                grpc_status: grpc_status.as_deref(),
+                ..CallFacts::default()
+            });
         }
         Action::Continue
     }
@@ -163,10 +215,19 @@ impl HttpContext for Stream {
     fn on_log(&mut self) {
         // Still unsettled: the stream was reset or cancelled, or a gRPC response ended without trailers.
         // Envoy's attributes say what happened; the flags (read in `settle`) tell a reset from a cancel.
-        let Some(call) = self.call.as_ref() else { return };
-        let code = host::property_u64(&["response", "code"]).and_then(|c| u16::try_from(c).ok()).or(call.http_status);
-        let grpc_status = host::response_trailer("grpc-status").or_else(|| host::response_header("grpc-status"));
-        self.settle(CallFacts { http_status: code, grpc_status: grpc_status.as_deref(), ..CallFacts::default() });
+        let Some(call) = self.call.as_ref() else {
+            return;
+        };
+        let code = host::property_u64(&["response", "code"])
+            .and_then(|c| u16::try_from(c).ok())
+            .or(call.http_status);
+        let grpc_status =
+            host::response_trailer("grpc-status").or_else(|| host::response_header("grpc-status"));
+        self.settle(CallFacts {
+            http_status: code,
+            grpc_status: grpc_status.as_deref(),
+            ..CallFacts::default()
+        });
     }
 }
 
@@ -200,7 +261,10 @@ fn count_untracked(shared: &Shared, why: &Untracked) {
         with_metrics(shared, |m| m.add(Global::Untracked, 1));
     }
     if let Untracked::Store(e) = why {
-        host::log(LogLevel::Warn, &format!("circuit breaker: failing open, shared data: {e}"));
+        host::log(
+            LogLevel::Warn,
+            &format!("circuit breaker: failing open, shared data: {e}"),
+        );
         with_metrics(shared, |m| m.add(Global::CasGiveUps, 1));
     }
 }
@@ -224,15 +288,25 @@ fn report_admission(shared: &Shared, upstream: &str, a: &Admitted) {
 }
 
 fn report_record(shared: &Shared, upstream: &str, r: &Recorded) {
-    with_metrics(shared, |m| m.add(Global::CasRetries, u64::from(r.attempts.saturating_sub(1))));
+    with_metrics(shared, |m| {
+        m.add(Global::CasRetries, u64::from(r.attempts.saturating_sub(1)))
+    });
     if let Some(e) = &r.error {
-        host::log(LogLevel::Warn, &format!("circuit breaker: outcome for upstream={upstream} lost: {e}"));
+        host::log(
+            LogLevel::Warn,
+            &format!("circuit breaker: outcome for upstream={upstream} lost: {e}"),
+        );
         with_metrics(shared, |m| m.add(Global::CasGiveUps, 1));
     }
     report_common(shared, upstream, r.transition, r.corrupt.as_ref());
 }
 
-fn report_common(shared: &Shared, upstream: &str, t: Option<Transition>, corrupt: Option<&cb_core::codec::CodecError>) {
+fn report_common(
+    shared: &Shared,
+    upstream: &str,
+    t: Option<Transition>,
+    corrupt: Option<&cb_core::codec::CodecError>,
+) {
     if let Some(e) = corrupt {
         host::log(
             LogLevel::Warn,

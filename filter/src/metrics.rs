@@ -13,8 +13,13 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
 
 const STATES: [StateKind; 3] = [StateKind::Closed, StateKind::Open, StateKind::HalfOpen];
-const OPEN_REASONS: [Reason; 5] =
-    [Reason::ConsecutiveFailures, Reason::ErrorRate, Reason::SlowCallRate, Reason::HalfOpenFailure, Reason::Forced];
+const OPEN_REASONS: [Reason; 5] = [
+    Reason::ConsecutiveFailures,
+    Reason::ErrorRate,
+    Reason::SlowCallRate,
+    Reason::HalfOpenFailure,
+    Reason::Forced,
+];
 
 /// Lazily defined ids of one upstream's metrics.
 #[derive(Default)]
@@ -74,7 +79,9 @@ impl Metrics {
             return;
         }
         let slot = self.globals.get_mut(which.index());
-        if let Some(id) = slot.and_then(|s| lazy(s, MetricType::Counter, || which.name().to_string())) {
+        if let Some(id) =
+            slot.and_then(|s| lazy(s, MetricType::Counter, || which.name().to_string()))
+        {
             let _ = hostcalls::increment_metric(id, n as i64);
         }
     }
@@ -83,29 +90,49 @@ impl Metrics {
     /// `circuit_breaker_slow_calls_total`.
     pub fn call(&mut self, upstream: &str, failure: bool, slow: bool) {
         let ids = self.ids(upstream);
-        let (slot, result) = if failure { (&mut ids.failure, "failure") } else { (&mut ids.success, "success") };
-        inc(slot, || format!("circuit_breaker_calls_total{}result=.={result};.;", label(upstream)));
+        let (slot, result) = if failure {
+            (&mut ids.failure, "failure")
+        } else {
+            (&mut ids.success, "success")
+        };
+        inc(slot, || {
+            format!(
+                "circuit_breaker_calls_total{}result=.={result};.;",
+                label(upstream)
+            )
+        });
         if slow {
-            inc(&mut ids.slow, || format!("circuit_breaker_slow_calls_total{}", label(upstream)));
+            inc(&mut ids.slow, || {
+                format!("circuit_breaker_slow_calls_total{}", label(upstream))
+            });
         }
     }
 
     /// Counts a rejected call.
     pub fn rejected(&mut self, upstream: &str) {
         let ids = self.ids(upstream);
-        inc(&mut ids.rejected, || format!("circuit_breaker_rejected_calls_total{}", label(upstream)));
+        inc(&mut ids.rejected, || {
+            format!("circuit_breaker_rejected_calls_total{}", label(upstream))
+        });
     }
 
     /// Counts a call `dry_run` would have rejected.
     pub fn dry_run_rejection(&mut self, upstream: &str) {
         let ids = self.ids(upstream);
-        inc(&mut ids.dry_run, || format!("circuit_breaker_dry_run_rejections_total{}", label(upstream)));
+        inc(&mut ids.dry_run, || {
+            format!(
+                "circuit_breaker_dry_run_rejections_total{}",
+                label(upstream)
+            )
+        });
     }
 
     /// Sets the state gauge.
     pub fn state(&mut self, upstream: &str, state: StateKind) {
         let ids = self.ids(upstream);
-        if let Some(id) = lazy(&mut ids.state, MetricType::Gauge, || format!("circuit_breaker_state{}", label(upstream))) {
+        if let Some(id) = lazy(&mut ids.state, MetricType::Gauge, || {
+            format!("circuit_breaker_state{}", label(upstream))
+        }) {
             let _ = hostcalls::record_metric(id, state.gauge());
         }
     }
@@ -132,7 +159,13 @@ impl Metrics {
         }
         if t.to == StateKind::Open {
             if let Some(slot) = ids.opens.get_mut(position(&OPEN_REASONS, &t.reason)) {
-                inc(slot, || format!("circuit_breaker_open_total{}reason=.={};.;", label(upstream), t.reason.as_str()));
+                inc(slot, || {
+                    format!(
+                        "circuit_breaker_open_total{}reason=.={};.;",
+                        label(upstream),
+                        t.reason.as_str()
+                    )
+                });
             }
         }
         self.state(upstream, t.to);

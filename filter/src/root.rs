@@ -39,7 +39,10 @@ impl RootContext for Root {
             Ok(config) => {
                 if let Err(e) = Registry::ensure_index(&HostStore) {
                     // Not fatal: registration creates the index too. Worth a line, though.
-                    host::log(LogLevel::Warn, &format!("circuit breaker: could not create the upstream index: {e}"));
+                    host::log(
+                        LogLevel::Warn,
+                        &format!("circuit breaker: could not create the upstream index: {e}"),
+                    );
                 }
                 host::log(
                     LogLevel::Info,
@@ -52,13 +55,20 @@ impl RootContext for Root {
                     ),
                 );
                 let registry = RefCell::new(Registry::new(config.max_upstreams));
-                self.shared = Some(Rc::new(Shared { config, registry, metrics: RefCell::new(Metrics::default()) }));
+                self.shared = Some(Rc::new(Shared {
+                    config,
+                    registry,
+                    metrics: RefCell::new(Metrics::default()),
+                }));
                 true
             }
             Err(e) => {
                 // One line that names the field; returning false makes Envoy refuse the configuration
                 // (at start-up, or as a NACK while the previous configuration keeps serving).
-                host::log(LogLevel::Error, &format!("circuit breaker configuration rejected: {e}"));
+                host::log(
+                    LogLevel::Error,
+                    &format!("circuit breaker configuration rejected: {e}"),
+                );
                 false
             }
         }

@@ -183,7 +183,10 @@ impl Breaker {
             self.window = Window::new(cfg.window);
             changed = true;
         }
-        let bounded = self.open_timeout_ms.clamp(cfg.open_timeout_ms, cfg.max_open_timeout_ms.max(cfg.open_timeout_ms));
+        let bounded = self.open_timeout_ms.clamp(
+            cfg.open_timeout_ms,
+            cfg.max_open_timeout_ms.max(cfg.open_timeout_ms),
+        );
         if bounded != self.open_timeout_ms {
             self.open_timeout_ms = bounded;
             changed = true;
@@ -214,27 +217,54 @@ impl Breaker {
                 BreakerState::Open { .. } => None,
                 _ => Some(self.open(cfg, now_ms, Reason::Forced, false)),
             };
-            return (Decision::Reject(Rejection { state: StateKind::Open, retry_after_ms: None }), transition);
+            return (
+                Decision::Reject(Rejection {
+                    state: StateKind::Open,
+                    retry_after_ms: None,
+                }),
+                transition,
+            );
         }
         let mut transition = None;
         if let BreakerState::Open { until_ms } = self.state {
             if now_ms >= until_ms {
                 transition = Some(self.enter(
-                    BreakerState::HalfOpen { in_flight: 0, successes: 0, last_permit_ms: now_ms },
+                    BreakerState::HalfOpen {
+                        in_flight: 0,
+                        successes: 0,
+                        last_permit_ms: now_ms,
+                    },
                     Reason::OpenTimeoutElapsed,
                 ));
             }
         }
         let decision = match self.state {
-            BreakerState::Closed => Decision::Allow(Ticket { generation: self.generation, probe: false }),
+            BreakerState::Closed => Decision::Allow(Ticket {
+                generation: self.generation,
+                probe: false,
+            }),
             BreakerState::Open { until_ms } => self.refuse(
                 cfg,
-                Rejection { state: StateKind::Open, retry_after_ms: Some(until_ms.saturating_sub(now_ms)) },
+                Rejection {
+                    state: StateKind::Open,
+                    retry_after_ms: Some(until_ms.saturating_sub(now_ms)),
+                },
             ),
-            BreakerState::HalfOpen { in_flight, successes, last_permit_ms } => {
+            BreakerState::HalfOpen {
+                in_flight,
+                successes,
+                last_permit_ms,
+            } => {
                 if in_flight < cfg.half_open_max_requests {
-                    self.state = BreakerState::HalfOpen { in_flight: in_flight + 1, successes, last_permit_ms: now_ms };
-                    Decision::Allow(Ticket { generation: self.generation, probe: true })
+                    self.state = BreakerState::HalfOpen {
+                        in_flight: in_flight + 1,
+                        successes,
+                        last_permit_ms: now_ms,
+                    };
+                    Decision::Allow(Ticket {
+                        generation: self.generation,
+                        probe: true,
+                    })
                 } else if now_ms >= last_permit_ms.saturating_add(self.open_timeout_ms) {
                     // Every permit has been out for a whole open time: the probes hang (or their
                     // streams were lost). That is as good as a failed probe.
@@ -243,10 +273,19 @@ impl Breaker {
                     transition = Some(self.open(cfg, now_ms, Reason::HalfOpenFailure, true));
                     self.refuse(
                         cfg,
-                        Rejection { state: StateKind::Open, retry_after_ms: self.retry_after_ms(now_ms) },
+                        Rejection {
+                            state: StateKind::Open,
+                            retry_after_ms: self.retry_after_ms(now_ms),
+                        },
                     )
                 } else {
-                    self.refuse(cfg, Rejection { state: StateKind::HalfOpen, retry_after_ms: None })
+                    self.refuse(
+                        cfg,
+                        Rejection {
+                            state: StateKind::HalfOpen,
+                            retry_after_ms: None,
+                        },
+                    )
                 }
             }
         };
@@ -266,7 +305,13 @@ impl Breaker {
     /// Outcomes of an older generation change nothing: the call was admitted under a state that has
     /// since been left (e.g. a slow call that started before the breaker opened), and judging the new
     /// state by it would be judging the past.
-    pub fn record(&mut self, cfg: &BreakerConfig, ticket: Ticket, now_ms: u64, c: Classification) -> Option<Transition> {
+    pub fn record(
+        &mut self,
+        cfg: &BreakerConfig,
+        ticket: Ticket,
+        now_ms: u64,
+        c: Classification,
+    ) -> Option<Transition> {
         if ticket.generation != self.generation {
             return None;
         }
@@ -277,19 +322,32 @@ impl Breaker {
                 }
                 let failure = c.outcome == Outcome::Failure;
                 self.window.record(now_ms, failure, c.slow);
-                self.consecutive_failures = if failure { self.consecutive_failures.saturating_add(1) } else { 0 };
+                self.consecutive_failures = if failure {
+                    self.consecutive_failures.saturating_add(1)
+                } else {
+                    0
+                };
                 let reason = self.trip_reason(cfg, now_ms)?;
                 Some(self.open(cfg, now_ms, reason, false))
             }
-            BreakerState::HalfOpen { in_flight, successes, last_permit_ms } if ticket.probe => {
+            BreakerState::HalfOpen {
+                in_flight,
+                successes,
+                last_permit_ms,
+            } if ticket.probe => {
                 let in_flight = in_flight.saturating_sub(1);
                 // A slow probe counts as failed when slow calls are tracked: closing on it would let
                 // the slowness straight back in.
-                let bad = c.outcome == Outcome::Failure || (c.slow && cfg.slow_call_duration_ms.is_some());
+                let bad = c.outcome == Outcome::Failure
+                    || (c.slow && cfg.slow_call_duration_ms.is_some());
                 match c.outcome {
                     Outcome::Ignored => {
                         // A probe whose client went away tells nothing: give the permit back.
-                        self.state = BreakerState::HalfOpen { in_flight, successes, last_permit_ms };
+                        self.state = BreakerState::HalfOpen {
+                            in_flight,
+                            successes,
+                            last_permit_ms,
+                        };
                         None
                     }
                     _ if bad => {
@@ -304,7 +362,11 @@ impl Breaker {
                             self.open_timeout_ms = cfg.open_timeout_ms;
                             Some(self.enter(BreakerState::Closed, Reason::ProbesSucceeded))
                         } else {
-                            self.state = BreakerState::HalfOpen { in_flight, successes, last_permit_ms };
+                            self.state = BreakerState::HalfOpen {
+                                in_flight,
+                                successes,
+                                last_permit_ms,
+                            };
                             None
                         }
                     }
@@ -319,8 +381,17 @@ impl Breaker {
         if !ticket.probe || ticket.generation != self.generation {
             return false;
         }
-        if let BreakerState::HalfOpen { in_flight, successes, last_permit_ms } = self.state {
-            self.state = BreakerState::HalfOpen { in_flight: in_flight.saturating_sub(1), successes, last_permit_ms };
+        if let BreakerState::HalfOpen {
+            in_flight,
+            successes,
+            last_permit_ms,
+        } = self.state
+        {
+            self.state = BreakerState::HalfOpen {
+                in_flight: in_flight.saturating_sub(1),
+                successes,
+                last_permit_ms,
+            };
             return true;
         }
         false
@@ -337,31 +408,49 @@ impl Breaker {
         if stats.failure_rate_reaches(cfg.error_rate_threshold_ppm) {
             return Some(Reason::ErrorRate);
         }
-        if cfg.slow_call_duration_ms.is_some() && stats.slow_rate_reaches(cfg.slow_call_rate_threshold_ppm) {
+        if cfg.slow_call_duration_ms.is_some()
+            && stats.slow_rate_reaches(cfg.slow_call_rate_threshold_ppm)
+        {
             return Some(Reason::SlowCallRate);
         }
         None
     }
 
     /// Opens the breaker. `backoff` (a re-open straight from HalfOpen) multiplies the open time first.
-    fn open(&mut self, cfg: &BreakerConfig, now_ms: u64, reason: Reason, backoff: bool) -> Transition {
+    fn open(
+        &mut self,
+        cfg: &BreakerConfig,
+        now_ms: u64,
+        reason: Reason,
+        backoff: bool,
+    ) -> Transition {
         if backoff {
             let next = (self.open_timeout_ms as f64 * cfg.backoff_multiplier).round();
             // `as` saturates on overflow, and the clamp keeps it within the configured ceiling.
-            self.open_timeout_ms = (next as u64).clamp(cfg.open_timeout_ms, cfg.max_open_timeout_ms);
+            self.open_timeout_ms =
+                (next as u64).clamp(cfg.open_timeout_ms, cfg.max_open_timeout_ms);
         } else {
             self.open_timeout_ms = cfg.open_timeout_ms;
         }
         // The window starts afresh: what it held led to the opening and must not re-trip on close.
         self.window = Window::new(cfg.window);
-        self.enter(BreakerState::Open { until_ms: now_ms.saturating_add(self.open_timeout_ms) }, reason)
+        self.enter(
+            BreakerState::Open {
+                until_ms: now_ms.saturating_add(self.open_timeout_ms),
+            },
+            reason,
+        )
     }
 
     fn enter(&mut self, state: BreakerState, reason: Reason) -> Transition {
         let from = self.state.kind();
         self.state = state;
         self.generation = self.generation.wrapping_add(1);
-        Transition { from, to: state.kind(), reason }
+        Transition {
+            from,
+            to: state.kind(),
+            reason,
+        }
     }
 }
 
@@ -372,13 +461,28 @@ mod tests {
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
-    const OK: Classification = Classification { outcome: Outcome::Success, slow: false };
-    const FAIL: Classification = Classification { outcome: Outcome::Failure, slow: false };
-    const SLOW_OK: Classification = Classification { outcome: Outcome::Success, slow: true };
-    const IGNORED: Classification = Classification { outcome: Outcome::Ignored, slow: false };
+    const OK: Classification = Classification {
+        outcome: Outcome::Success,
+        slow: false,
+    };
+    const FAIL: Classification = Classification {
+        outcome: Outcome::Failure,
+        slow: false,
+    };
+    const SLOW_OK: Classification = Classification {
+        outcome: Outcome::Success,
+        slow: true,
+    };
+    const IGNORED: Classification = Classification {
+        outcome: Outcome::Ignored,
+        slow: false,
+    };
 
     fn cfg() -> BreakerConfig {
-        BreakerConfig { open_timeout_ms: 1_000, ..BreakerConfig::default() }
+        BreakerConfig {
+            open_timeout_ms: 1_000,
+            ..BreakerConfig::default()
+        }
     }
 
     fn allow(b: &mut Breaker, c: &BreakerConfig, now: u64) -> Ticket {
@@ -388,7 +492,12 @@ mod tests {
         }
     }
 
-    fn call(b: &mut Breaker, c: &BreakerConfig, now: u64, outcome: Classification) -> Option<Transition> {
+    fn call(
+        b: &mut Breaker,
+        c: &BreakerConfig,
+        now: u64,
+        outcome: Classification,
+    ) -> Option<Transition> {
         let t = allow(b, c, now);
         b.record(c, t, now, outcome)
     }
@@ -401,8 +510,21 @@ mod tests {
             assert_eq!(call(&mut b, &c, 0, FAIL), None);
         }
         let t = call(&mut b, &c, 0, FAIL).unwrap();
-        assert_eq!(t, Transition { from: StateKind::Closed, to: StateKind::Open, reason: Reason::ConsecutiveFailures });
-        assert_eq!(b.admit(&c, 10).0, Decision::Reject(Rejection { state: StateKind::Open, retry_after_ms: Some(990) }));
+        assert_eq!(
+            t,
+            Transition {
+                from: StateKind::Closed,
+                to: StateKind::Open,
+                reason: Reason::ConsecutiveFailures
+            }
+        );
+        assert_eq!(
+            b.admit(&c, 10).0,
+            Decision::Reject(Rejection {
+                state: StateKind::Open,
+                retry_after_ms: Some(990)
+            })
+        );
     }
 
     #[test]
@@ -423,7 +545,11 @@ mod tests {
 
     #[test]
     fn zero_failure_threshold_turns_the_trigger_off() {
-        let c = BreakerConfig { failure_threshold: 0, minimum_requests: 100, ..cfg() };
+        let c = BreakerConfig {
+            failure_threshold: 0,
+            minimum_requests: 100,
+            ..cfg()
+        };
         let mut b = Breaker::new(&c);
         for _ in 0..50 {
             assert_eq!(call(&mut b, &c, 0, FAIL), None);
@@ -432,11 +558,19 @@ mod tests {
 
     #[test]
     fn error_rate_waits_for_minimum_requests() {
-        let c = BreakerConfig { failure_threshold: 0, minimum_requests: 20, ..cfg() };
+        let c = BreakerConfig {
+            failure_threshold: 0,
+            minimum_requests: 20,
+            ..cfg()
+        };
         let mut b = Breaker::new(&c);
         // Alternate: rate is 50% from the second call on, but only judged from the 20th.
         for i in 0..19 {
-            assert_eq!(call(&mut b, &c, 0, if i % 2 == 0 { FAIL } else { OK }), None, "call {i}");
+            assert_eq!(
+                call(&mut b, &c, 0, if i % 2 == 0 { FAIL } else { OK }),
+                None,
+                "call {i}"
+            );
         }
         let t = call(&mut b, &c, 0, OK).unwrap();
         assert_eq!(t.reason, Reason::ErrorRate);
@@ -456,7 +590,10 @@ mod tests {
         for _ in 0..4 {
             assert_eq!(call(&mut b, &c, 0, SLOW_OK), None);
         }
-        assert_eq!(call(&mut b, &c, 0, SLOW_OK).unwrap().reason, Reason::SlowCallRate);
+        assert_eq!(
+            call(&mut b, &c, 0, SLOW_OK).unwrap().reason,
+            Reason::SlowCallRate
+        );
     }
 
     #[test]
@@ -470,18 +607,37 @@ mod tests {
         assert!(matches!(d, Decision::Allow(Ticket { probe: true, .. })));
         assert_eq!(t.unwrap().reason, Reason::OpenTimeoutElapsed);
         // The single permit is taken: the next caller is turned away as half_open.
-        assert_eq!(b.admit(&c, 1_001).0, Decision::Reject(Rejection { state: StateKind::HalfOpen, retry_after_ms: None }));
-        let Decision::Allow(ticket) = d else { unreachable!() };
+        assert_eq!(
+            b.admit(&c, 1_001).0,
+            Decision::Reject(Rejection {
+                state: StateKind::HalfOpen,
+                retry_after_ms: None
+            })
+        );
+        let Decision::Allow(ticket) = d else {
+            unreachable!()
+        };
         assert_eq!(b.record(&c, ticket, 1_002, OK), None);
         let t = call(&mut b, &c, 1_003, OK).unwrap();
-        assert_eq!(t, Transition { from: StateKind::HalfOpen, to: StateKind::Closed, reason: Reason::ProbesSucceeded });
+        assert_eq!(
+            t,
+            Transition {
+                from: StateKind::HalfOpen,
+                to: StateKind::Closed,
+                reason: Reason::ProbesSucceeded
+            }
+        );
         assert_eq!(b.stats(1_003).calls, 0, "closing starts a fresh window");
         assert_eq!(b.consecutive_failures, 0);
     }
 
     #[test]
     fn failed_probe_reopens_with_backoff_up_to_the_ceiling() {
-        let c = BreakerConfig { backoff_multiplier: 2.0, max_open_timeout_ms: 3_000, ..cfg() };
+        let c = BreakerConfig {
+            backoff_multiplier: 2.0,
+            max_open_timeout_ms: 3_000,
+            ..cfg()
+        };
         let mut b = Breaker::new(&c);
         for _ in 0..5 {
             call(&mut b, &c, 0, FAIL);
@@ -490,7 +646,14 @@ mod tests {
         for expected in [2_000, 3_000, 3_000] {
             now += b.open_timeout_ms;
             let t = call(&mut b, &c, now, FAIL).unwrap();
-            assert_eq!(t, Transition { from: StateKind::HalfOpen, to: StateKind::Open, reason: Reason::HalfOpenFailure });
+            assert_eq!(
+                t,
+                Transition {
+                    from: StateKind::HalfOpen,
+                    to: StateKind::Open,
+                    reason: Reason::HalfOpenFailure
+                }
+            );
             assert_eq!(b.open_timeout_ms, expected);
             assert_eq!(b.retry_after_ms(now), Some(expected));
         }
@@ -504,7 +667,11 @@ mod tests {
 
     #[test]
     fn half_open_permits_are_bounded_and_released() {
-        let c = BreakerConfig { half_open_max_requests: 3, success_threshold: 10, ..cfg() };
+        let c = BreakerConfig {
+            half_open_max_requests: 3,
+            success_threshold: 10,
+            ..cfg()
+        };
         let mut b = Breaker::new(&c);
         for _ in 0..5 {
             call(&mut b, &c, 0, FAIL);
@@ -512,7 +679,13 @@ mod tests {
         let tickets: Vec<_> = (0..3).map(|_| allow(&mut b, &c, 1_000)).collect();
         assert!(matches!(b.admit(&c, 1_000).0, Decision::Reject(_)));
         assert!(b.release(tickets[0]));
-        assert!(!b.release(Ticket { probe: false, ..tickets[1] }), "non-probe tickets hold no permit");
+        assert!(
+            !b.release(Ticket {
+                probe: false,
+                ..tickets[1]
+            }),
+            "non-probe tickets hold no permit"
+        );
         allow(&mut b, &c, 1_000);
         // An ignored probe gives its permit back too.
         assert_eq!(b.record(&c, tickets[1], 1_000, IGNORED), None);
@@ -528,9 +701,21 @@ mod tests {
             call(&mut b, &c, 0, FAIL);
         }
         let lost = allow(&mut b, &c, 1_000);
-        assert!(matches!(b.admit(&c, 1_999).0, Decision::Reject(Rejection { state: StateKind::HalfOpen, .. })));
+        assert!(matches!(
+            b.admit(&c, 1_999).0,
+            Decision::Reject(Rejection {
+                state: StateKind::HalfOpen,
+                ..
+            })
+        ));
         let (d, t) = b.admit(&c, 2_000);
-        assert!(matches!(d, Decision::Reject(Rejection { state: StateKind::Open, .. })));
+        assert!(matches!(
+            d,
+            Decision::Reject(Rejection {
+                state: StateKind::Open,
+                ..
+            })
+        ));
         assert_eq!(t.unwrap().reason, Reason::HalfOpenFailure);
         // The lost probe's late outcome belongs to an old generation and changes nothing.
         assert_eq!(b.record(&c, lost, 2_500, OK), None);
@@ -553,7 +738,10 @@ mod tests {
 
     #[test]
     fn dry_run_judges_but_never_rejects() {
-        let c = BreakerConfig { mode: Mode::DryRun, ..cfg() };
+        let c = BreakerConfig {
+            mode: Mode::DryRun,
+            ..cfg()
+        };
         let mut b = Breaker::new(&c);
         for _ in 0..5 {
             call(&mut b, &c, 0, FAIL);
@@ -561,16 +749,28 @@ mod tests {
         assert!(matches!(b.state, BreakerState::Open { .. }));
         assert_eq!(
             b.admit(&c, 10).0,
-            Decision::DryRunReject(Rejection { state: StateKind::Open, retry_after_ms: Some(990) })
+            Decision::DryRunReject(Rejection {
+                state: StateKind::Open,
+                retry_after_ms: Some(990)
+            })
         );
     }
 
     #[test]
     fn forced_open_rejects_everything_and_opens_once() {
-        let c = BreakerConfig { mode: Mode::ForcedOpen, ..cfg() };
+        let c = BreakerConfig {
+            mode: Mode::ForcedOpen,
+            ..cfg()
+        };
         let mut b = Breaker::new(&c);
         let (d, t) = b.admit(&c, 0);
-        assert_eq!(d, Decision::Reject(Rejection { state: StateKind::Open, retry_after_ms: None }));
+        assert_eq!(
+            d,
+            Decision::Reject(Rejection {
+                state: StateKind::Open,
+                retry_after_ms: None
+            })
+        );
         assert_eq!(t.unwrap().reason, Reason::Forced);
         let (d, t) = b.admit(&c, 5_000);
         assert!(matches!(d, Decision::Reject(_)));
@@ -584,7 +784,12 @@ mod tests {
         for _ in 0..5 {
             call(&mut b, &c, 0, FAIL);
         }
-        let c2 = BreakerConfig { window: WindowConfig::Time { duration_ms: 10_000 }, ..c.clone() };
+        let c2 = BreakerConfig {
+            window: WindowConfig::Time {
+                duration_ms: 10_000,
+            },
+            ..c.clone()
+        };
         assert!(b.conform(&c2));
         assert!(matches!(b.state, BreakerState::Open { .. }));
         assert!(!b.conform(&c2));

@@ -137,7 +137,9 @@ impl HttpStatusSet {
             return false;
         }
         let bit = usize::from(status - 100);
-        self.0.get(bit / 64).is_some_and(|w| w & (1 << (bit % 64)) != 0)
+        self.0
+            .get(bit / 64)
+            .is_some_and(|w| w & (1 << (bit % 64)) != 0)
     }
 }
 
@@ -148,8 +150,8 @@ pub struct ResponseFlags(pub u64);
 
 /// Short names of the response flags, indexed by bit.
 pub const RESPONSE_FLAG_NAMES: [&str; 29] = [
-    "LH", "UH", "UT", "LR", "UR", "UF", "UC", "UO", "NR", "DI", "FI", "RL", "UAEX", "RLSE", "DC", "URX",
-    "SI", "IH", "DPE", "UMSDR", "RFCF", "NFCF", "DT", "UPE", "NC", "OM", "DF", "DO", "DR",
+    "LH", "UH", "UT", "LR", "UR", "UF", "UC", "UO", "NR", "DI", "FI", "RL", "UAEX", "RLSE", "DC",
+    "URX", "SI", "IH", "DPE", "UMSDR", "RFCF", "NFCF", "DT", "UPE", "NC", "OM", "DF", "DO", "DR",
 ];
 
 impl ResponseFlags {
@@ -205,7 +207,11 @@ impl ResponseFlags {
     pub fn parse_short(s: &str) -> Result<Self, Self> {
         let mut bits = 0u64;
         let mut unknown = false;
-        for name in s.split(',').map(str::trim).filter(|n| !n.is_empty() && *n != "-") {
+        for name in s
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty() && *n != "-")
+        {
             match RESPONSE_FLAG_NAMES.iter().position(|n| *n == name) {
                 Some(i) => bits |= 1 << i,
                 None => unknown = true,
@@ -235,7 +241,9 @@ pub fn parse_grpc_status(raw: &[u8]) -> Option<u8> {
     if raw.is_empty() || raw.len() > 3 || !raw.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    let n = raw.iter().fold(0u16, |acc, d| acc * 10 + u16::from(d - b'0'));
+    let n = raw
+        .iter()
+        .fold(0u16, |acc, d| acc * 10 + u16::from(d - b'0'));
     Some(if n <= 16 { n as u8 } else { GRPC_UNKNOWN })
 }
 
@@ -279,7 +287,10 @@ pub fn classify(cfg: &BreakerConfig, facts: &CallFacts<'_>) -> Classification {
     );
     let outcome = outcome(cfg, facts);
     // An ignored call says nothing about the upstream, so it is not slow either.
-    Classification { outcome, slow: slow && outcome != Outcome::Ignored }
+    Classification {
+        outcome,
+        slow: slow && outcome != Outcome::Ignored,
+    }
 }
 
 fn outcome(cfg: &BreakerConfig, facts: &CallFacts<'_>) -> Outcome {
@@ -322,29 +333,49 @@ mod tests {
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
     fn cfg() -> BreakerConfig {
-        BreakerConfig { slow_call_duration_ms: Some(1_000), ..BreakerConfig::default() }
+        BreakerConfig {
+            slow_call_duration_ms: Some(1_000),
+            ..BreakerConfig::default()
+        }
     }
 
     fn grpc(status: &'static [u8]) -> CallFacts<'static> {
-        CallFacts { grpc: true, http_status: Some(200), grpc_status: Some(status), ..Default::default() }
+        CallFacts {
+            grpc: true,
+            http_status: Some(200),
+            grpc_status: Some(status),
+            ..Default::default()
+        }
     }
 
     #[test]
     fn grpc_statuses_from_trailers() {
         let c = cfg();
         assert_eq!(classify(&c, &grpc(b"0")).outcome, Outcome::Success);
-        assert_eq!(classify(&c, &grpc(b"5")).outcome, Outcome::Success, "NOT_FOUND is the client's fault");
+        assert_eq!(
+            classify(&c, &grpc(b"5")).outcome,
+            Outcome::Success,
+            "NOT_FOUND is the client's fault"
+        );
         assert_eq!(classify(&c, &grpc(b"14")).outcome, Outcome::Failure);
         assert_eq!(classify(&c, &grpc(b"13")).outcome, Outcome::Failure);
         assert_eq!(classify(&c, &grpc(b"4")).outcome, Outcome::Failure);
-        assert_eq!(classify(&c, &grpc(b"99")).outcome, Outcome::Failure, "unknown codes are UNKNOWN");
+        assert_eq!(
+            classify(&c, &grpc(b"99")).outcome,
+            Outcome::Failure,
+            "unknown codes are UNKNOWN"
+        );
     }
 
     #[test]
     fn malformed_grpc_status_is_not_trusted() {
         let c = cfg();
         for raw in [&b""[..], b"OK", b"0 ", b"-1", b"1e1", b"00000", b"\xff"] {
-            assert_eq!(classify(&c, &grpc(raw)).outcome, Outcome::Failure, "{raw:?}");
+            assert_eq!(
+                classify(&c, &grpc(raw)).outcome,
+                Outcome::Failure,
+                "{raw:?}"
+            );
         }
         let mut lenient = cfg();
         lenient.failure_grpc_statuses = GrpcCodeSet::empty();
@@ -354,18 +385,41 @@ mod tests {
     #[test]
     fn grpc_without_status_maps_from_http() {
         let c = cfg();
-        let f = CallFacts { grpc: true, http_status: Some(503), ..Default::default() };
+        let f = CallFacts {
+            grpc: true,
+            http_status: Some(503),
+            ..Default::default()
+        };
         assert_eq!(classify(&c, &f).outcome, Outcome::Failure);
-        let f = CallFacts { grpc: true, http_status: Some(404), ..Default::default() };
-        assert_eq!(classify(&c, &f).outcome, Outcome::Success, "UNIMPLEMENTED is not a failure by default");
-        let f = CallFacts { grpc: true, http_status: Some(200), ..Default::default() };
-        assert_eq!(classify(&c, &f).outcome, Outcome::Failure, "200 without grpc-status is INTERNAL");
+        let f = CallFacts {
+            grpc: true,
+            http_status: Some(404),
+            ..Default::default()
+        };
+        assert_eq!(
+            classify(&c, &f).outcome,
+            Outcome::Success,
+            "UNIMPLEMENTED is not a failure by default"
+        );
+        let f = CallFacts {
+            grpc: true,
+            http_status: Some(200),
+            ..Default::default()
+        };
+        assert_eq!(
+            classify(&c, &f).outcome,
+            Outcome::Failure,
+            "200 without grpc-status is INTERNAL"
+        );
     }
 
     #[test]
     fn http_statuses() {
         let c = cfg();
-        let h = |s| CallFacts { http_status: Some(s), ..Default::default() };
+        let h = |s| CallFacts {
+            http_status: Some(s),
+            ..Default::default()
+        };
         assert_eq!(classify(&c, &h(200)).outcome, Outcome::Success);
         assert_eq!(classify(&c, &h(404)).outcome, Outcome::Success);
         assert_eq!(classify(&c, &h(503)).outcome, Outcome::Failure);
@@ -376,9 +430,17 @@ mod tests {
     #[test]
     fn response_flags_win_over_status() {
         let c = cfg();
-        for flag in ["UF", "UC", "UO", "UR", "UT", "URX", "UH", "LR", "SI", "UPE", "UMSDR", "DF"] {
+        for flag in [
+            "UF", "UC", "UO", "UR", "UT", "URX", "UH", "LR", "SI", "UPE", "UMSDR", "DF",
+        ] {
             let flags = ResponseFlags::parse_short(flag).unwrap();
-            let f = CallFacts { grpc: true, http_status: Some(200), grpc_status: Some(b"0"), flags, ..Default::default() };
+            let f = CallFacts {
+                grpc: true,
+                http_status: Some(200),
+                grpc_status: Some(b"0"),
+                flags,
+                ..Default::default()
+            };
             assert_eq!(classify(&c, &f).outcome, Outcome::Failure, "{flag}");
         }
     }
@@ -387,9 +449,24 @@ mod tests {
     fn downstream_cancel_is_ignored_and_local_replies_too() {
         let c = cfg();
         let flags = ResponseFlags::parse_short("DC").unwrap();
-        let f = CallFacts { grpc: true, flags, duration_ms: Some(5_000), ..Default::default() };
-        assert_eq!(classify(&c, &f), Classification { outcome: Outcome::Ignored, slow: false });
-        let f = CallFacts { local_reply: true, http_status: Some(503), ..Default::default() };
+        let f = CallFacts {
+            grpc: true,
+            flags,
+            duration_ms: Some(5_000),
+            ..Default::default()
+        };
+        assert_eq!(
+            classify(&c, &f),
+            Classification {
+                outcome: Outcome::Ignored,
+                slow: false
+            }
+        );
+        let f = CallFacts {
+            local_reply: true,
+            http_status: Some(503),
+            ..Default::default()
+        };
         assert_eq!(classify(&c, &f).outcome, Outcome::Ignored);
     }
 
@@ -398,13 +475,28 @@ mod tests {
         let c = cfg();
         let mut f = grpc(b"0");
         f.duration_ms = Some(1_000);
-        assert_eq!(classify(&c, &f), Classification { outcome: Outcome::Success, slow: true });
+        assert_eq!(
+            classify(&c, &f),
+            Classification {
+                outcome: Outcome::Success,
+                slow: true
+            }
+        );
         f.duration_ms = Some(999);
         assert!(!classify(&c, &f).slow);
         let mut f = grpc(b"14");
         f.duration_ms = Some(2_000);
-        assert_eq!(classify(&c, &f), Classification { outcome: Outcome::Failure, slow: true });
-        assert!(!classify(&BreakerConfig::default(), &f).slow, "slow tracking off by default");
+        assert_eq!(
+            classify(&c, &f),
+            Classification {
+                outcome: Outcome::Failure,
+                slow: true
+            }
+        );
+        assert!(
+            !classify(&BreakerConfig::default(), &f).slow,
+            "slow tracking off by default"
+        );
     }
 
     #[test]
@@ -413,7 +505,10 @@ mod tests {
         assert_eq!(ResponseFlags::parse_short("URX").unwrap().0, 0x8000);
         assert_eq!(ResponseFlags::parse_short("DR").unwrap().0, 0x1000_0000);
         assert_eq!(ResponseFlags::parse_short("-").unwrap().0, 0);
-        assert_eq!(ResponseFlags::parse_short("UF,NEW"), Err(ResponseFlags(0x20)));
+        assert_eq!(
+            ResponseFlags::parse_short("UF,NEW"),
+            Err(ResponseFlags(0x20))
+        );
     }
 
     #[test]

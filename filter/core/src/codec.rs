@@ -45,7 +45,10 @@ impl fmt::Display for CodecError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             CodecError::Malformed => write!(f, "not a breaker state (bad length or magic)"),
-            CodecError::Version(v) => write!(f, "breaker state of unknown version {v} (this build reads {VERSION})"),
+            CodecError::Version(v) => write!(
+                f,
+                "breaker state of unknown version {v} (this build reads {VERSION})"
+            ),
             CodecError::Invalid(why) => write!(f, "impossible breaker state: {why}"),
         }
     }
@@ -59,9 +62,18 @@ pub fn encode(b: &Breaker) -> Vec<u8> {
     let (tag, time, in_flight, successes) = match b.state {
         BreakerState::Closed => (0u8, 0u64, 0u16, 0u16),
         BreakerState::Open { until_ms } => (1, until_ms, 0, 0),
-        BreakerState::HalfOpen { in_flight, successes, last_permit_ms } => (2, last_permit_ms, in_flight, successes),
+        BreakerState::HalfOpen {
+            in_flight,
+            successes,
+            last_permit_ms,
+        } => (2, last_permit_ms, in_flight, successes),
     };
-    out.extend_from_slice(&[MAGIC, VERSION, tag, matches!(b.window, Window::Time(_)) as u8]);
+    out.extend_from_slice(&[
+        MAGIC,
+        VERSION,
+        tag,
+        matches!(b.window, Window::Time(_)) as u8,
+    ]);
     out.extend_from_slice(&b.generation.to_le_bytes());
     out.extend_from_slice(&b.consecutive_failures.to_le_bytes());
     out.extend_from_slice(&b.open_timeout_ms.to_le_bytes());
@@ -113,7 +125,11 @@ pub fn decode(bytes: &[u8]) -> Result<Breaker, CodecError> {
     let state = match tag {
         0 => BreakerState::Closed,
         1 => BreakerState::Open { until_ms: time },
-        2 => BreakerState::HalfOpen { in_flight, successes, last_permit_ms: time },
+        2 => BreakerState::HalfOpen {
+            in_flight,
+            successes,
+            last_permit_ms: time,
+        },
         _ => return Err(CodecError::Invalid("unknown state tag")),
     };
     let window = match window_tag {
@@ -131,19 +147,33 @@ pub fn decode(bytes: &[u8]) -> Result<Breaker, CodecError> {
             let bucket_ms = r.u64()?;
             let mut buckets = [Bucket::default(); TIME_BUCKETS];
             for b in buckets.iter_mut() {
-                *b = Bucket { epoch: r.u64()?, calls: r.u32()?, failures: r.u32()?, slow: r.u32()? };
+                *b = Bucket {
+                    epoch: r.u64()?,
+                    calls: r.u32()?,
+                    failures: r.u32()?,
+                    slow: r.u32()?,
+                };
                 if b.failures > b.calls || b.slow > b.calls {
                     return Err(CodecError::Invalid("time bucket counts"));
                 }
             }
-            Window::Time(TimeWindow::from_parts(bucket_ms, buckets).ok_or(CodecError::Invalid("time window"))?)
+            Window::Time(
+                TimeWindow::from_parts(bucket_ms, buckets)
+                    .ok_or(CodecError::Invalid("time window"))?,
+            )
         }
         _ => return Err(CodecError::Invalid("unknown window tag")),
     };
     if !r.0.is_empty() {
         return Err(CodecError::Malformed);
     }
-    Ok(Breaker { state, generation, consecutive_failures, open_timeout_ms, window })
+    Ok(Breaker {
+        state,
+        generation,
+        consecutive_failures,
+        open_timeout_ms,
+        window,
+    })
 }
 
 fn bit_bytes(size: u16) -> usize {
@@ -155,7 +185,10 @@ struct Reader<'a>(&'a [u8]);
 
 impl Reader<'_> {
     fn take<const N: usize>(&mut self) -> Result<[u8; N], CodecError> {
-        let (head, rest) = self.0.split_first_chunk::<N>().ok_or(CodecError::Malformed)?;
+        let (head, rest) = self
+            .0
+            .split_first_chunk::<N>()
+            .ok_or(CodecError::Malformed)?;
         self.0 = rest;
         Ok(*head)
     }
@@ -203,20 +236,34 @@ mod tests {
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
     fn sample(window: WindowConfig) -> Breaker {
-        let cfg = BreakerConfig { window, ..BreakerConfig::default() };
+        let cfg = BreakerConfig {
+            window,
+            ..BreakerConfig::default()
+        };
         let mut b = Breaker::new(&cfg);
         for i in 0..150u64 {
             b.window.record(i * 37, i % 3 == 0, i % 7 == 0);
         }
         b.generation = 7;
         b.consecutive_failures = 3;
-        b.state = BreakerState::HalfOpen { in_flight: 2, successes: 1, last_permit_ms: 1_234_567 };
+        b.state = BreakerState::HalfOpen {
+            in_flight: 2,
+            successes: 1,
+            last_permit_ms: 1_234_567,
+        };
         b
     }
 
     #[test]
     fn round_trips_both_window_kinds() {
-        for w in [WindowConfig::Count(100), WindowConfig::Count(1), WindowConfig::Count(1024), WindowConfig::Time { duration_ms: 60_000 }] {
+        for w in [
+            WindowConfig::Count(100),
+            WindowConfig::Count(1),
+            WindowConfig::Count(1024),
+            WindowConfig::Time {
+                duration_ms: 60_000,
+            },
+        ] {
             let b = sample(w);
             assert_eq!(decode(&encode(&b)), Ok(b), "{w:?}");
         }
@@ -227,7 +274,13 @@ mod tests {
         assert_eq!(encode(&sample(WindowConfig::Count(100))).len(), 64);
         assert!(encode(&sample(WindowConfig::Count(100))).len() <= 200);
         assert_eq!(encode(&sample(WindowConfig::Count(1024))).len(), 294);
-        assert_eq!(encode(&sample(WindowConfig::Time { duration_ms: 10_000 })).len(), 240);
+        assert_eq!(
+            encode(&sample(WindowConfig::Time {
+                duration_ms: 10_000
+            }))
+            .len(),
+            240
+        );
     }
 
     #[test]

@@ -40,7 +40,11 @@ pub struct ConfigError {
 
 impl ConfigError {
     fn new(field: impl Into<String>, value: impl fmt::Display, allowed: impl Into<String>) -> Self {
-        Self { field: field.into(), value: value.to_string(), allowed: allowed.into() }
+        Self {
+            field: field.into(),
+            value: value.to_string(),
+            allowed: allowed.into(),
+        }
     }
 }
 
@@ -49,7 +53,11 @@ impl fmt::Display for ConfigError {
         if self.value.is_empty() {
             write!(f, "{}: {}", self.field, self.allowed)
         } else {
-            write!(f, "{} must be {}, got {}", self.field, self.allowed, self.value)
+            write!(
+                f,
+                "{} must be {}, got {}",
+                self.field, self.allowed, self.value
+            )
         }
     }
 }
@@ -216,7 +224,11 @@ impl FilterConfig {
     /// Validates an already parsed JSON value.
     pub fn from_value(value: Value) -> Result<Self, ConfigError> {
         let Value::Object(mut top) = value else {
-            return Err(ConfigError::new("configuration", short_json(&value), "a JSON object"));
+            return Err(ConfigError::new(
+                "configuration",
+                short_json(&value),
+                "a JSON object",
+            ));
         };
         let upstream_key = match top.remove("upstream_key") {
             None => UpstreamKey::Cluster,
@@ -282,7 +294,11 @@ impl FilterConfig {
         for (pattern, body) in upstreams {
             let prefix = format!("upstreams.{}.", json_str(&pattern));
             if pattern.is_empty() {
-                return Err(ConfigError::new("upstreams", "\"\"", "keys that are not empty"));
+                return Err(ConfigError::new(
+                    "upstreams",
+                    "\"\"",
+                    "keys that are not empty",
+                ));
             }
             let Value::Object(map) = body else {
                 return Err(ConfigError::new(
@@ -310,8 +326,20 @@ impl FilterConfig {
         }
         // Longest pattern first; ties broken by the pattern text so the choice never depends on the
         // order of a JSON object.
-        globs.sort_by(|a, b| b.pattern.len().cmp(&a.pattern.len()).then(a.pattern.cmp(&b.pattern)));
-        Ok(Self { upstream_key, health_path, max_upstreams, defaults, exact, globs })
+        globs.sort_by(|a, b| {
+            b.pattern
+                .len()
+                .cmp(&a.pattern.len())
+                .then(a.pattern.cmp(&b.pattern))
+        });
+        Ok(Self {
+            upstream_key,
+            health_path,
+            max_upstreams,
+            defaults,
+            exact,
+            globs,
+        })
     }
 
     /// The settings for one upstream key: an exact override, else the longest matching glob, else the
@@ -358,7 +386,8 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
             },
         }
     }
-    p.get(pi..).is_some_and(|rest| rest.iter().all(|&c| c == b'*'))
+    p.get(pi..)
+        .is_some_and(|rest| rest.iter().all(|&c| c == b'*'))
 }
 
 /// Converts a fraction in (0, 1] to parts per million. Rates are then compared in integers
@@ -429,8 +458,16 @@ impl RawBreaker {
             let path = e.path().to_string();
             let inner = e.into_inner().to_string();
             // serde's "unknown field `x`, expected one of ..." already lists what is allowed.
-            let field = if path == "." { prefix.trim_end_matches('.').to_string() } else { format!("{prefix}{path}") };
-            let field = if field.is_empty() { "configuration".to_string() } else { field };
+            let field = if path == "." {
+                prefix.trim_end_matches('.').to_string()
+            } else {
+                format!("{prefix}{path}")
+            };
+            let field = if field.is_empty() {
+                "configuration".to_string()
+            } else {
+                field
+            };
             ConfigError::new(field, "", strip_position(&inner))
         })
     }
@@ -475,7 +512,11 @@ impl RawBreaker {
         }
         if let Some(v) = self.minimum_requests {
             if v < 1 {
-                return Err(ConfigError::new(f("minimum_requests"), v, "an integer of at least 1"));
+                return Err(ConfigError::new(
+                    f("minimum_requests"),
+                    v,
+                    "an integer of at least 1",
+                ));
             }
             c.minimum_requests = v;
         }
@@ -493,7 +534,11 @@ impl RawBreaker {
         }
         if let Some(v) = self.backoff_multiplier {
             if !(v.is_finite() && (1.0..=100.0).contains(&v)) {
-                return Err(ConfigError::new(f("backoff_multiplier"), v, "a number from 1 to 100"));
+                return Err(ConfigError::new(
+                    f("backoff_multiplier"),
+                    v,
+                    "a number from 1 to 100",
+                ));
             }
             c.backoff_multiplier = v;
         }
@@ -512,7 +557,11 @@ impl RawBreaker {
         }
         if let Some(v) = self.success_threshold {
             if !(1..=10_000).contains(&v) {
-                return Err(ConfigError::new(f("success_threshold"), v, "an integer from 1 to 10000"));
+                return Err(ConfigError::new(
+                    f("success_threshold"),
+                    v,
+                    "an integer from 1 to 10000",
+                ));
             }
             c.success_threshold = v as u16;
         }
@@ -585,7 +634,11 @@ fn duration(field: &str, text: &str) -> Result<u64, ConfigError> {
 fn positive_duration(field: &str, text: &str) -> Result<u64, ConfigError> {
     let ms = duration(field, text)?;
     if ms == 0 {
-        return Err(ConfigError::new(field, json_str(text), "a duration above zero"));
+        return Err(ConfigError::new(
+            field,
+            json_str(text),
+            "a duration above zero",
+        ));
     }
     Ok(ms)
 }
@@ -647,16 +700,26 @@ fn http_statuses(field: &str, list: &[NameOrNumber]) -> Result<HttpStatusSet, Co
 
 fn fallback(field: &str, raw: RawFallback) -> Result<Fallback, ConfigError> {
     if !(200..=599).contains(&raw.status) {
-        return Err(ConfigError::new(format!("{field}.status"), raw.status, "an HTTP status from 200 to 599"));
+        return Err(ConfigError::new(
+            format!("{field}.status"),
+            raw.status,
+            "an HTTP status from 200 to 599",
+        ));
     }
     let mut headers = Vec::with_capacity(raw.headers.len());
     for (k, v) in raw.headers {
         let name = k.to_ascii_lowercase();
         let valid_name = !name.is_empty()
             && !name.starts_with(':')
-            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.!#$%&'*+^`|~".contains(&b));
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.!#$%&'*+^`|~".contains(&b));
         if !valid_name {
-            return Err(ConfigError::new(format!("{field}.headers"), json_str(&k), "valid HTTP header names"));
+            return Err(ConfigError::new(
+                format!("{field}.headers"),
+                json_str(&k),
+                "valid HTTP header names",
+            ));
         }
         if v.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
             return Err(ConfigError::new(
@@ -667,7 +730,11 @@ fn fallback(field: &str, raw: RawFallback) -> Result<Fallback, ConfigError> {
         }
         headers.push((name, v));
     }
-    Ok(Fallback { status: raw.status, headers, body: raw.body })
+    Ok(Fallback {
+        status: raw.status,
+        headers,
+        body: raw.body,
+    })
 }
 
 /// Removes serde_json's " at line 1 column 7" suffix, meaningless once the value came through a `Value`.
@@ -756,9 +823,15 @@ mod tests {
         assert_eq!(c.health_path.as_deref(), Some("/health/circuit-breakers"));
         let auth = c.breaker_for("outbound|8083||auth-service.nova.svc.cluster.local");
         assert_eq!(auth.failure_threshold, 3);
-        assert_eq!(auth.open_timeout_ms, 30_000, "unset override fields inherit the defaults");
+        assert_eq!(
+            auth.open_timeout_ms, 30_000,
+            "unset override fields inherit the defaults"
+        );
         let media = c.breaker_for("outbound|80||media-service.nova.svc.cluster.local");
-        assert_eq!((media.open_timeout_ms, media.success_threshold), (60_000, 5));
+        assert_eq!(
+            (media.open_timeout_ms, media.success_threshold),
+            (60_000, 5)
+        );
         assert_eq!(c.breaker_for("other").open_timeout_ms, 30_000);
     }
 
@@ -794,37 +867,85 @@ mod tests {
     #[test]
     fn unknown_fields_are_refused_also_inside_upstreams() {
         let e = err(r#"{"failure_treshold": 3}"#);
-        assert!(e.contains("failure_treshold") && e.contains("failure_threshold"), "{e}");
+        assert!(
+            e.contains("failure_treshold") && e.contains("failure_threshold"),
+            "{e}"
+        );
         let e = err(r#"{"upstreams": {"a": {"bogus": 1}}}"#);
-        assert!(e.starts_with("upstreams.\"a\"") && e.contains("bogus"), "{e}");
+        assert!(
+            e.starts_with("upstreams.\"a\"") && e.contains("bogus"),
+            "{e}"
+        );
         let e = err(r#"{"upstreams": {"a": {"health_path": "/h"}}}"#);
-        assert!(e.contains("upstreams.\"a\".health_path") && e.contains("top level"), "{e}");
+        assert!(
+            e.contains("upstreams.\"a\".health_path") && e.contains("top level"),
+            "{e}"
+        );
     }
 
     #[test]
     fn errors_name_field_value_and_allowed_values() {
-        assert_eq!(err(r#"{"error_rate_threshold": 2}"#), "error_rate_threshold must be a number in (0, 1], got 2");
-        assert_eq!(err(r#"{"error_rate_threshold": 0}"#), "error_rate_threshold must be a number in (0, 1], got 0");
-        assert_eq!(err(r#"{"window_size": 0}"#), "window_size must be an integer from 1 to 1024, got 0");
-        assert_eq!(err(r#"{"window_size": 2000}"#), "window_size must be an integer from 1 to 1024, got 2000");
+        assert_eq!(
+            err(r#"{"error_rate_threshold": 2}"#),
+            "error_rate_threshold must be a number in (0, 1], got 2"
+        );
+        assert_eq!(
+            err(r#"{"error_rate_threshold": 0}"#),
+            "error_rate_threshold must be a number in (0, 1], got 0"
+        );
+        assert_eq!(
+            err(r#"{"window_size": 0}"#),
+            "window_size must be an integer from 1 to 1024, got 0"
+        );
+        assert_eq!(
+            err(r#"{"window_size": 2000}"#),
+            "window_size must be an integer from 1 to 1024, got 2000"
+        );
         let e = err(r#"{"failure_threshold": -1}"#);
-        assert!(e.starts_with("failure_threshold: ") && e.contains("-1"), "{e}");
+        assert!(
+            e.starts_with("failure_threshold: ") && e.contains("-1"),
+            "{e}"
+        );
         let e = err(r#"{"failure_threshold": "5"}"#);
-        assert!(e.starts_with("failure_threshold: invalid type: string \"5\""), "{e}");
+        assert!(
+            e.starts_with("failure_threshold: invalid type: string \"5\""),
+            "{e}"
+        );
         let e = err(r#"{"open_timeout": "soon"}"#);
-        assert!(e.starts_with("open_timeout must be a duration") && e.ends_with("got \"soon\""), "{e}");
+        assert!(
+            e.starts_with("open_timeout must be a duration") && e.ends_with("got \"soon\""),
+            "{e}"
+        );
         let e = err(r#"{"mode": "panic"}"#);
-        assert!(e.contains("mode") && e.contains("dry_run") && e.contains("panic"), "{e}");
+        assert!(
+            e.contains("mode") && e.contains("dry_run") && e.contains("panic"),
+            "{e}"
+        );
         let e = err(r#"{"upstream_key": "host"}"#);
-        assert!(e.contains("upstream_key") && e.contains("grpc_method") && e.contains("\"host\""), "{e}");
+        assert!(
+            e.contains("upstream_key") && e.contains("grpc_method") && e.contains("\"host\""),
+            "{e}"
+        );
         let e = err(r#"{"failure_grpc_statuses": ["UNAVAILABLE", "NOPE"]}"#);
-        assert!(e.starts_with("failure_grpc_statuses[1] must be a gRPC status name"), "{e}");
+        assert!(
+            e.starts_with("failure_grpc_statuses[1] must be a gRPC status name"),
+            "{e}"
+        );
         let e = err(r#"{"failure_http_statuses": ["6xx"]}"#);
-        assert!(e.starts_with("failure_http_statuses[0] must be an HTTP status"), "{e}");
+        assert!(
+            e.starts_with("failure_http_statuses[0] must be an HTTP status"),
+            "{e}"
+        );
         let e = err(r#"{"upstreams": {"*m*": {"error_rate_threshold": 1.5}}}"#);
-        assert_eq!(e, "upstreams.\"*m*\".error_rate_threshold must be a number in (0, 1], got 1.5");
+        assert_eq!(
+            e,
+            "upstreams.\"*m*\".error_rate_threshold must be a number in (0, 1], got 1.5"
+        );
         let e = err(r#"{"max_upstreams": 0}"#);
-        assert!(e.starts_with("max_upstreams must be an integer from 1"), "{e}");
+        assert!(
+            e.starts_with("max_upstreams must be an integer from 1"),
+            "{e}"
+        );
         let e = err(r#"[1, 2]"#);
         assert!(e.starts_with("configuration must be a JSON object"), "{e}");
         let e = err(r#"{"health_path": "health"}"#);
@@ -834,11 +955,20 @@ mod tests {
     #[test]
     fn inconsistent_combinations_are_refused() {
         let e = err(r#"{"window_size": 10, "window_duration": "10s"}"#);
-        assert!(e.contains("window_duration") && e.contains("window_size"), "{e}");
+        assert!(
+            e.contains("window_duration") && e.contains("window_size"),
+            "{e}"
+        );
         let e = err(r#"{"window_size": 10}"#);
-        assert!(e.starts_with("minimum_requests must be at most window_size (10)"), "{e}");
+        assert!(
+            e.starts_with("minimum_requests must be at most window_size (10)"),
+            "{e}"
+        );
         let e = err(r#"{"open_timeout": "10m"}"#);
-        assert!(e.starts_with("max_open_timeout must be at least open_timeout"), "{e}");
+        assert!(
+            e.starts_with("max_open_timeout must be at least open_timeout"),
+            "{e}"
+        );
         let e = err(r#"{"upstreams": {"a": {"window_size": 5}}}"#);
         assert!(e.starts_with("upstreams.\"a\".minimum_requests"), "{e}");
     }
@@ -854,7 +984,12 @@ mod tests {
         )
         .unwrap();
         let d = &c.defaults;
-        assert_eq!(d.window, WindowConfig::Time { duration_ms: 30_000 });
+        assert_eq!(
+            d.window,
+            WindowConfig::Time {
+                duration_ms: 30_000
+            }
+        );
         assert_eq!(d.slow_call_duration_ms, Some(1_500));
         assert_eq!(d.call_timeout_ms, Some(250));
         assert_eq!(d.open_timeout_ms, 120_000);
@@ -863,7 +998,10 @@ mod tests {
         assert!(d.failure_http_statuses.contains(429) && d.failure_http_statuses.contains(408));
         assert!(d.failure_http_statuses.contains(503) && !d.failure_http_statuses.contains(404));
         let fb = d.fallback.as_ref().unwrap();
-        assert_eq!(fb.headers, vec![("x-from".to_string(), "fallback".to_string())]);
+        assert_eq!(
+            fb.headers,
+            vec![("x-from".to_string(), "fallback".to_string())]
+        );
     }
 
     #[test]
@@ -876,14 +1014,22 @@ mod tests {
         let a = c.breaker_for("a");
         assert_eq!(a.window, WindowConfig::Count(50));
         assert_eq!(a.slow_call_duration_ms, None);
-        assert_eq!(c.breaker_for("b").window, WindowConfig::Time { duration_ms: 10_000 });
+        assert_eq!(
+            c.breaker_for("b").window,
+            WindowConfig::Time {
+                duration_ms: 10_000
+            }
+        );
     }
 
     #[test]
     fn too_many_overrides_are_refused() {
         let mut m = serde_json::Map::new();
         for i in 0..=MAX_OVERRIDES {
-            m.insert(format!("svc-{i}"), serde_json::json!({"failure_threshold": 1}));
+            m.insert(
+                format!("svc-{i}"),
+                serde_json::json!({"failure_threshold": 1}),
+            );
         }
         let e = FilterConfig::from_value(serde_json::json!({ "upstreams": m })).unwrap_err();
         assert_eq!(e.field, "upstreams");

@@ -6,7 +6,9 @@
 /// milliseconds (`"0.5ms"`) are refused rather than rounded, so what the operator wrote is what runs.
 pub fn parse_duration_ms(text: &str) -> Result<u64, &'static str> {
     let text = text.trim();
-    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or("missing unit")?;
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .ok_or("missing unit")?;
     let (number, unit) = text.split_at(split);
     let unit_us: u64 = match unit {
         "ms" => 1_000,
@@ -23,7 +25,11 @@ pub fn parse_duration_ms(text: &str) -> Result<u64, &'static str> {
         return Err("number out of range or malformed");
     }
     let whole: u64 = whole.parse().map_err(|_| "malformed number")?;
-    let frac_digits: u64 = if frac.is_empty() { 0 } else { frac.parse().map_err(|_| "malformed number")? };
+    let frac_digits: u64 = if frac.is_empty() {
+        0
+    } else {
+        frac.parse().map_err(|_| "malformed number")?
+    };
     // Scale the fraction to microseconds of the unit: frac_digits / 10^len * unit_us.
     let scale = 10u64.pow(frac.len() as u32);
     let frac_us = frac_digits
@@ -61,7 +67,20 @@ mod tests {
 
     #[test]
     fn refuses_malformed() {
-        for bad in ["", "5", "s", "1.5", "-1s", "1..5s", "1.s5", "1 d", "0.5ms", "1e3s", "99999999999h", ".5s"] {
+        for bad in [
+            "",
+            "5",
+            "s",
+            "1.5",
+            "-1s",
+            "1..5s",
+            "1.s5",
+            "1 d",
+            "0.5ms",
+            "1e3s",
+            "99999999999h",
+            ".5s",
+        ] {
             assert!(parse_duration_ms(bad).is_err(), "{bad:?} should be refused");
         }
     }

@@ -57,10 +57,22 @@ mod tests {
     #[test]
     fn parses_every_kind() {
         assert_eq!(UpstreamKey::parse("cluster"), Some(UpstreamKey::Cluster));
-        assert_eq!(UpstreamKey::parse("authority"), Some(UpstreamKey::Authority));
-        assert_eq!(UpstreamKey::parse("grpc_service"), Some(UpstreamKey::GrpcService));
-        assert_eq!(UpstreamKey::parse("grpc_method"), Some(UpstreamKey::GrpcMethod));
-        assert_eq!(UpstreamKey::parse("header:X-Tenant"), Some(UpstreamKey::Header("x-tenant".into())));
+        assert_eq!(
+            UpstreamKey::parse("authority"),
+            Some(UpstreamKey::Authority)
+        );
+        assert_eq!(
+            UpstreamKey::parse("grpc_service"),
+            Some(UpstreamKey::GrpcService)
+        );
+        assert_eq!(
+            UpstreamKey::parse("grpc_method"),
+            Some(UpstreamKey::GrpcMethod)
+        );
+        assert_eq!(
+            UpstreamKey::parse("header:X-Tenant"),
+            Some(UpstreamKey::Header("x-tenant".into()))
+        );
         assert_eq!(UpstreamKey::parse("header:"), None);
         assert_eq!(UpstreamKey::parse("header:a b"), None);
         assert_eq!(UpstreamKey::parse("Cluster"), None);
@@ -69,8 +81,14 @@ mod tests {
     #[test]
     fn grpc_path_keys() {
         let p = "/social.content.v1.ContentService/GetPost";
-        assert_eq!(UpstreamKey::GrpcService.from_grpc_path(p), Some("social.content.v1.ContentService"));
-        assert_eq!(UpstreamKey::GrpcMethod.from_grpc_path(p), Some("social.content.v1.ContentService/GetPost"));
+        assert_eq!(
+            UpstreamKey::GrpcService.from_grpc_path(p),
+            Some("social.content.v1.ContentService")
+        );
+        assert_eq!(
+            UpstreamKey::GrpcMethod.from_grpc_path(p),
+            Some("social.content.v1.ContentService/GetPost")
+        );
         assert_eq!(UpstreamKey::GrpcService.from_grpc_path("/"), None);
         assert_eq!(UpstreamKey::GrpcService.from_grpc_path("/a/b/c"), None);
         assert_eq!(UpstreamKey::GrpcService.from_grpc_path("nopath"), None);

@@ -79,7 +79,12 @@ pub struct Admitted {
 
 impl Admitted {
     fn untracked(why: Untracked) -> Self {
-        Self { admission: Admission::Untracked(why), transition: None, corrupt: None, attempts: 0 }
+        Self {
+            admission: Admission::Untracked(why),
+            transition: None,
+            corrupt: None,
+            attempts: 0,
+        }
     }
 }
 
@@ -122,7 +127,11 @@ pub struct Registry {
 impl Registry {
     /// A registry for a configuration's `max_upstreams`.
     pub fn new(max_upstreams: u32) -> Self {
-        Self { max_upstreams, known: HashSet::new(), full: false }
+        Self {
+            max_upstreams,
+            known: HashSet::new(),
+            full: false,
+        }
     }
 
     /// Creates the (empty) index if it does not exist yet. Call once per worker at configuration time:
@@ -136,7 +145,13 @@ impl Registry {
     }
 
     /// Decides on a new call for upstream `key` at `now_ms`.
-    pub fn admit<S: SharedStore + ?Sized>(&mut self, store: &S, key: &str, cfg: &BreakerConfig, now_ms: u64) -> Admitted {
+    pub fn admit<S: SharedStore + ?Sized>(
+        &mut self,
+        store: &S,
+        key: &str,
+        cfg: &BreakerConfig,
+        now_ms: u64,
+    ) -> Admitted {
         if cfg.mode == Mode::Disabled {
             return Admitted::untracked(Untracked::Disabled);
         }
@@ -157,9 +172,17 @@ impl Registry {
                     Decision::Reject(r) => Admission::Reject(r),
                     Decision::DryRunReject(r) => Admission::DryRun(r),
                 };
-                Admitted { admission, transition, corrupt: u.corrupt, attempts: u.attempts }
+                Admitted {
+                    admission,
+                    transition,
+                    corrupt: u.corrupt,
+                    attempts: u.attempts,
+                }
             }
-            Err(e) => Admitted { attempts: MAX_CAS_ATTEMPTS, ..Admitted::untracked(Untracked::Store(e)) },
+            Err(e) => Admitted {
+                attempts: MAX_CAS_ATTEMPTS,
+                ..Admitted::untracked(Untracked::Store(e))
+            },
         }
     }
 
@@ -180,13 +203,29 @@ impl Registry {
             (transition, conformed || *b != before)
         });
         match result {
-            Ok(u) => Recorded { transition: u.value, corrupt: u.corrupt, attempts: u.attempts, error: None },
-            Err(e) => Recorded { transition: None, corrupt: None, attempts: MAX_CAS_ATTEMPTS, error: Some(e) },
+            Ok(u) => Recorded {
+                transition: u.value,
+                corrupt: u.corrupt,
+                attempts: u.attempts,
+                error: None,
+            },
+            Err(e) => Recorded {
+                transition: None,
+                corrupt: None,
+                attempts: MAX_CAS_ATTEMPTS,
+                error: Some(e),
+            },
         }
     }
 
     /// Gives back a probe permit of a call that ended with nothing to judge.
-    pub fn release<S: SharedStore + ?Sized>(&self, store: &S, key: &str, cfg: &BreakerConfig, ticket: Ticket) -> Result<(), UpdateError> {
+    pub fn release<S: SharedStore + ?Sized>(
+        &self,
+        store: &S,
+        key: &str,
+        cfg: &BreakerConfig,
+        ticket: Ticket,
+    ) -> Result<(), UpdateError> {
         if !ticket.probe {
             return Ok(());
         }
@@ -195,15 +234,22 @@ impl Registry {
 
     /// Every registered breaker, for the health endpoint, in registration order. Keys whose state is
     /// missing or corrupt are left out (the next call to them restarts them).
-    pub fn snapshot<S: SharedStore + ?Sized>(store: &S, now_ms: u64) -> Result<Vec<UpstreamHealth>, StoreError> {
+    pub fn snapshot<S: SharedStore + ?Sized>(
+        store: &S,
+        now_ms: u64,
+    ) -> Result<Vec<UpstreamHealth>, StoreError> {
         let keys = match store.get(INDEX_KEY)? {
             Some((bytes, _)) => decode_index(&bytes).unwrap_or_default(),
             None => Vec::new(),
         };
         let mut out = Vec::with_capacity(keys.len());
         for key in keys {
-            let Some((bytes, _)) = store.get(&state_key(&key))? else { continue };
-            let Ok(b) = codec::decode(&bytes) else { continue };
+            let Some((bytes, _)) = store.get(&state_key(&key))? else {
+                continue;
+            };
+            let Ok(b) = codec::decode(&bytes) else {
+                continue;
+            };
             out.push(UpstreamHealth {
                 state: b.state.kind(),
                 stats: b.stats(now_ms),
@@ -221,7 +267,12 @@ impl Registry {
     }
 
     /// Makes sure `key` has a breaker, registering it in the index if this is its first call anywhere.
-    fn register<S: SharedStore + ?Sized>(&mut self, store: &S, key: &str, cfg: &BreakerConfig) -> Result<(), Untracked> {
+    fn register<S: SharedStore + ?Sized>(
+        &mut self,
+        store: &S,
+        key: &str,
+        cfg: &BreakerConfig,
+    ) -> Result<(), Untracked> {
         if self.known.contains(key) {
             return Ok(());
         }
@@ -232,7 +283,11 @@ impl Registry {
             return Err(Untracked::KeyTooLong);
         }
         let skey = state_key(key);
-        if store.get(&skey).map_err(|e| Untracked::Store(UpdateError::Store(e)))?.is_some() {
+        if store
+            .get(&skey)
+            .map_err(|e| Untracked::Store(UpdateError::Store(e)))?
+            .is_some()
+        {
             self.remember(key);
             return Ok(());
         }
@@ -240,7 +295,9 @@ impl Registry {
             return Err(Untracked::TooManyUpstreams);
         }
         for _ in 0..MAX_CAS_ATTEMPTS {
-            let stored = store.get(INDEX_KEY).map_err(|e| Untracked::Store(UpdateError::Store(e)))?;
+            let stored = store
+                .get(INDEX_KEY)
+                .map_err(|e| Untracked::Store(UpdateError::Store(e)))?;
             let (mut keys, cas) = match stored {
                 // A corrupt index is rebuilt from scratch: breakers stay reachable through their own
                 // keys; only the listing (and the count toward the bound) restarts.
@@ -297,7 +354,9 @@ where
     let skey = state_key(key);
     match store::update(store, &skey, || Breaker::new(cfg), &mut change) {
         Err(UpdateError::Missing) => {
-            store.set(&skey, &codec::encode(&Breaker::new(cfg)), None).map_err(UpdateError::Store)?;
+            store
+                .set(&skey, &codec::encode(&Breaker::new(cfg)), None)
+                .map_err(UpdateError::Store)?;
             store::update(store, &skey, || Breaker::new(cfg), &mut change)
         }
         other => other,
@@ -343,10 +402,17 @@ mod tests {
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
-    const FAIL: Classification = Classification { outcome: Outcome::Failure, slow: false };
+    const FAIL: Classification = Classification {
+        outcome: Outcome::Failure,
+        slow: false,
+    };
 
     fn cfg() -> BreakerConfig {
-        BreakerConfig { failure_threshold: 2, open_timeout_ms: 1_000, ..BreakerConfig::default() }
+        BreakerConfig {
+            failure_threshold: 2,
+            open_timeout_ms: 1_000,
+            ..BreakerConfig::default()
+        }
     }
 
     fn allow(r: &mut Registry, s: &MemoryStore, key: &str, c: &BreakerConfig, now: u64) -> Ticket {
@@ -367,7 +433,10 @@ mod tests {
         let t = allow(&mut w2, &s, "content", &c, 0);
         let rec = w2.record(&s, "content", &c, t, 0, FAIL);
         assert_eq!(rec.transition.unwrap().to, StateKind::Open);
-        assert!(matches!(w1.admit(&s, "content", &c, 1).admission, Admission::Reject(_)));
+        assert!(matches!(
+            w1.admit(&s, "content", &c, 1).admission,
+            Admission::Reject(_)
+        ));
         let health = Registry::snapshot(&s, 1).unwrap();
         assert_eq!(health.len(), 1);
         assert_eq!(health[0].state, StateKind::Open);
@@ -383,20 +452,35 @@ mod tests {
         let c = cfg();
         allow(&mut w1, &s, "a", &c, 0);
         allow(&mut w2, &s, "b", &c, 0);
-        assert_eq!(w1.admit(&s, "c", &c, 0).admission, Admission::Untracked(Untracked::TooManyUpstreams));
-        assert_eq!(w2.admit(&s, "d", &c, 0).admission, Admission::Untracked(Untracked::TooManyUpstreams));
+        assert_eq!(
+            w1.admit(&s, "c", &c, 0).admission,
+            Admission::Untracked(Untracked::TooManyUpstreams)
+        );
+        assert_eq!(
+            w2.admit(&s, "d", &c, 0).admission,
+            Admission::Untracked(Untracked::TooManyUpstreams)
+        );
         // Registered keys keep working from any worker.
         allow(&mut w1, &s, "b", &c, 0);
         assert_eq!(Registry::snapshot(&s, 0).unwrap().len(), 2);
         let long = "x".repeat(MAX_KEY_LEN + 1);
-        assert_eq!(w1.admit(&s, &long, &c, 0).admission, Admission::Untracked(Untracked::KeyTooLong));
-        assert_eq!(w1.admit(&s, "", &c, 0).admission, Admission::Untracked(Untracked::NoKey));
+        assert_eq!(
+            w1.admit(&s, &long, &c, 0).admission,
+            Admission::Untracked(Untracked::KeyTooLong)
+        );
+        assert_eq!(
+            w1.admit(&s, "", &c, 0).admission,
+            Admission::Untracked(Untracked::NoKey)
+        );
     }
 
     #[test]
     fn disabled_mode_touches_nothing() {
         let s = MemoryStore::new();
-        let c = BreakerConfig { mode: Mode::Disabled, ..cfg() };
+        let c = BreakerConfig {
+            mode: Mode::Disabled,
+            ..cfg()
+        };
         let a = Registry::new(10).admit(&s, "a", &c, 0);
         assert_eq!(a.admission, Admission::Untracked(Untracked::Disabled));
         assert!(!Untracked::Disabled.counted());
@@ -428,7 +512,11 @@ mod tests {
 
     #[test]
     fn index_round_trips_and_rejects_garbage() {
-        let keys = vec!["a".to_string(), "outbound|8083||auth.svc".to_string(), String::new()];
+        let keys = vec![
+            "a".to_string(),
+            "outbound|8083||auth.svc".to_string(),
+            String::new(),
+        ];
         assert_eq!(decode_index(&encode_index(&keys)), Some(keys));
         assert_eq!(decode_index(b""), None);
         assert_eq!(decode_index(&[0xCA, 1, 255, 255, 255, 255]), None);

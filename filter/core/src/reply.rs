@@ -21,39 +21,67 @@ pub struct LocalReply {
 
 /// Whether a request is gRPC, from its `content-type`.
 pub fn is_grpc(content_type: Option<&str>) -> bool {
-    content_type.is_some_and(|ct| ct.trim_start().to_ascii_lowercase().starts_with("application/grpc"))
+    content_type.is_some_and(|ct| {
+        ct.trim_start()
+            .to_ascii_lowercase()
+            .starts_with("application/grpc")
+    })
 }
 
 /// The reply to a call rejected for `upstream`.
-pub fn rejection(grpc: bool, upstream: &str, r: &Rejection, fallback: Option<&Fallback>) -> LocalReply {
+pub fn rejection(
+    grpc: bool,
+    upstream: &str,
+    r: &Rejection,
+    fallback: Option<&Fallback>,
+) -> LocalReply {
     let marker = r.state.as_str().to_string();
     if let Some(fb) = fallback {
         let mut headers = fb.headers.clone();
         if !headers.iter().any(|(k, _)| k == "x-circuit-breaker") {
             headers.push(("x-circuit-breaker".into(), marker));
         }
-        return LocalReply { status: fb.status, headers, body: fb.body.clone().into_bytes() };
+        return LocalReply {
+            status: fb.status,
+            headers,
+            body: fb.body.clone().into_bytes(),
+        };
     }
     if grpc {
         let mut headers = vec![
             ("content-type".to_string(), "application/grpc".to_string()),
             ("grpc-status".to_string(), GRPC_UNAVAILABLE.to_string()),
-            ("grpc-message".to_string(), percent_encode(&format!("circuit breaker open for {upstream}"))),
+            (
+                "grpc-message".to_string(),
+                percent_encode(&format!("circuit breaker open for {upstream}")),
+            ),
         ];
         if let Some(ms) = r.retry_after_ms {
             headers.push(("grpc-retry-pushback-ms".to_string(), ms.to_string()));
         }
         headers.push(("x-circuit-breaker".to_string(), marker));
         // No body: headers with end-of-stream make a gRPC trailers-only response.
-        LocalReply { status: 200, headers, body: Vec::new() }
+        LocalReply {
+            status: 200,
+            headers,
+            body: Vec::new(),
+        }
     } else {
-        let body = serde_json::json!({"error": "circuit breaker open", "upstream": upstream}).to_string();
+        let body =
+            serde_json::json!({"error": "circuit breaker open", "upstream": upstream}).to_string();
         let headers = vec![
             ("content-type".to_string(), "application/json".to_string()),
-            ("retry-after".to_string(), retry_after_seconds(r).to_string()),
+            (
+                "retry-after".to_string(),
+                retry_after_seconds(r).to_string(),
+            ),
             ("x-circuit-breaker".to_string(), marker),
         ];
-        LocalReply { status: 503, headers, body: body.into_bytes() }
+        LocalReply {
+            status: 503,
+            headers,
+            body: body.into_bytes(),
+        }
     }
 }
 
@@ -112,7 +140,8 @@ pub fn health(breakers: &[UpstreamHealth]) -> LocalReply {
             })
             .collect(),
     };
-    let json = serde_json::to_vec(&body).unwrap_or_else(|_| b"{\"status\":\"degraded\",\"circuit_breakers\":[]}".to_vec());
+    let json = serde_json::to_vec(&body)
+        .unwrap_or_else(|_| b"{\"status\":\"degraded\",\"circuit_breakers\":[]}".to_vec());
     LocalReply {
         status: if healthy { 200 } else { 503 },
         headers: vec![
@@ -135,41 +164,94 @@ mod tests {
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
     fn header<'a>(r: &'a LocalReply, name: &str) -> Option<&'a str> {
-        r.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        r.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 
     #[test]
     fn grpc_rejection_is_trailers_only_unavailable_with_pushback() {
-        let r = rejection(true, "content", &Rejection { state: StateKind::Open, retry_after_ms: Some(1500) }, None);
+        let r = rejection(
+            true,
+            "content",
+            &Rejection {
+                state: StateKind::Open,
+                retry_after_ms: Some(1500),
+            },
+            None,
+        );
         assert_eq!(r.status, 200);
         assert!(r.body.is_empty());
         assert_eq!(header(&r, "content-type"), Some("application/grpc"));
         assert_eq!(header(&r, "grpc-status"), Some("14"));
-        assert_eq!(header(&r, "grpc-message"), Some("circuit breaker open for content"));
+        assert_eq!(
+            header(&r, "grpc-message"),
+            Some("circuit breaker open for content")
+        );
         assert_eq!(header(&r, "grpc-retry-pushback-ms"), Some("1500"));
         assert_eq!(header(&r, "x-circuit-breaker"), Some("open"));
-        let r = rejection(true, "c", &Rejection { state: StateKind::HalfOpen, retry_after_ms: None }, None);
+        let r = rejection(
+            true,
+            "c",
+            &Rejection {
+                state: StateKind::HalfOpen,
+                retry_after_ms: None,
+            },
+            None,
+        );
         assert_eq!(header(&r, "grpc-retry-pushback-ms"), None);
         assert_eq!(header(&r, "x-circuit-breaker"), Some("half_open"));
     }
 
     #[test]
     fn http_rejection_is_503_with_retry_after_and_json() {
-        let r = rejection(false, "a\"b", &Rejection { state: StateKind::Open, retry_after_ms: Some(1001) }, None);
+        let r = rejection(
+            false,
+            "a\"b",
+            &Rejection {
+                state: StateKind::Open,
+                retry_after_ms: Some(1001),
+            },
+            None,
+        );
         assert_eq!(r.status, 503);
         assert_eq!(header(&r, "retry-after"), Some("2"));
         assert_eq!(header(&r, "x-circuit-breaker"), Some("open"));
         let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
-        assert_eq!(v, serde_json::json!({"error": "circuit breaker open", "upstream": "a\"b"}));
-        let r = rejection(false, "a", &Rejection { state: StateKind::Open, retry_after_ms: Some(0) }, None);
+        assert_eq!(
+            v,
+            serde_json::json!({"error": "circuit breaker open", "upstream": "a\"b"})
+        );
+        let r = rejection(
+            false,
+            "a",
+            &Rejection {
+                state: StateKind::Open,
+                retry_after_ms: Some(0),
+            },
+            None,
+        );
         assert_eq!(header(&r, "retry-after"), Some("1"));
     }
 
     #[test]
     fn fallback_replaces_both() {
-        let fb = Fallback { status: 200, headers: vec![("x-fallback".into(), "1".into())], body: "cached".into() };
+        let fb = Fallback {
+            status: 200,
+            headers: vec![("x-fallback".into(), "1".into())],
+            body: "cached".into(),
+        };
         for grpc in [true, false] {
-            let r = rejection(grpc, "a", &Rejection { state: StateKind::Open, retry_after_ms: None }, Some(&fb));
+            let r = rejection(
+                grpc,
+                "a",
+                &Rejection {
+                    state: StateKind::Open,
+                    retry_after_ms: None,
+                },
+                Some(&fb),
+            );
             assert_eq!((r.status, r.body.as_slice()), (200, &b"cached"[..]));
             assert_eq!(header(&r, "x-fallback"), Some("1"));
             assert_eq!(header(&r, "x-circuit-breaker"), Some("open"));
@@ -186,7 +268,11 @@ mod tests {
         let b = |upstream: &str, state| UpstreamHealth {
             upstream: upstream.into(),
             state,
-            stats: WindowStats { calls: 57, failures: 7, slow: 0 },
+            stats: WindowStats {
+                calls: 57,
+                failures: 7,
+                slow: 0,
+            },
             consecutive_failures: 0,
             retry_after_ms: None,
         };
@@ -197,7 +283,10 @@ mod tests {
         assert_eq!(v["circuit_breakers"][0]["failure_rate"], 0.1228);
         assert_eq!(v["circuit_breakers"][0]["calls_in_window"], 57);
         assert!(v["circuit_breakers"][0]["retry_after_ms"].is_null());
-        let r = health(&[b("content", StateKind::Closed), b("feed", StateKind::HalfOpen)]);
+        let r = health(&[
+            b("content", StateKind::Closed),
+            b("feed", StateKind::HalfOpen),
+        ]);
         assert_eq!(r.status, 503);
         let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
         assert_eq!(v["status"], "degraded");

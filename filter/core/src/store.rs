@@ -94,13 +94,19 @@ impl MemoryStore {
 
     /// Total bytes of all values.
     pub fn value_bytes(&self) -> usize {
-        self.map.lock().map(|m| m.values().map(|(v, _)| v.len()).sum()).unwrap_or(0)
+        self.map
+            .lock()
+            .map(|m| m.values().map(|(v, _)| v.len()).sum())
+            .unwrap_or(0)
     }
 
     fn token(&self) -> CasToken {
         // Like Envoy: a global counter that skips 0, which means "no check".
         loop {
-            let t = self.next_cas.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+            let t = self
+                .next_cas
+                .fetch_add(1, Ordering::Relaxed)
+                .wrapping_add(1);
             if t != 0 {
                 return t;
             }
@@ -110,13 +116,19 @@ impl MemoryStore {
 
 impl SharedStore for MemoryStore {
     fn get(&self, key: &str) -> Result<Option<(Vec<u8>, CasToken)>, StoreError> {
-        let map = self.map.lock().map_err(|_| StoreError::Host("store lock poisoned".into()))?;
+        let map = self
+            .map
+            .lock()
+            .map_err(|_| StoreError::Host("store lock poisoned".into()))?;
         Ok(map.get(key).cloned())
     }
 
     fn set(&self, key: &str, value: &[u8], cas: Option<CasToken>) -> Result<(), StoreError> {
         let token = self.token();
-        let mut map = self.map.lock().map_err(|_| StoreError::Host("store lock poisoned".into()))?;
+        let mut map = self
+            .map
+            .lock()
+            .map_err(|_| StoreError::Host("store lock poisoned".into()))?;
         match map.get_mut(key) {
             Some(entry) => {
                 if matches!(cas, Some(c) if c != 0 && c != entry.1) {
@@ -192,17 +204,32 @@ where
     S: SharedStore + ?Sized,
 {
     for attempt in 1..=MAX_CAS_ATTEMPTS {
-        let (bytes, cas) = store.get(key).map_err(UpdateError::Store)?.ok_or(UpdateError::Missing)?;
+        let (bytes, cas) = store
+            .get(key)
+            .map_err(UpdateError::Store)?
+            .ok_or(UpdateError::Missing)?;
         let (mut breaker, corrupt) = match codec::decode(&bytes) {
             Ok(b) => (b, None),
             Err(e) => (fresh(), Some(e)),
         };
         let (value, changed) = change(&mut breaker);
         if !changed && corrupt.is_none() {
-            return Ok(Updated { value, breaker, attempts: attempt, corrupt });
+            return Ok(Updated {
+                value,
+                breaker,
+                attempts: attempt,
+                corrupt,
+            });
         }
         match store.set(key, &codec::encode(&breaker), Some(cas)) {
-            Ok(()) => return Ok(Updated { value, breaker, attempts: attempt, corrupt }),
+            Ok(()) => {
+                return Ok(Updated {
+                    value,
+                    breaker,
+                    attempts: attempt,
+                    corrupt,
+                })
+            }
             Err(StoreError::CasMismatch) => continue,
             Err(e) => return Err(UpdateError::Store(e)),
         }
@@ -240,12 +267,22 @@ mod tests {
         let u = update(&s, "b", || Breaker::new(&cfg), |_| ((), false)).unwrap();
         assert_eq!(u.attempts, 1);
         assert_eq!(s.get("b").unwrap().unwrap().1, t0, "no write");
-        update(&s, "b", || Breaker::new(&cfg), |b| {
-            b.consecutive_failures += 1;
-            ((), true)
-        })
+        update(
+            &s,
+            "b",
+            || Breaker::new(&cfg),
+            |b| {
+                b.consecutive_failures += 1;
+                ((), true)
+            },
+        )
         .unwrap();
-        assert_eq!(codec::decode(&s.get("b").unwrap().unwrap().0).unwrap().consecutive_failures, 1);
+        assert_eq!(
+            codec::decode(&s.get("b").unwrap().unwrap().0)
+                .unwrap()
+                .consecutive_failures,
+            1
+        );
     }
 
     #[test]
@@ -255,20 +292,30 @@ mod tests {
         s.put_raw("b", &codec::encode(&Breaker::new(&cfg)));
         // A rival writes between our get and our set on the first two attempts.
         let mut rivals = 2;
-        let u = update(&s, "b", || Breaker::new(&cfg), |b| {
-            if rivals > 0 {
-                rivals -= 1;
-                s.put_raw("b", &codec::encode(&Breaker::new(&cfg)));
-            }
-            b.consecutive_failures += 1;
-            ((), true)
-        })
+        let u = update(
+            &s,
+            "b",
+            || Breaker::new(&cfg),
+            |b| {
+                if rivals > 0 {
+                    rivals -= 1;
+                    s.put_raw("b", &codec::encode(&Breaker::new(&cfg)));
+                }
+                b.consecutive_failures += 1;
+                ((), true)
+            },
+        )
         .unwrap();
         assert_eq!(u.attempts, 3);
-        let always = update(&s, "b", || Breaker::new(&cfg), |_| {
-            s.put_raw("b", &codec::encode(&Breaker::new(&cfg)));
-            ((), true)
-        });
+        let always = update(
+            &s,
+            "b",
+            || Breaker::new(&cfg),
+            |_| {
+                s.put_raw("b", &codec::encode(&Breaker::new(&cfg)));
+                ((), true)
+            },
+        );
         assert_eq!(always, Err(UpdateError::GaveUp));
     }
 
@@ -279,7 +326,13 @@ mod tests {
         s.put_raw("b", b"\x00garbage");
         let u = update(&s, "b", || Breaker::new(&cfg), |_| ((), false)).unwrap();
         assert_eq!(u.corrupt, Some(CodecError::Malformed));
-        assert!(codec::decode(&s.get("b").unwrap().unwrap().0).is_ok(), "fresh state written back");
-        assert_eq!(update(&s, "missing", || Breaker::new(&cfg), |_| ((), false)), Err(UpdateError::Missing));
+        assert!(
+            codec::decode(&s.get("b").unwrap().unwrap().0).is_ok(),
+            "fresh state written back"
+        );
+        assert_eq!(
+            update(&s, "missing", || Breaker::new(&cfg), |_| ((), false)),
+            Err(UpdateError::Missing)
+        );
     }
 }

@@ -108,7 +108,13 @@ impl CountWindow {
     }
 
     /// Rebuilds a window from stored parts, checking every invariant; `None` if they do not hold.
-    pub fn from_parts(size: u16, len: u16, head: u16, failure_bits: [u64; WORDS], slow_bits: [u64; WORDS]) -> Option<Self> {
+    pub fn from_parts(
+        size: u16,
+        len: u16,
+        head: u16,
+        failure_bits: [u64; WORDS],
+        slow_bits: [u64; WORDS],
+    ) -> Option<Self> {
         if size == 0 || size > MAX_WINDOW_SIZE || len > size || head >= size {
             return None;
         }
@@ -133,14 +139,25 @@ impl CountWindow {
         }
         let failures = failure_bits.iter().map(|w| w.count_ones()).sum::<u32>() as u16;
         let slow = slow_bits.iter().map(|w| w.count_ones()).sum::<u32>() as u16;
-        Some(Self { size, len, head, failures, slow, failure_bits, slow_bits })
+        Some(Self {
+            size,
+            len,
+            head,
+            failures,
+            slow,
+            failure_bits,
+            slow_bits,
+        })
     }
 
     /// Adds one outcome, evicting the oldest when full.
     pub fn record(&mut self, failure: bool, slow: bool) {
         let pos = usize::from(self.head);
         let (word, bit) = (pos / 64, 1u64 << (pos % 64));
-        if let (Some(f), Some(s)) = (self.failure_bits.get_mut(word), self.slow_bits.get_mut(word)) {
+        if let (Some(f), Some(s)) = (
+            self.failure_bits.get_mut(word),
+            self.slow_bits.get_mut(word),
+        ) {
             if self.len == self.size {
                 // The slot holds the oldest outcome: take it out of the totals before overwriting.
                 self.failures -= u16::from(*f & bit != 0);
@@ -157,7 +174,11 @@ impl CountWindow {
 
     /// Current totals.
     pub fn stats(&self) -> WindowStats {
-        WindowStats { calls: self.len.into(), failures: self.failures.into(), slow: self.slow.into() }
+        WindowStats {
+            calls: self.len.into(),
+            failures: self.failures.into(),
+            slow: self.slow.into(),
+        }
     }
 }
 
@@ -196,7 +217,10 @@ pub struct TimeWindow {
 impl TimeWindow {
     /// An empty window over `duration_ms`.
     pub fn new(duration_ms: u64) -> Self {
-        Self { bucket_ms: bucket_ms_for(duration_ms), buckets: [Bucket::default(); TIME_BUCKETS] }
+        Self {
+            bucket_ms: bucket_ms_for(duration_ms),
+            buckets: [Bucket::default(); TIME_BUCKETS],
+        }
     }
 
     /// Length of one bucket in ms.
@@ -220,7 +244,10 @@ impl TimeWindow {
         let slot = (epoch % TIME_BUCKETS as u64) as usize;
         if let Some(b) = self.buckets.get_mut(slot) {
             if b.epoch != epoch {
-                *b = Bucket { epoch, ..Bucket::default() };
+                *b = Bucket {
+                    epoch,
+                    ..Bucket::default()
+                };
             }
             b.calls = b.calls.saturating_add(1);
             b.failures = b.failures.saturating_add(u32::from(failure));
@@ -270,7 +297,9 @@ impl Window {
     pub fn matches(&self, cfg: WindowConfig) -> bool {
         match (self, cfg) {
             (Window::Count(w), WindowConfig::Count(n)) => w.size == n,
-            (Window::Time(w), WindowConfig::Time { duration_ms }) => w.bucket_ms == bucket_ms_for(duration_ms),
+            (Window::Time(w), WindowConfig::Time { duration_ms }) => {
+                w.bucket_ms == bucket_ms_for(duration_ms)
+            }
             _ => false,
         }
     }
@@ -304,13 +333,34 @@ mod tests {
         for f in [true, true, false, false] {
             w.record(f, false);
         }
-        assert_eq!(w.stats(), WindowStats { calls: 4, failures: 2, slow: 0 });
+        assert_eq!(
+            w.stats(),
+            WindowStats {
+                calls: 4,
+                failures: 2,
+                slow: 0
+            }
+        );
         w.record(false, true); // evicts the first failure
-        assert_eq!(w.stats(), WindowStats { calls: 4, failures: 1, slow: 1 });
+        assert_eq!(
+            w.stats(),
+            WindowStats {
+                calls: 4,
+                failures: 1,
+                slow: 1
+            }
+        );
         w.record(false, false); // evicts the second failure
         w.record(false, false);
         w.record(false, false); // evicts the slow one? no: slow was the 5th call, still inside
-        assert_eq!(w.stats(), WindowStats { calls: 4, failures: 0, slow: 1 });
+        assert_eq!(
+            w.stats(),
+            WindowStats {
+                calls: 4,
+                failures: 0,
+                slow: 1
+            }
+        );
         w.record(false, false);
         assert_eq!(w.stats().slow, 0);
     }
@@ -323,7 +373,14 @@ mod tests {
         }
         let expect_f = (3000 - 1024..3000).filter(|i| i % 3 == 0).count() as u32;
         let expect_s = (3000 - 1024..3000).filter(|i| i % 5 == 0).count() as u32;
-        assert_eq!(w.stats(), WindowStats { calls: 1024, failures: expect_f, slow: expect_s });
+        assert_eq!(
+            w.stats(),
+            WindowStats {
+                calls: 1024,
+                failures: expect_f,
+                slow: expect_s
+            }
+        );
     }
 
     #[test]
@@ -336,7 +393,10 @@ mod tests {
         assert!(CountWindow::from_parts(0, 0, 0, *f, *s).is_none());
         let mut stray = [0u64; WORDS];
         stray[0] = 1 << 7;
-        assert!(CountWindow::from_parts(10, 3, 3, stray, *s).is_none(), "bit past len");
+        assert!(
+            CountWindow::from_parts(10, 3, 3, stray, *s).is_none(),
+            "bit past len"
+        );
         assert!(CountWindow::from_parts(10, 8, 8, stray, *s).is_some());
     }
 
@@ -345,21 +405,51 @@ mod tests {
         let mut w = TimeWindow::new(10_000); // 10 buckets of 1s
         w.record(500, true, false);
         w.record(1_500, false, true);
-        assert_eq!(w.stats(1_600), WindowStats { calls: 2, failures: 1, slow: 1 });
+        assert_eq!(
+            w.stats(1_600),
+            WindowStats {
+                calls: 2,
+                failures: 1,
+                slow: 1
+            }
+        );
         assert_eq!(w.stats(9_999).calls, 2);
-        assert_eq!(w.stats(10_000), WindowStats { calls: 1, failures: 0, slow: 1 }, "bucket 0 expired");
+        assert_eq!(
+            w.stats(10_000),
+            WindowStats {
+                calls: 1,
+                failures: 0,
+                slow: 1
+            },
+            "bucket 0 expired"
+        );
         assert_eq!(w.stats(11_000).calls, 0);
         // The slot of bucket 0 is reused by bucket 10.
         w.record(10_200, true, true);
-        assert_eq!(w.stats(10_300), WindowStats { calls: 2, failures: 1, slow: 2 });
+        assert_eq!(
+            w.stats(10_300),
+            WindowStats {
+                calls: 2,
+                failures: 1,
+                slow: 2
+            }
+        );
     }
 
     #[test]
     fn rates_compare_exactly() {
-        let s = WindowStats { calls: 100, failures: 50, slow: 0 };
+        let s = WindowStats {
+            calls: 100,
+            failures: 50,
+            slow: 0,
+        };
         assert!(s.failure_rate_reaches(500_000));
         assert!(!s.failure_rate_reaches(500_001));
-        let s = WindowStats { calls: 10, failures: 3, slow: 0 };
+        let s = WindowStats {
+            calls: 10,
+            failures: 3,
+            slow: 0,
+        };
         assert!(s.failure_rate_reaches(crate::config::ratio_to_ppm(0.3)));
         assert!(!WindowStats::default().failure_rate_reaches(1));
     }
@@ -369,6 +459,8 @@ mod tests {
         let w = Window::new(WindowConfig::Count(100));
         assert!(w.matches(WindowConfig::Count(100)));
         assert!(!w.matches(WindowConfig::Count(50)));
-        assert!(!w.matches(WindowConfig::Time { duration_ms: 10_000 }));
+        assert!(!w.matches(WindowConfig::Time {
+            duration_ms: 10_000
+        }));
     }
 }
