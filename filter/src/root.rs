@@ -47,7 +47,7 @@ impl RootContext for Root {
                 host::log(
                     LogLevel::Info,
                     &format!(
-                        "circuit breaker configured: upstream_key={:?} mode={} overrides={} max_upstreams={}",
+                        "circuit breaker configured: upstream_key={} mode={} overrides={} max_upstreams={}",
                         config.upstream_key,
                         config.defaults.mode.as_str(),
                         config.override_count(),

@@ -48,6 +48,19 @@ impl UpstreamKey {
     }
 }
 
+impl std::fmt::Display for UpstreamKey {
+    /// The configuration spelling: `cluster`, `header:x-tenant`...
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Cluster => f.write_str("cluster"),
+            Self::Authority => f.write_str("authority"),
+            Self::GrpcService => f.write_str("grpc_service"),
+            Self::GrpcMethod => f.write_str("grpc_method"),
+            Self::Header(name) => write!(f, "header:{name}"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -76,6 +89,20 @@ mod tests {
         assert_eq!(UpstreamKey::parse("header:"), None);
         assert_eq!(UpstreamKey::parse("header:a b"), None);
         assert_eq!(UpstreamKey::parse("Cluster"), None);
+        for spelling in [
+            "cluster",
+            "authority",
+            "grpc_service",
+            "grpc_method",
+            "header:x-tenant",
+        ] {
+            assert_eq!(
+                UpstreamKey::parse(spelling)
+                    .map(|k| k.to_string())
+                    .as_deref(),
+                Some(spelling)
+            );
+        }
     }
 
     #[test]
