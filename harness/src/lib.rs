@@ -6,6 +6,7 @@
 //!   switched while they run.
 //! - [`envoy`]: a real Envoy with the built filter, for the e2e tests and the demo.
 //! - [`simulate`]: replays an access log or a scenario through the core, offline.
+//! - [`svg`]: a dependency-free SVG timeline of breaker states, error rate and latency (simulate, demo).
 //! - [`demo`]: the outage demo behind `make demo`.
 #![forbid(unsafe_code)]
 
@@ -14,3 +15,4 @@ pub mod envoy;
 pub mod services;
 pub mod sim;
 pub mod simulate;
+pub mod svg;
