@@ -1152,7 +1152,7 @@ pub fn simulate(calls: &[Call], config: &FilterConfig, opts: &Options) -> Report
         start: format_rfc3339_ms(start_ms),
         end_ms,
         end: format_rfc3339_ms(end_ms),
-        upstream_key: upstream_key_name(&config.upstream_key),
+        upstream_key: config.upstream_key.to_string(),
         blip_threshold_ms: opts.blip_ms,
         untracked,
         upstreams,
@@ -1186,16 +1186,6 @@ fn untracked_reason(why: &Untracked) -> &'static str {
         Untracked::KeyTooLong => "key_too_long",
         Untracked::NoKey => "no_key",
         Untracked::Store(_) => "store_error",
-    }
-}
-
-fn upstream_key_name(k: &UpstreamKey) -> String {
-    match k {
-        UpstreamKey::Cluster => "cluster".into(),
-        UpstreamKey::Authority => "authority".into(),
-        UpstreamKey::GrpcService => "grpc_service".into(),
-        UpstreamKey::GrpcMethod => "grpc_method".into(),
-        UpstreamKey::Header(name) => format!("header:{name}"),
     }
 }
 
