@@ -803,7 +803,13 @@ mod tests {
             auth: 4,
             web: 5,
         };
-        let yaml = render_config(&ports, Path::new("/x/cb.wasm"), r#"{"a":"b\"c"}"#).unwrap();
+        let yaml = render_config(
+            "envoy/e2e.yaml",
+            &ports,
+            Path::new("/x/cb.wasm"),
+            r#"{"a":"b\"c"}"#,
+        )
+        .unwrap();
         assert!(yaml.contains(r#"value: "{\"a\":\"b\\\"c\"}""#), "{yaml}");
         assert!(yaml.contains("port_value: 5"));
     }
