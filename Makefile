@@ -44,6 +44,10 @@ test-wasm: targets wasm-test-runner
 test-e2e: build envoy
 	cargo test -p circuit-breaker-e2e -- --test-threads 2
 
+## demo: Envoy + the filter in front of the demo services; an outage, the breaker opens, fails fast, recovers
+demo: build envoy
+	cargo run -q -p circuit-breaker-harness -- demo
+
 ## lint: rustfmt and clippy (-D warnings), for the host and for wasm32-wasip1
 lint: targets
 	cargo fmt --all --check
