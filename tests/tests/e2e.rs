@@ -365,6 +365,35 @@ async fn error_rate_opens_the_breaker() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_rate_over_a_time_window_opens_the_breaker() {
+    let config = json!({
+        "failure_threshold": 0, "error_rate_threshold": 0.5, "window_duration": "30s",
+        "minimum_requests": 4, "open_timeout": "30s"
+    });
+    let bed = start("time_window", config).await;
+    let [a, b] = worker_channels(&bed.envoy).await.unwrap();
+    let mut clients = [content(&a).await, content(&b).await];
+    for i in 0..2 {
+        get_post(&mut clients[i % 2], "1").await.unwrap();
+    }
+    bed.content.set_fault(Fault::Unavailable).await.unwrap();
+    for i in 0..2 {
+        assert_upstream_failure(get_post(&mut clients[i % 2], "1").await, Code::Unavailable);
+    }
+    assert_rejected(get_post(&mut clients[0], "1").await, "content", "open");
+    assert_eq!(bed.content.requests(), 4);
+    assert_eq!(
+        metric(
+            &bed,
+            "circuit_breaker_open_total",
+            &[("upstream", "content"), ("reason", "error_rate")]
+        )
+        .await,
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_calls_open_the_breaker() {
     let config = json!({
         "failure_threshold": 0, "slow_call_duration": "200ms", "slow_call_rate_threshold": 0.5,
@@ -461,6 +490,23 @@ async fn half_open_lets_only_the_probe_limit_through() {
     })
     .await;
     assert_eq!(bed.content.requests(), 5);
+    // The cancelled probes were ignored, not failures: the breaker is still HalfOpen, never re-opened.
+    let m = bed.envoy.metrics().await.unwrap();
+    assert_eq!(
+        m.value("circuit_breaker_state", &[("upstream", "content")]),
+        Some(2.0)
+    );
+    let reopened = [
+        ("upstream", "content"),
+        ("from_state", "half_open"),
+        ("to_state", "open"),
+    ];
+    assert_eq!(
+        m.value("circuit_breaker_state_changes_total", &reopened),
+        None,
+        "{}",
+        m.dump("circuit_breaker")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -769,6 +815,27 @@ async fn upstream_key_header() {
         "{r:?}"
     );
     assert_eq!(bed.web.requests(), 0);
+
+    // The key goes into grpc-message percent-encoded, as gRPC requires ('%' itself included).
+    let path = "/social.v1.ContentService/GetPost";
+    let message = e2e::pb::GetPostRequest {
+        post_id: "1".into(),
+    };
+    for _ in 0..2 {
+        let r = raw_grpc(&channel, path, &[("x-tenant", "50%off")], &message)
+            .await
+            .unwrap();
+        assert_eq!(r.grpc_status(), Some("14"), "{r:?}");
+    }
+    let r = raw_grpc(&channel, path, &[("x-tenant", "50%off")], &message)
+        .await
+        .unwrap();
+    assert_eq!(r.header("x-circuit-breaker"), Some("open"), "{r:?}");
+    assert_eq!(
+        r.header("grpc-message"),
+        Some("circuit breaker open for 50%25off"),
+        "{r:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
