@@ -142,7 +142,7 @@ impl Stream {
         facts.duration_ms = Some(now.saturating_sub(call.start_ms));
         facts.flags = ResponseFlags(host::property_u64(&["response", "flags"]).unwrap_or(0));
         let verdict = classify(cfg, &facts);
-        let Ok(registry) = shared.registry.try_borrow() else {
+        let Ok(mut registry) = shared.registry.try_borrow_mut() else {
             return;
         };
         let recorded = registry.record(&HostStore, &call.upstream, cfg, call.ticket, now, verdict);

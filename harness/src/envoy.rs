@@ -207,7 +207,10 @@ impl RunFiles {
 
     fn spawn(&self, rendered: &str) -> Result<Child> {
         fs::write(&self.config, rendered)?;
-        let log = fs::File::create(&self.log)?;
+        fs::File::create(&self.log)?;
+        // Append mode: Envoy reopens /dev/stderr for the access log (a new file description with its
+        // own offset), and only appending writers keep the two streams from overwriting each other.
+        let log = fs::OpenOptions::new().append(true).open(&self.log)?;
         let log_err = log.try_clone()?;
         let child = Command::new(envoy_binary()?)
             .arg("--config-path")
@@ -218,6 +221,8 @@ impl RunFiles {
             .arg(&self.admin_address)
             .args(["--log-level", "info"])
             .args(["--component-log-level", "wasm:debug"])
+            // The access log is buffered (10 s by default): flush it often so a test's log is complete.
+            .args(["--file-flush-interval-msec", "100"])
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)
@@ -415,6 +420,23 @@ impl Envoy {
 
 impl Drop for Envoy {
     fn drop(&mut self) {
+        // SIGTERM first: Envoy then shuts down cleanly and flushes the buffered access log, so the log
+        // of a failed test is complete. SIGKILL if it has not gone after a short while.
+        let terminated = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if terminated {
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while Instant::now() < deadline {
+                if matches!(self.child.try_wait(), Ok(Some(_))) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -735,9 +735,10 @@ async fn upstreams_have_their_own_breakers() {
             .find(|h| h.upstream == k)
             .map(|h| (h.state, h.stats.calls, h.stats.failures))
     };
+    // An open breaker keeps the window that tripped it, so the health endpoint can show why.
     assert_eq!(
         state("outbound|80||media-service"),
-        Some((StateKind::Open, 0, 0))
+        Some((StateKind::Open, 3, 3))
     );
     assert_eq!(
         state("outbound|80||content-service"),

@@ -426,14 +426,17 @@ impl Breaker {
     ) -> Transition {
         if backoff {
             let next = (self.open_timeout_ms as f64 * cfg.backoff_multiplier).round();
-            // `as` saturates on overflow, and the clamp keeps it within the configured ceiling.
-            self.open_timeout_ms =
-                (next as u64).clamp(cfg.open_timeout_ms, cfg.max_open_timeout_ms);
+            // `as` saturates on overflow; min-then-max (not `clamp`, which panics on an inverted
+            // range only a hand-built config could have) keeps it within the configured bounds.
+            self.open_timeout_ms = (next as u64)
+                .min(cfg.max_open_timeout_ms)
+                .max(cfg.open_timeout_ms);
         } else {
             self.open_timeout_ms = cfg.open_timeout_ms;
         }
-        // The window starts afresh: what it held led to the opening and must not re-trip on close.
-        self.window = Window::new(cfg.window);
+        // The window is kept while Open, so the health endpoint shows the rates that tripped it.
+        // Nothing is recorded into it meanwhile (outcomes of older generations are ignored), and
+        // closing starts a fresh one, so what it holds cannot trip the breaker again.
         self.enter(
             BreakerState::Open {
                 until_ms: now_ms.saturating_add(self.open_timeout_ms),
@@ -524,6 +527,11 @@ mod tests {
                 state: StateKind::Open,
                 retry_after_ms: Some(990)
             })
+        );
+        assert_eq!(
+            b.stats(10).failures,
+            5,
+            "the window that tripped it is kept while Open, for reports"
         );
     }
 

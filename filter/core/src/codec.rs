@@ -122,9 +122,12 @@ pub fn decode(bytes: &[u8]) -> Result<Breaker, CodecError> {
     let time = r.u64()?;
     let in_flight = r.u16()?;
     let successes = r.u16()?;
+    // Fields a state does not use are written as zeros; anything else there means the bytes are not
+    // ours (or not whole), and accepting them would make the encoding ambiguous.
     let state = match tag {
-        0 => BreakerState::Closed,
-        1 => BreakerState::Open { until_ms: time },
+        0 if time == 0 && in_flight == 0 && successes == 0 => BreakerState::Closed,
+        1 if in_flight == 0 && successes == 0 => BreakerState::Open { until_ms: time },
+        0 | 1 => return Err(CodecError::Invalid("unused state fields are not zero")),
         2 => BreakerState::HalfOpen {
             in_flight,
             successes,
@@ -298,6 +301,12 @@ mod tests {
         let mut bad_state = good.clone();
         bad_state[2] = 9;
         assert!(matches!(decode(&bad_state), Err(CodecError::Invalid(_))));
+        let mut closed_with_time = encode(&Breaker::new(&BreakerConfig::default()));
+        closed_with_time[20] = 1;
+        assert!(matches!(
+            decode(&closed_with_time),
+            Err(CodecError::Invalid(_))
+        ));
         let mut bad_len = good.clone();
         bad_len[34] = 200; // len > size
         assert!(matches!(decode(&bad_len), Err(CodecError::Invalid(_))));

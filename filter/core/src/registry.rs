@@ -7,7 +7,7 @@
 //! data has no delete), so a worker that learns this stops reading it too, and a flood of new keys
 //! (`header:` keys from a hostile client) costs one `get` of a missing key each.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use crate::breaker::{Breaker, Decision, Rejection, StateKind, Ticket, Transition};
 use crate::classify::Classification;
@@ -122,7 +122,17 @@ pub struct Registry {
     max_upstreams: u32,
     known: HashSet<String>,
     full: bool,
+    /// Registered keys whose state was not there yet, and since when (see [`MISSING_GRACE_MS`]).
+    missing_since: HashMap<String, u64>,
 }
+
+/// How long a registered key's state may be missing before a worker other than its creator writes it.
+///
+/// Only the worker that added a key to the index writes its first state: shared data has no atomic
+/// create, so a second writer could wipe an outcome the creator had already recorded. The creator's two
+/// writes are microseconds apart; a state still missing a second later means the creator's VM went
+/// away in between, and then it is safe (and needed) for anyone to create it.
+pub const MISSING_GRACE_MS: u64 = 1_000;
 
 impl Registry {
     /// A registry for a configuration's `max_upstreams`.
@@ -131,6 +141,7 @@ impl Registry {
             max_upstreams,
             known: HashSet::new(),
             full: false,
+            missing_since: HashMap::new(),
         }
     }
 
@@ -158,7 +169,7 @@ impl Registry {
         if let Err(why) = self.register(store, key, cfg) {
             return Admitted::untracked(why);
         }
-        let result = update_or_create(store, key, cfg, |b| {
+        let result = self.update_state(store, key, cfg, now_ms, |b| {
             let conformed = b.conform(cfg);
             let before = b.clone();
             let (decision, transition) = b.admit(cfg, now_ms);
@@ -188,7 +199,7 @@ impl Registry {
 
     /// Records the outcome of a call admitted with `ticket`.
     pub fn record<S: SharedStore + ?Sized>(
-        &self,
+        &mut self,
         store: &S,
         key: &str,
         cfg: &BreakerConfig,
@@ -196,7 +207,7 @@ impl Registry {
         now_ms: u64,
         outcome: Classification,
     ) -> Recorded {
-        let result = update_or_create(store, key, cfg, |b| {
+        let result = self.update_state(store, key, cfg, now_ms, |b| {
             let conformed = b.conform(cfg);
             let before = b.clone();
             let transition = b.record(cfg, ticket, now_ms, outcome);
@@ -229,7 +240,14 @@ impl Registry {
         if !ticket.probe {
             return Ok(());
         }
-        update_or_create(store, key, cfg, |b| ((), b.release(ticket))).map(|_| ())
+        // A probe permit exists only in a stored state, so there is nothing to create here.
+        store::update(
+            store,
+            &state_key(key),
+            || Breaker::new(cfg),
+            |b| ((), b.release(ticket)),
+        )
+        .map(|_| ())
     }
 
     /// Every registered breaker, for the health endpoint, in registration order. Keys whose state is
@@ -330,36 +348,44 @@ impl Registry {
         Err(Untracked::Store(UpdateError::GaveUp))
     }
 
+    /// [`store::update`] on an upstream's state key. A registered key whose state is not there yet
+    /// fails open (see [`MISSING_GRACE_MS`]), unless it has been missing for the grace period.
+    fn update_state<S, R>(
+        &mut self,
+        store: &S,
+        key: &str,
+        cfg: &BreakerConfig,
+        now_ms: u64,
+        mut change: impl FnMut(&mut Breaker) -> (R, bool),
+    ) -> Result<store::Updated<R>, UpdateError>
+    where
+        S: SharedStore + ?Sized,
+    {
+        let skey = state_key(key);
+        let result = store::update(store, &skey, || Breaker::new(cfg), &mut change);
+        if !matches!(result, Err(UpdateError::Missing)) {
+            if !self.missing_since.is_empty() {
+                self.missing_since.remove(key);
+            }
+            return result;
+        }
+        let since = *self.missing_since.entry(key.to_string()).or_insert(now_ms);
+        if now_ms.saturating_sub(since) < MISSING_GRACE_MS {
+            return result;
+        }
+        self.missing_since.remove(key);
+        store
+            .set(&skey, &codec::encode(&Breaker::new(cfg)), None)
+            .map_err(UpdateError::Store)?;
+        store::update(store, &skey, || Breaker::new(cfg), &mut change)
+    }
+
     fn remember(&mut self, key: &str) {
         // Bounded: only registered keys are remembered, and there are at most max_upstreams of them
         // (plus the few a corrupt index may have let through twice).
         if self.known.len() < (self.max_upstreams as usize).saturating_mul(2) {
             self.known.insert(key.to_string());
         }
-    }
-}
-
-/// [`store::update`] on an upstream's state key. A registered key whose state is not there yet (its
-/// creator is between the index write and the state write, or the entry was lost) is created fresh and
-/// the update tried again.
-fn update_or_create<S, R>(
-    store: &S,
-    key: &str,
-    cfg: &BreakerConfig,
-    mut change: impl FnMut(&mut Breaker) -> (R, bool),
-) -> Result<store::Updated<R>, UpdateError>
-where
-    S: SharedStore + ?Sized,
-{
-    let skey = state_key(key);
-    match store::update(store, &skey, || Breaker::new(cfg), &mut change) {
-        Err(UpdateError::Missing) => {
-            store
-                .set(&skey, &codec::encode(&Breaker::new(cfg)), None)
-                .map_err(UpdateError::Store)?;
-            store::update(store, &skey, || Breaker::new(cfg), &mut change)
-        }
-        other => other,
     }
 }
 
@@ -502,11 +528,24 @@ mod tests {
     }
 
     #[test]
-    fn missing_state_of_a_registered_key_is_recreated() {
+    fn missing_state_fails_open_and_is_recreated_only_after_the_grace_period() {
         let s = MemoryStore::new();
+        // Registered by another worker that has not written the state yet.
         s.put_raw(INDEX_KEY, &encode_index(&["a".to_string()]));
         let mut w = Registry::new(10);
-        allow(&mut w, &s, "a", &cfg(), 0);
+        let c = cfg();
+        let a = w.admit(&s, "a", &c, 0);
+        assert_eq!(
+            a.admission,
+            Admission::Untracked(Untracked::Store(UpdateError::Missing))
+        );
+        assert!(
+            s.get(&state_key("a")).unwrap().is_none(),
+            "only the creator writes first"
+        );
+        let a = w.admit(&s, "a", &c, MISSING_GRACE_MS - 1);
+        assert!(matches!(a.admission, Admission::Untracked(_)));
+        allow(&mut w, &s, "a", &c, MISSING_GRACE_MS);
         assert!(s.get(&state_key("a")).unwrap().is_some());
     }
 

@@ -360,7 +360,7 @@ proptest! {
         // (time, failure, slow) of each stored non-ignored outcome, in record order.
         let mut model: Vec<(u64, bool, bool)> = Vec::new();
         let mut run = 0u32;
-        let mut record = |t: Ticket, c: Classification, now: u64, w: &Registry| {
+        let mut record = |t: Ticket, c: Classification, now: u64, w: &mut Registry| {
             let rec = w.record(&store, KEY, &cfg, t, now, c);
             assert_eq!((rec.error, rec.transition), (None, None));
             if c.outcome != Outcome::Ignored {
@@ -380,7 +380,7 @@ proptest! {
                 Op::Record { pick, outcome, dt } => {
                     now += dt;
                     if let Some(t) = take(&mut tickets, pick) {
-                        record(t, outcome, now, &workers[pick % 4]);
+                        record(t, outcome, now, &mut workers[pick % 4]);
                     }
                 }
                 // A Closed ticket holds no permit: releasing it is a no-op, and the call stays to record.
@@ -394,7 +394,7 @@ proptest! {
         }
         // Every call ends.
         for t in std::mem::take(&mut tickets) {
-            record(t, Classification { outcome: Outcome::Success, slow: false }, now, &workers[1]);
+            record(t, Classification { outcome: Outcome::Success, slow: false }, now, &mut workers[1]);
         }
 
         let Some(b) = breaker(&store) else { return Ok(()) };
