@@ -286,6 +286,21 @@ mod tests {
         );
     }
 
+    /// Found by the `state_decode` fuzz target: a Closed state with bytes in its unused fields decoded,
+    /// but re-encoded differently. Such bytes are not ours, and are now refused.
+    #[test]
+    fn regression_fuzz_closed_state_with_unused_fields_set() {
+        let crash: [u8; 40] = [
+            0xcb, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x10, 0x00, 0x00,
+            0x00, 0x00, 0x00, 0x00, 0x00, 0x21, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+            0x00, 0x00, 0x10, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+        ];
+        match decode(&crash) {
+            Ok(b) => assert_eq!(encode(&b), crash, "whatever decodes must re-encode alike"),
+            Err(e) => assert!(matches!(e, CodecError::Invalid(_) | CodecError::Malformed)),
+        }
+    }
+
     #[test]
     fn corrupt_bytes_are_errors() {
         let good = encode(&sample(WindowConfig::Count(100)));
