@@ -29,7 +29,7 @@ build: targets
 	@ls -l $(WASM)
 
 ## test: every layer: core unit + property tests, harness scenarios, core tests in wasm, e2e in Envoy
-test: test-core test-harness test-wasm test-e2e
+test: test-core test-harness test-wasm test-k8s test-e2e
 
 test-core:
 	cargo test -p circuit-breaker-core
@@ -76,3 +76,31 @@ wasm-test-runner:
 clean:
 	cargo clean
 	rm -rf dist
+
+## ---- Istio and Kubernetes (k8s/, see k8s/README.md) ------------------------------------------------
+
+# The image tag: the workspace version.
+IMAGE_TAG  ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
+OCI_LAYOUT := $(ROOT)/dist/oci/circuit-breaker
+
+.PHONY: image test-k8s k8s-tools
+
+## image: dist/oci/circuit-breaker, the filter as an OCI image layout (Istio's Wasm "compat" image:
+## one layer holding plugin.wasm), written without a container engine; prints the digest for the
+## WasmPlugin's sha256. Push it with oras, crane or skopeo (k8s/README.md).
+image: build
+	python3 k8s/image/oci-image.py --wasm $(WASM) --out $(OCI_LAYOUT) --tag $(IMAGE_TAG)
+
+## test-k8s: k8s/ validated: every kustomization rendered and checked against k8s/schemas, the
+## overlays' filter configs loaded into an Istio-like Envoy, the alert rules checked and unit-tested by
+## promtool and evaluated by a real Prometheus during an outage, the OCI image layout checked.
+test-k8s: build envoy k8s-tools
+	cargo test -p circuit-breaker-e2e --test k8s
+
+## k8s-tools: Prometheus and promtool (Debian's `prometheus` package) when missing; kubectl must be
+## there already (it renders the kustomizations).
+k8s-tools:
+	@command -v kubectl >/dev/null || { echo "kubectl not found: install kubectl (it bundles kustomize) to render k8s/" >&2; exit 1; }
+	@if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus; fi
+	@command -v python3 >/dev/null || { echo "python3 not found: k8s/image/oci-image.py needs it" >&2; exit 1; }

@@ -1,0 +1,1659 @@
+//! Istio and Kubernetes: everything under `k8s/`, validated without a cluster.
+//!
+//! - Every kustomization renders with `kubectl kustomize`, and every object it renders is checked
+//!   against the JSON Schemas in `k8s/schemas/` (WasmPlugin, EnvoyFilter, PrometheusRule, ConfigMap).
+//!   The schemas are shown to reject broken objects, so a pass means something.
+//! - The overlays carry the documented thresholds, and the WasmPlugin and EnvoyFilter forms of each
+//!   overlay carry the same filter configuration.
+//! - Each overlay's filter, as Istio would build it from the WasmPlugin and as the EnvoyFilter spells
+//!   it, is loaded into a real Envoy shaped like an Istio sidecar (`k8s/testdata/istio-sidecar.yaml`:
+//!   Istio's stats settings, Istio's outbound cluster names) and serves; a broken overlay config is
+//!   refused with the field named.
+//! - In that sidecar, the prod overrides apply to the right upstreams, and the metrics come out with
+//!   exactly the contract's labels under the Istio stats settings of `k8s/istio/`.
+//! - A real Prometheus scrapes the sidecar through an outage: the open-breaker alert expression of
+//!   `k8s/monitoring/rules.yaml` is true while the breaker is open and false after recovery, the alert
+//!   goes pending, and every Grafana dashboard query evaluates.
+//! - `promtool check rules` and `promtool test rules` pass, and the PrometheusRule carries the same
+//!   groups as `rules.yaml`.
+//! - `k8s/image/oci-image.py` (`make image`) writes a valid OCI image layout: digests and sizes match
+//!   the blobs, the layer holds exactly `plugin.wasm`, and the output is reproducible.
+//!
+//! Needs `kubectl`, `prometheus`, `promtool` and `python3` (`make test-k8s` installs Prometheus), the
+//! built filter (`make build`) and Envoy (`make envoy`, or `ENVOY=...`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::io::Read;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use harness::envoy::{self, http_request, Envoy, HttpResponse, UpstreamPorts};
+use harness::services::{pb, Fault, GrpcService, HttpServer, ServiceKind};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+// ------------------------------------------------------------------------------------------------
+// Paths, rendering, schemas
+
+/// The overlays and how each loads the filter.
+const OVERLAYS: [Overlay; 6] = [
+    Overlay::new("dev", Loader::WasmPlugin),
+    Overlay::new("staging", Loader::WasmPlugin),
+    Overlay::new("prod", Loader::WasmPlugin),
+    Overlay::new("dev-envoyfilter", Loader::EnvoyFilter),
+    Overlay::new("staging-envoyfilter", Loader::EnvoyFilter),
+    Overlay::new("prod-envoyfilter", Loader::EnvoyFilter),
+];
+
+/// How an overlay loads the filter into the sidecars.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Loader {
+    WasmPlugin,
+    EnvoyFilter,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Overlay {
+    dir: &'static str,
+    loader: Loader,
+}
+
+impl Overlay {
+    const fn new(dir: &'static str, loader: Loader) -> Self {
+        Self { dir, loader }
+    }
+
+    /// `dev`, `staging` or `prod`.
+    fn env(self) -> &'static str {
+        self.dir.trim_end_matches("-envoyfilter")
+    }
+
+    fn path(self) -> String {
+        format!("overlays/{}", self.dir)
+    }
+
+    fn find(dir: &str) -> Self {
+        OVERLAYS
+            .into_iter()
+            .find(|o| o.dir == dir)
+            .unwrap_or_else(|| panic!("no overlay {dir}"))
+    }
+}
+
+fn root() -> PathBuf {
+    envoy::workspace_root()
+}
+
+fn k8s(rel: &str) -> PathBuf {
+    root().join("k8s").join(rel)
+}
+
+/// Every YAML document in `text`, as JSON values (empty documents skipped).
+fn yaml_documents(text: &str, origin: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(text)
+        .map(|doc| {
+            Value::deserialize(doc).unwrap_or_else(|e| panic!("{origin} is not valid YAML: {e}"))
+        })
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn yaml_file(rel: &str) -> Value {
+    let path = k8s(rel);
+    let text =
+        fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let mut docs = yaml_documents(&text, &path.display().to_string());
+    assert_eq!(docs.len(), 1, "{} should hold one document", path.display());
+    docs.remove(0)
+}
+
+/// `kubectl kustomize k8s/<dir>`, parsed.
+fn kustomize(dir: &str) -> Vec<Value> {
+    let path = k8s(dir);
+    let output = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(&path)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run `kubectl kustomize` ({e}). kubectl (which bundles kustomize) renders \
+                 k8s/; install it and put it on PATH"
+            )
+        });
+    assert!(
+        output.status.success(),
+        "kubectl kustomize {} failed:\n{}",
+        path.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    yaml_documents(
+        &String::from_utf8_lossy(&output.stdout),
+        &format!("kubectl kustomize {}", path.display()),
+    )
+}
+
+fn kind(doc: &Value) -> &str {
+    doc["kind"].as_str().unwrap_or("")
+}
+
+fn only_of_kind<'a>(docs: &'a [Value], wanted: &str) -> &'a Value {
+    let mut found = docs.iter().filter(|d| kind(d) == wanted);
+    let first = found
+        .next()
+        .unwrap_or_else(|| panic!("no {wanted} rendered"));
+    assert!(found.next().is_none(), "more than one {wanted} rendered");
+    first
+}
+
+/// The JSON Schemas of `k8s/schemas/`, by the apiVersion and kind each one pins.
+struct Schemas {
+    by_kind: BTreeMap<(String, String), (String, jsonschema::Validator)>,
+}
+
+impl Schemas {
+    fn load() -> Self {
+        let dir = k8s("schemas");
+        let mut by_kind = BTreeMap::new();
+        for entry in fs::read_dir(&dir).expect("k8s/schemas") {
+            let path = entry.expect("k8s/schemas entry").path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if !name.ends_with(".schema.json") {
+                continue;
+            }
+            let schema: Value = serde_json::from_str(&fs::read_to_string(&path).unwrap())
+                .unwrap_or_else(|e| panic!("{name} is not JSON: {e}"));
+            let pinned = |field: &str| {
+                schema
+                    .pointer(&format!("/properties/{field}/const"))
+                    .and_then(Value::as_str)
+                    .unwrap_or_else(|| panic!("{name} does not pin {field} with a const"))
+                    .to_string()
+            };
+            let key = (pinned("apiVersion"), pinned("kind"));
+            let validator = jsonschema::validator_for(&schema)
+                .unwrap_or_else(|e| panic!("{name} is not a valid JSON Schema: {e}"));
+            assert!(
+                by_kind.insert(key.clone(), (name, validator)).is_none(),
+                "two schemas for {key:?}"
+            );
+        }
+        Self { by_kind }
+    }
+
+    /// The schema's complaints about `doc`, one line each; an object with no schema is one too.
+    fn errors(&self, doc: &Value) -> Vec<String> {
+        let key = (
+            doc["apiVersion"].as_str().unwrap_or("").to_string(),
+            kind(doc).to_string(),
+        );
+        match self.by_kind.get(&key) {
+            None => vec![format!("no schema in k8s/schemas for {}/{}", key.0, key.1)],
+            Some((name, validator)) => validator
+                .iter_errors(doc)
+                .map(|e| format!("{name}: {} at {}", e, e.instance_path()))
+                .collect(),
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// The filter configuration inside the rendered objects
+
+const WASM_FILTER_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
+const STRING_VALUE_TYPE: &str = "type.googleapis.com/google.protobuf.StringValue";
+
+/// The HTTP filter an EnvoyFilter inserts (its only patch).
+fn envoy_filter_http_filter(envoy_filter: &Value) -> &Value {
+    let patches = envoy_filter["spec"]["configPatches"]
+        .as_array()
+        .expect("configPatches");
+    assert_eq!(patches.len(), 1, "one patch: the Wasm HTTP filter");
+    &patches[0]["patch"]["value"]
+}
+
+/// The filter's JSON configuration as the overlay hands it to the sidecars.
+fn filter_config(docs: &[Value], loader: Loader) -> Value {
+    match loader {
+        Loader::WasmPlugin => only_of_kind(docs, "WasmPlugin")["spec"]["pluginConfig"].clone(),
+        Loader::EnvoyFilter => {
+            let filter = envoy_filter_http_filter(only_of_kind(docs, "EnvoyFilter"));
+            let configuration = &filter["typed_config"]["config"]["configuration"];
+            assert_eq!(configuration["@type"], STRING_VALUE_TYPE);
+            let text = configuration["value"]
+                .as_str()
+                .expect("configuration.value is a string");
+            serde_json::from_str(text).unwrap_or_else(|e| {
+                panic!("the EnvoyFilter's configuration is not JSON ({e}): {text}")
+            })
+        }
+    }
+}
+
+/// The Wasm HTTP filter as Istio builds it from a WasmPlugin (pilot/pkg/model/extensions.go): the
+/// plugin named `<namespace>.<name>`, `pluginName` as root id, runtime v8, no vm_id, failStrategy as
+/// failure_policy, and the pluginConfig turned into a JSON StringValue. The agent has fetched the module into a local file.
+fn istio_filter_from_wasm_plugin(plugin: &Value, wasm: &Path) -> Value {
+    let spec = &plugin["spec"];
+    let name = format!(
+        "{}.{}",
+        plugin["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("default"),
+        plugin["metadata"]["name"].as_str().expect("metadata.name")
+    );
+    json!({
+        "name": name,
+        "typed_config": {
+            "@type": WASM_FILTER_TYPE,
+            "config": {
+                "name": name,
+                "root_id": spec["pluginName"].as_str().unwrap_or(""),
+                // Istio 1.25+ (Envoy 1.33+); older Istio sets the deprecated `fail_open`.
+                "failure_policy": match spec["failStrategy"].as_str() {
+                    Some("FAIL_OPEN") => "FAIL_OPEN",
+                    Some("FAIL_RELOAD") => "FAIL_RELOAD",
+                    _ => "FAIL_CLOSED",
+                },
+                "vm_config": {
+                    "runtime": "envoy.wasm.runtime.v8",
+                    "code": {"local": {"filename": wasm}},
+                    "environment_variables": {
+                        "key_values": {"ISTIO_META_WASM_PLUGIN_RESOURCE_VERSION": "1"}
+                    }
+                },
+                "configuration": {
+                    "@type": STRING_VALUE_TYPE,
+                    "value": spec["pluginConfig"].to_string()
+                }
+            }
+        }
+    })
+}
+
+/// The EnvoyFilter's HTTP filter verbatim, but for the module's path: in the cluster it is mounted into
+/// the sidecar, here it is the built one.
+fn filter_from_envoy_filter(envoy_filter: &Value, wasm: &Path) -> Value {
+    let mut filter = envoy_filter_http_filter(envoy_filter).clone();
+    let filename = filter
+        .pointer_mut("/typed_config/config/vm_config/code/local/filename")
+        .expect("the EnvoyFilter loads the module from a local file");
+    *filename = json!(wasm);
+    filter
+}
+
+/// The overlay's filter, as the sidecar would get it.
+fn sidecar_filter(docs: &[Value], loader: Loader) -> Value {
+    let wasm = envoy::wasm_path().unwrap_or_else(|e| panic!("{e}"));
+    match loader {
+        Loader::WasmPlugin => {
+            istio_filter_from_wasm_plugin(only_of_kind(docs, "WasmPlugin"), &wasm)
+        }
+        Loader::EnvoyFilter => filter_from_envoy_filter(only_of_kind(docs, "EnvoyFilter"), &wasm),
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// An Envoy shaped like an Istio sidecar, with the demo services behind Istio-style cluster names
+
+/// `outbound|<port>||<host>` cluster names of `k8s/testdata/istio-sidecar.yaml`.
+fn cluster(kind: ServiceKind) -> &'static str {
+    match kind {
+        ServiceKind::User => "outbound|8081||user-service.social.svc.cluster.local",
+        ServiceKind::Content => "outbound|8082||media-service.social.svc.cluster.local",
+        ServiceKind::Feed => "outbound|8084||feed-service.social.svc.cluster.local",
+        ServiceKind::Auth => "outbound|8083||auth-service.social.svc.cluster.local",
+    }
+}
+
+/// The Istio stats settings of `k8s/istio/istiod-values.yaml`: `extraStatTags` and
+/// `proxyStatsMatcher.inclusionPrefixes`.
+fn istio_stats_settings(default_config: &Value) -> (Vec<String>, Vec<String>) {
+    let strings = |pointer: &str| -> Vec<String> {
+        default_config
+            .pointer(pointer)
+            .and_then(Value::as_array)
+            .unwrap_or_else(|| panic!("defaultConfig has no {pointer}"))
+            .iter()
+            .map(|v| v.as_str().expect("a string").to_string())
+            .collect()
+    };
+    (
+        strings("/extraStatTags"),
+        strings("/proxyStatsMatcher/inclusionPrefixes"),
+    )
+}
+
+/// `k8s/testdata/istio-sidecar.yaml` with the Istio stats settings and `filter` filled in, written
+/// where Envoy's runner can read it.
+fn sidecar_bootstrap(name: &str, filter: &Value) -> tempfile::NamedTempFile {
+    let template = fs::read_to_string(k8s("testdata/istio-sidecar.yaml")).unwrap();
+    let values = yaml_file("istio/istiod-values.yaml");
+    let (tags, prefixes) = istio_stats_settings(&values["meshConfig"]["defaultConfig"]);
+    // What Istio's bootstrap template makes of each extraStatTags entry.
+    let tag_rules: Vec<String> = tags
+        .iter()
+        .map(|t| format!("  - {{ tag_name: {t}, regex: '({t}=\\.=(.*?);\\.;)' }}"))
+        .collect();
+    let prefix_rules: Vec<String> = prefixes
+        .iter()
+        .map(|p| format!("      - prefix: {}", json!(p)))
+        .collect();
+    let rendered = template
+        .replace("@@EXTRA_STATS_TAGS@@", &tag_rules.join("\n"))
+        .replace("@@INCLUSION_PREFIXES@@", &prefix_rules.join("\n"))
+        // JSON is YAML: the filter goes in as one flow mapping.
+        .replace("@@HTTP_FILTER@@", &filter.to_string());
+    let mut file = tempfile::Builder::new()
+        .prefix(&format!("k8s-{name}-"))
+        .suffix(".yaml")
+        .tempfile()
+        .unwrap();
+    std::io::Write::write_all(&mut file, rendered.as_bytes()).unwrap();
+    file
+}
+
+/// The demo services behind an Istio-like sidecar.
+struct Sidecar {
+    user: GrpcService,
+    content: GrpcService,
+    _feed: GrpcService,
+    auth: GrpcService,
+    _web: HttpServer,
+    envoy: Envoy,
+}
+
+impl Sidecar {
+    async fn start(name: &str, filter: &Value) -> Self {
+        let user = GrpcService::start(ServiceKind::User).await.unwrap();
+        let content = GrpcService::start(ServiceKind::Content).await.unwrap();
+        let feed = GrpcService::start(ServiceKind::Feed).await.unwrap();
+        let auth = GrpcService::start(ServiceKind::Auth).await.unwrap();
+        let web = HttpServer::start().await.unwrap();
+        let ports = UpstreamPorts {
+            user: user.port(),
+            content: content.port(),
+            feed: feed.port(),
+            auth: auth.port(),
+            web: web.port(),
+        };
+        let bootstrap = sidecar_bootstrap(name, filter);
+        let template = bootstrap.path().to_str().expect("UTF-8 temp path");
+        let envoy = Envoy::start_from(name, template, &ports, "{}")
+            .await
+            .unwrap_or_else(|e| panic!("Envoy refused the {name} filter:\n{e}"));
+        Self {
+            user,
+            content,
+            _feed: feed,
+            auth,
+            _web: web,
+            envoy,
+        }
+    }
+
+    async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.envoy.metric(name, labels).await.unwrap()
+    }
+
+    /// One successful call through the filter, counted under the Istio cluster name: the filter is in
+    /// the chain and its metrics come out labelled.
+    async fn serves_one_call(&self) {
+        let mut client =
+            pb::user_service_client::UserServiceClient::new(channel(&self.envoy).await);
+        client
+            .get_user(pb::GetUserRequest {
+                user_id: "u1".into(),
+            })
+            .await
+            .unwrap_or_else(|s| panic!("a call through the sidecar failed: {s:?}"));
+        let upstream = cluster(ServiceKind::User);
+        let calls = self
+            .metric(
+                "circuit_breaker_calls_total",
+                &[("upstream", upstream), ("result", "success")],
+            )
+            .await;
+        assert_eq!(
+            calls,
+            1.0,
+            "calls_total for {upstream}:\n{}",
+            self.envoy.metrics().await.unwrap().dump("circuit_breaker")
+        );
+    }
+}
+
+async fn channel(envoy: &Envoy) -> tonic::transport::Channel {
+    envoy.channel().await.unwrap()
+}
+
+/// What one gRPC call got: through to the upstream (`Ok` or its error), or rejected by the breaker.
+#[derive(Debug)]
+enum CallResult {
+    Passed(Result<(), tonic::Status>),
+    Rejected(tonic::Status),
+}
+
+fn classify(result: Result<(), tonic::Status>) -> CallResult {
+    match result {
+        Err(status)
+            if status.metadata().get("x-circuit-breaker").is_some()
+                && status.code() == tonic::Code::Unavailable =>
+        {
+            CallResult::Rejected(status)
+        }
+        other => CallResult::Passed(other),
+    }
+}
+
+/// One call to the service of `kind` through the sidecar.
+async fn call(envoy: &Envoy, kind: ServiceKind) -> CallResult {
+    let ch = channel(envoy).await;
+    let result = match kind {
+        ServiceKind::User => pb::user_service_client::UserServiceClient::new(ch)
+            .get_user(pb::GetUserRequest {
+                user_id: "u1".into(),
+            })
+            .await
+            .map(drop),
+        ServiceKind::Content => pb::content_service_client::ContentServiceClient::new(ch)
+            .get_post(pb::GetPostRequest {
+                post_id: "p1".into(),
+            })
+            .await
+            .map(drop),
+        ServiceKind::Feed => pb::feed_service_client::FeedServiceClient::new(ch)
+            .get_feed(pb::GetFeedRequest {
+                user_id: "u1".into(),
+                limit: 3,
+            })
+            .await
+            .map(drop),
+        ServiceKind::Auth => pb::auth_service_client::AuthServiceClient::new(ch)
+            .check(pb::CheckRequest { token: "t".into() })
+            .await
+            .map(drop),
+    };
+    classify(result)
+}
+
+/// Calls `service` (failing) until its breaker rejects a call, at most `limit` calls; returns the
+/// rejection and how many calls reached the service first.
+async fn trip(envoy: &Envoy, service: &GrpcService, limit: usize) -> (tonic::Status, u64) {
+    let before = service.requests();
+    for _ in 0..limit {
+        match call(envoy, service.kind()).await {
+            CallResult::Rejected(status) => return (status, service.requests() - before),
+            CallResult::Passed(Ok(())) => {
+                panic!("{} answered OK during its outage", service.kind())
+            }
+            CallResult::Passed(Err(_)) => {}
+        }
+    }
+    panic!(
+        "the breaker for {} did not open within {limit} failing calls; log:\n{}",
+        service.kind(),
+        envoy.log()
+    );
+}
+
+// ------------------------------------------------------------------------------------------------
+// Prometheus
+
+/// A Prometheus on 127.0.0.1 with a free port and a temporary data directory, killed on drop.
+struct Prometheus {
+    child: Child,
+    addr: SocketAddr,
+    dir: tempfile::TempDir,
+}
+
+const PROMETHEUS_START_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bound on waiting for a query to show what a test waits for: scrapes and rule evaluations are every
+/// second, so this is generous on a busy machine.
+const QUERY_WAIT: Duration = Duration::from_secs(60);
+
+fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap()
+}
+
+fn which(tool: &str, why: &str) -> PathBuf {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+        .map(|dir| dir.join(tool))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("`{tool}` is not on PATH; {why}"))
+}
+
+impl Prometheus {
+    /// Starts Prometheus scraping Envoy's admin `/stats/prometheus` every second, with `rule_files`
+    /// evaluated every second. The scrape adds `namespace` and `pod` labels, as Kubernetes service
+    /// discovery would.
+    async fn start(envoy_admin: SocketAddr, rule_files: &[PathBuf]) -> Self {
+        let binary = which(
+            "prometheus",
+            "`make test-k8s` installs it (Debian package `prometheus`)",
+        );
+        let mut dir = tempfile::tempdir().unwrap();
+        let config = json!({
+            "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+            "rule_files": rule_files,
+            "scrape_configs": [{
+                "job_name": "envoy",
+                "metrics_path": "/stats/prometheus",
+                "static_configs": [{
+                    "targets": [envoy_admin.to_string()],
+                    "labels": {"namespace": "social", "pod": "web-7d9c-1"}
+                }]
+            }]
+        });
+        let config_path = dir.path().join("prometheus.yml");
+        // JSON is YAML.
+        fs::write(&config_path, config.to_string()).unwrap();
+        // A free port can be taken between finding it and Prometheus binding it; try a few.
+        for _ in 0..3 {
+            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+            let log = fs::File::create(dir.path().join("prometheus.log")).unwrap();
+            let child = Command::new(&binary)
+                .arg(format!("--config.file={}", config_path.display()))
+                .arg(format!(
+                    "--storage.tsdb.path={}",
+                    dir.path().join("data").display()
+                ))
+                .arg(format!("--web.listen-address={addr}"))
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
+            let mut prometheus = Self { child, addr, dir };
+            if prometheus.wait_ready().await {
+                return prometheus;
+            }
+            dir = prometheus.take_dir();
+        }
+        panic!(
+            "Prometheus did not start; log:\n{}",
+            fs::read_to_string(dir.path().join("prometheus.log")).unwrap_or_default()
+        );
+    }
+
+    /// Kills this instance and hands its directory back for another try.
+    fn take_dir(mut self) -> tempfile::TempDir {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        drop(self);
+        dir
+    }
+
+    /// True once `/-/ready` answers 200; false when the process exits or the wait times out.
+    async fn wait_ready(&mut self) -> bool {
+        let deadline = Instant::now() + PROMETHEUS_START_TIMEOUT;
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return false;
+            }
+            if matches!(http_request(self.addr, "GET", "/-/ready", &[]).await, Ok(r) if r.status == 200)
+            {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        false
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("prometheus.log")).unwrap_or_default()
+    }
+
+    /// An instant query; the `data.result` array, or the error Prometheus gave.
+    async fn query(&self, promql: &str) -> Result<Vec<Value>, String> {
+        let encoded =
+            percent_encoding::utf8_percent_encode(promql, percent_encoding::NON_ALPHANUMERIC);
+        let path = format!("/api/v1/query?query={encoded}");
+        let response: HttpResponse = http_request(self.addr, "GET", &path, &[])
+            .await
+            .map_err(|e| e.to_string())?;
+        let body: Value = serde_json::from_str(&response.body)
+            .map_err(|e| format!("not JSON ({e}): {}", response.body))?;
+        if body["status"] != "success" {
+            return Err(format!(
+                "{} {}: {}",
+                body["errorType"], body["error"], response.body
+            ));
+        }
+        Ok(body["data"]["result"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    /// Polls `promql` until `done` holds for its result, at most [`QUERY_WAIT`].
+    async fn wait_for(
+        &self,
+        promql: &str,
+        what: &str,
+        done: impl Fn(&[Value]) -> bool,
+    ) -> Vec<Value> {
+        let deadline = Instant::now() + QUERY_WAIT;
+        let mut last = Err("not queried yet".to_string());
+        while Instant::now() < deadline {
+            last = self.query(promql).await;
+            if let Ok(result) = &last {
+                if done(result) {
+                    return result.clone();
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        panic!(
+            "{what}: not seen within {QUERY_WAIT:?}.\nquery: {promql}\nlast answer: {last:?}\n\
+             Prometheus log:\n{}",
+            self.log()
+        );
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A rule of `k8s/monitoring/rules.yaml` by alert name.
+fn alert_rule(name: &str) -> Value {
+    let rules = yaml_file("monitoring/rules.yaml");
+    rules["groups"]
+        .as_array()
+        .expect("groups")
+        .iter()
+        .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+        .find(|r| r["alert"] == name)
+        .unwrap_or_else(|| panic!("rules.yaml has no alert {name}"))
+}
+
+fn label<'a>(sample: &'a Value, name: &str) -> &'a str {
+    sample["metric"][name].as_str().unwrap_or("")
+}
+
+// ------------------------------------------------------------------------------------------------
+// Rendering and schemas
+
+#[test]
+fn every_kustomization_renders_and_matches_the_schemas() {
+    let schemas = Schemas::load();
+    for kind in ["WasmPlugin", "EnvoyFilter", "PrometheusRule", "ConfigMap"] {
+        assert!(
+            schemas.by_kind.keys().any(|(_, k)| k == kind),
+            "k8s/schemas has no schema for {kind}"
+        );
+    }
+    let mut dirs: Vec<String> = vec!["base".into(), "monitoring".into()];
+    dirs.extend(OVERLAYS.iter().map(|o| o.path()));
+    for dir in &dirs {
+        let docs = kustomize(dir);
+        let errors: Vec<String> = docs
+            .iter()
+            .flat_map(|doc| {
+                schemas.errors(doc).into_iter().map(move |e| {
+                    format!(
+                        "{}/{}: {e}",
+                        kind(doc),
+                        doc["metadata"]["name"].as_str().unwrap_or("?")
+                    )
+                })
+            })
+            .collect();
+        assert!(
+            errors.is_empty(),
+            "k8s/{dir} renders objects its schemas reject:\n{}",
+            errors.join("\n")
+        );
+
+        let kinds: BTreeSet<&str> = docs.iter().map(kind).collect();
+        let expected: BTreeSet<&str> = match dir.as_str() {
+            "base" => ["WasmPlugin"].into(),
+            "monitoring" => ["PrometheusRule", "ConfigMap"].into(),
+            _ => {
+                let overlay = Overlay::find(dir.trim_start_matches("overlays/"));
+                let mut kinds: BTreeSet<&str> = match overlay.loader {
+                    // One way to load it, never both: two copies would be two breakers per call.
+                    Loader::WasmPlugin => ["WasmPlugin"].into(),
+                    Loader::EnvoyFilter => ["EnvoyFilter"].into(),
+                };
+                if overlay.env() != "dev" {
+                    kinds.extend(["PrometheusRule", "ConfigMap"]);
+                }
+                kinds
+            }
+        };
+        assert_eq!(kinds, expected, "kinds rendered by k8s/{dir}");
+        assert_eq!(
+            docs.len(),
+            expected.len(),
+            "k8s/{dir} renders one object of each kind (the EnvoyFilter overlays' config ConfigMap \
+             is local-config and must not be applied)"
+        );
+    }
+}
+
+#[test]
+fn schemas_reject_broken_manifests() {
+    let schemas = Schemas::load();
+    let prod = kustomize("overlays/prod");
+    let prod_envoyfilter = kustomize("overlays/prod-envoyfilter");
+    let plugin = only_of_kind(&prod, "WasmPlugin").clone();
+    let envoy_filter = only_of_kind(&prod_envoyfilter, "EnvoyFilter").clone();
+    let rule = only_of_kind(&prod, "PrometheusRule").clone();
+    let dashboard = only_of_kind(&prod, "ConfigMap").clone();
+    for doc in [&plugin, &envoy_filter, &rule, &dashboard] {
+        assert_eq!(schemas.errors(doc), Vec::<String>::new(), "{}", kind(doc));
+    }
+
+    type Breakage = (&'static str, fn(&mut Value));
+    fn b(what: &'static str, f: fn(&mut Value)) -> Breakage {
+        (what, f)
+    }
+    let broken: Vec<(&Value, Breakage)> = vec![
+        (
+            &plugin,
+            b("failStrategy typo", |d| {
+                d["spec"]["failStrategy"] = json!("FAIL_OPENED")
+            }),
+        ),
+        (
+            &plugin,
+            b("unknown phase", |d| {
+                d["spec"]["phase"] = json!("BEFORE_ROUTER")
+            }),
+        ),
+        (
+            &plugin,
+            b("match mode", |d| {
+                d["spec"]["match"][0]["mode"] = json!("OUTBOUND")
+            }),
+        ),
+        (
+            &plugin,
+            b("misspelt field", |d| {
+                let config = d["spec"]["pluginConfig"].take();
+                d["spec"]["pluginconfig"] = config;
+            }),
+        ),
+        (
+            &plugin,
+            b("no url", |d| {
+                d["spec"].as_object_mut().unwrap().remove("url");
+            }),
+        ),
+        (
+            &plugin,
+            b("sha256 not hex", |d| d["spec"]["sha256"] = json!("latest")),
+        ),
+        (
+            &plugin,
+            b("pluginConfig not a map", |d| {
+                d["spec"]["pluginConfig"] = json!("{}")
+            }),
+        ),
+        (
+            &plugin,
+            b("bad name", |d| {
+                d["metadata"]["name"] = json!("Circuit_Breaker")
+            }),
+        ),
+        (
+            &envoy_filter,
+            b("context typo", |d| {
+                d["spec"]["configPatches"][0]["match"]["context"] = json!("SIDECAR_OUTBOND")
+            }),
+        ),
+        (
+            &envoy_filter,
+            b("operation typo", |d| {
+                d["spec"]["configPatches"][0]["patch"]["operation"] = json!("INSERT_BEFOR")
+            }),
+        ),
+        (
+            &envoy_filter,
+            b("untyped filter", |d| {
+                d["spec"]["configPatches"][0]["patch"]["value"]["typed_config"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("@type");
+            }),
+        ),
+        (
+            &envoy_filter,
+            b("no value to insert", |d| {
+                d["spec"]["configPatches"][0]["patch"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("value");
+            }),
+        ),
+        (
+            &rule,
+            b("for is not a duration", |d| {
+                d["spec"]["groups"][0]["rules"][0]["for"] = json!("2 minutes")
+            }),
+        ),
+        (
+            &rule,
+            b("alert and record", |d| {
+                d["spec"]["groups"][0]["rules"][0]["record"] = json!("circuit_breaker:open")
+            }),
+        ),
+        (
+            &rule,
+            b("no expr", |d| {
+                d["spec"]["groups"][0]["rules"][0]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("expr");
+            }),
+        ),
+        (
+            &dashboard,
+            b("data not strings", |d| d["data"]["n"] = json!(1)),
+        ),
+    ];
+    for (doc, (what, breakage)) in broken {
+        let mut doc = doc.clone();
+        breakage(&mut doc);
+        assert!(
+            !schemas.errors(&doc).is_empty(),
+            "the {} schema accepts a broken one ({what})",
+            kind(&doc)
+        );
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// What the overlays configure
+
+#[test]
+fn overlays_set_the_documented_thresholds() {
+    // env → (failure_threshold, success_threshold, open_timeout)
+    let expected = [
+        ("dev", (1, 1, "5s")),
+        ("staging", (3, 2, "10s")),
+        ("prod", (5, 3, "30s")),
+    ];
+    for overlay in OVERLAYS {
+        let config = filter_config(&kustomize(&overlay.path()), overlay.loader);
+        let (failure, success, open) = expected
+            .iter()
+            .find(|(env, _)| *env == overlay.env())
+            .map(|(_, t)| *t)
+            .unwrap();
+        let got = (
+            config["failure_threshold"].as_u64(),
+            config["success_threshold"].as_u64(),
+            config["open_timeout"].as_str(),
+        );
+        assert_eq!(
+            got,
+            (Some(failure), Some(success), Some(open)),
+            "{}: failure_threshold / success_threshold / open_timeout",
+            overlay.dir
+        );
+        let upstreams = &config["upstreams"];
+        if overlay.env() == "prod" {
+            assert_eq!(
+                upstreams,
+                &json!({
+                    "outbound|*||auth-service.*": {"failure_threshold": 3},
+                    "*media-service*": {
+                        "failure_threshold": 5, "success_threshold": 5, "open_timeout": "60s"
+                    }
+                }),
+                "{}: per-service overrides",
+                overlay.dir
+            );
+        } else {
+            assert!(upstreams.is_null(), "{}: no overrides", overlay.dir);
+        }
+    }
+}
+
+#[test]
+fn both_ways_to_load_it_carry_the_same_settings() {
+    for env in ["dev", "staging", "prod"] {
+        let plugin = filter_config(&kustomize(&format!("overlays/{env}")), Loader::WasmPlugin);
+        let envoy_filter = filter_config(
+            &kustomize(&format!("overlays/{env}-envoyfilter")),
+            Loader::EnvoyFilter,
+        );
+        assert_eq!(
+            plugin, envoy_filter,
+            "k8s/overlays/{env}/circuit-breaker.yaml and \
+             k8s/overlays/{env}-envoyfilter/circuit-breaker.json differ"
+        );
+    }
+}
+
+#[test]
+fn wasm_plugin_and_envoy_filter_are_set_up_as_documented() {
+    let docs = kustomize("overlays/prod");
+    let spec = &only_of_kind(&docs, "WasmPlugin")["spec"];
+    assert!(
+        spec["url"].as_str().unwrap().starts_with("oci://"),
+        "{spec}"
+    );
+    assert_eq!(spec["phase"], "UNSPECIFIED_PHASE");
+    assert_eq!(spec["failStrategy"], "FAIL_OPEN");
+    assert_eq!(spec["match"], json!([{"mode": "CLIENT"}]));
+
+    let docs = kustomize("overlays/prod-envoyfilter");
+    let patch = &only_of_kind(&docs, "EnvoyFilter")["spec"]["configPatches"][0];
+    assert_eq!(patch["applyTo"], "HTTP_FILTER");
+    assert_eq!(patch["match"]["context"], "SIDECAR_OUTBOUND");
+    assert_eq!(
+        patch["match"]["listener"]["filterChain"]["filter"]["subFilter"]["name"],
+        "envoy.filters.http.router"
+    );
+    assert_eq!(patch["patch"]["operation"], "INSERT_BEFORE");
+    let filter = &patch["patch"]["value"];
+    assert_eq!(filter["name"], "envoy.filters.http.wasm");
+    assert_eq!(filter["typed_config"]["@type"], WASM_FILTER_TYPE);
+    let vm = &filter["typed_config"]["config"]["vm_config"];
+    assert_eq!(vm["vm_id"], "circuit_breaker");
+    assert_eq!(vm["runtime"], "envoy.wasm.runtime.v8");
+}
+
+// ------------------------------------------------------------------------------------------------
+// The overlays' filters in a real Envoy
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staging_filters_load_into_a_sidecar() {
+    for dir in ["staging", "staging-envoyfilter"] {
+        let overlay = Overlay::find(dir);
+        let filter = sidecar_filter(&kustomize(&overlay.path()), overlay.loader);
+        let sidecar = Sidecar::start(&format!("k8s-{dir}"), &filter).await;
+        sidecar.serves_one_call().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_envoy_filter_loads_and_answers_health() {
+    let overlay = Overlay::find("dev-envoyfilter");
+    let filter = sidecar_filter(&kustomize(&overlay.path()), overlay.loader);
+    let sidecar = Sidecar::start("k8s-dev-envoyfilter", &filter).await;
+    sidecar.serves_one_call().await;
+    // The dev overlay turns the health endpoint on.
+    let health = sidecar.envoy.get("/health/circuit-breakers").await.unwrap();
+    assert_eq!(health.status, 200, "{}", health.body);
+    let body = health.json().unwrap();
+    assert_eq!(body["status"], "healthy", "{body}");
+    assert!(
+        body["circuit_breakers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["upstream"] == cluster(ServiceKind::User)),
+        "{body}"
+    );
+}
+
+/// In the prod sidecar (both ways of loading it): auth-service opens after 3 failures, the default
+/// after 5, media-service after 5 and for 60s, and the metrics carry exactly the contract's labels
+/// under Istio's stats settings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prod_overrides_and_metric_labels_in_a_sidecar() {
+    for dir in ["prod", "prod-envoyfilter"] {
+        let overlay = Overlay::find(dir);
+        let filter = sidecar_filter(&kustomize(&overlay.path()), overlay.loader);
+        let sidecar = Sidecar::start(&format!("k8s-{dir}"), &filter).await;
+        sidecar.serves_one_call().await;
+        let envoy = &sidecar.envoy;
+
+        for (service, threshold) in [
+            (&sidecar.auth, 3),
+            (&sidecar.user, 5),
+            (&sidecar.content, 5),
+        ] {
+            service.set_fault(Fault::Unavailable).await.unwrap();
+            let (rejection, reached) = trip(envoy, service, 10).await;
+            assert_eq!(
+                reached,
+                threshold,
+                "{dir}: calls that reached {} before its breaker opened",
+                cluster(service.kind())
+            );
+            assert!(
+                rejection.message().contains(&format!(
+                    "circuit breaker open for {}",
+                    cluster(service.kind())
+                )),
+                "{rejection:?}"
+            );
+            if service.kind() == ServiceKind::Content {
+                // media-service waits 60s before probing, not the default 30s. The hint counts down
+                // from 60000 ms; it is read right after opening, so it is far above 30000.
+                let pushback: u64 = rejection
+                    .metadata()
+                    .get("grpc-retry-pushback-ms")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| panic!("no grpc-retry-pushback-ms: {rejection:?}"));
+                assert!(
+                    (30_001..=60_000).contains(&pushback),
+                    "{dir}: media-service open_timeout is 60s, pushback {pushback} ms"
+                );
+            }
+        }
+
+        // Istio's stats tags (extraStatTags) give exactly the contract's labels, and nothing else:
+        // `value` matches only a sample with exactly these labels.
+        let metrics = envoy.metrics().await.unwrap();
+        let dump = metrics.dump("circuit_breaker");
+        let auth = cluster(ServiceKind::Auth);
+        let expect = [
+            ("circuit_breaker_state", vec![("upstream", auth)], 1.0),
+            (
+                "circuit_breaker_calls_total",
+                vec![("upstream", auth), ("result", "failure")],
+                3.0,
+            ),
+            (
+                "circuit_breaker_rejected_calls_total",
+                vec![("upstream", auth)],
+                1.0,
+            ),
+            (
+                "circuit_breaker_state_changes_total",
+                vec![
+                    ("upstream", auth),
+                    ("from_state", "closed"),
+                    ("to_state", "open"),
+                ],
+                1.0,
+            ),
+            (
+                "circuit_breaker_open_total",
+                vec![("upstream", auth), ("reason", "consecutive_failures")],
+                1.0,
+            ),
+        ];
+        for (name, labels, value) in expect {
+            assert_eq!(
+                metrics.value(name, &labels),
+                Some(value),
+                "{dir}: {name}{labels:?} in the sidecar's /stats/prometheus:\n{dump}"
+            );
+        }
+        for sample in metrics
+            .samples
+            .iter()
+            // Envoy's own stats about the VM (envoy_wasm_istio_system_circuit_breaker_...) aside.
+            .filter(|s| s.name.contains("circuit_breaker") && !s.name.starts_with("envoy_"))
+        {
+            assert!(
+                sample.name.starts_with("circuit_breaker_")
+                    && sample
+                        .name
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c == '_')
+                    && !sample.name.ends_with('_'),
+                "{dir}: a label left in the metric name: {}",
+                sample.name
+            );
+            let allowed = ["upstream", "result", "from_state", "to_state", "reason"];
+            assert!(
+                sample.labels.keys().all(|k| allowed.contains(&k.as_str())),
+                "{dir}: unexpected labels on {} {:?}",
+                sample.name,
+                sample.labels
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_overlay_config_is_refused_with_the_field_named() {
+    let mut config = filter_config(&kustomize("overlays/prod"), Loader::WasmPlugin);
+    // A typo in an override, as someone editing the prod overlay might make.
+    rename(
+        &mut config["upstreams"]["outbound|*||auth-service.*"],
+        "failure_threshold",
+        "failure_treshold",
+    );
+
+    let ports = UpstreamPorts {
+        user: free_port(),
+        content: free_port(),
+        feed: free_port(),
+        auth: free_port(),
+        web: free_port(),
+    };
+    let log = Envoy::start_expecting_failure("k8s-broken", &ports, &config.to_string())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let line = log
+        .lines()
+        .find(|l| l.contains("circuit breaker configuration rejected"))
+        .unwrap_or_else(|| panic!("no rejection logged:\n{log}"));
+    assert!(
+        line.contains("outbound|*||auth-service.*") && line.contains("failure_treshold"),
+        "the rejection names the misspelt field: {line}"
+    );
+
+    // With the typo fixed, a duration the filter cannot read.
+    rename(
+        &mut config["upstreams"]["outbound|*||auth-service.*"],
+        "failure_treshold",
+        "failure_threshold",
+    );
+    config["upstreams"]["*media-service*"]["open_timeout"] = json!("a minute");
+    let log = Envoy::start_expecting_failure("k8s-broken", &ports, &config.to_string())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let line = log
+        .lines()
+        .find(|l| l.contains("circuit breaker configuration rejected"))
+        .unwrap_or_else(|| panic!("no rejection logged:\n{log}"));
+    assert!(
+        line.contains("upstreams.\"*media-service*\".open_timeout") && line.contains("a minute"),
+        "the rejection names the field and the value: {line}"
+    );
+}
+
+fn rename(object: &mut Value, from: &str, to: &str) {
+    let object = object.as_object_mut().expect("an object");
+    let value = object.remove(from).unwrap_or_else(|| panic!("no {from}"));
+    object.insert(to.to_string(), value);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Prometheus during an outage
+
+/// A breaker opens in a dev sidecar (WasmPlugin form); Prometheus scrapes it: the open-breaker alert
+/// expression is true, the alert goes pending, the dashboard queries evaluate; after recovery the
+/// expression is false.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_sees_the_breaker_open_and_close() {
+    let overlay = Overlay::find("dev");
+    let docs = kustomize(&overlay.path());
+    let config = filter_config(&docs, overlay.loader);
+    let sidecar = Sidecar::start("k8s-prometheus", &sidecar_filter(&docs, overlay.loader)).await;
+    sidecar.serves_one_call().await;
+    let envoy = &sidecar.envoy;
+    let prometheus = Prometheus::start(envoy.admin(), &[k8s("monitoring/rules.yaml")]).await;
+    prometheus
+        .wait_for("up{job=\"envoy\"} == 1", "Envoy scraped", |r| !r.is_empty())
+        .await;
+
+    let rule = alert_rule("CircuitBreakerOpen");
+    let open_expr = rule["expr"].as_str().unwrap().trim().to_string();
+    assert_eq!(rule["for"], "2m");
+    let media = cluster(ServiceKind::Content);
+    assert!(
+        prometheus.query(&open_expr).await.unwrap().is_empty(),
+        "the open-breaker expression holds before any outage"
+    );
+
+    // The outage: media-service fails; dev opens on the first failure.
+    sidecar.content.set_fault(Fault::Unavailable).await.unwrap();
+    let (_, reached) = trip(envoy, &sidecar.content, 10).await;
+    assert_eq!(Some(reached), config["failure_threshold"].as_u64());
+    assert_eq!(
+        sidecar
+            .metric("circuit_breaker_state", &[("upstream", media)])
+            .await,
+        1.0
+    );
+
+    let firing = prometheus
+        .wait_for(&open_expr, "the open-breaker expression true", |r| {
+            !r.is_empty()
+        })
+        .await;
+    assert_eq!(firing.len(), 1, "{firing:?}");
+    assert_eq!(label(&firing[0], "upstream"), media, "{firing:?}");
+    assert_eq!(label(&firing[0], "namespace"), "social", "{firing:?}");
+    // The rule itself, loaded by Prometheus from rules.yaml, sees it: pending for its 2 minutes.
+    prometheus
+        .wait_for(
+            "ALERTS{alertname=\"CircuitBreakerOpen\", alertstate=\"pending\"}",
+            "CircuitBreakerOpen pending",
+            |r| r.iter().any(|s| label(s, "upstream") == media),
+        )
+        .await;
+
+    // Every dashboard query is valid PromQL against the real metrics; the state panel shows it open.
+    let dashboard: Value = serde_json::from_str(
+        &fs::read_to_string(k8s("monitoring/grafana-dashboard.json")).unwrap(),
+    )
+    .unwrap();
+    for (title, expr) in dashboard_queries(&dashboard) {
+        let promql = grafana_to_promql(&expr);
+        let result = prometheus
+            .query(&promql)
+            .await
+            .unwrap_or_else(|e| panic!("dashboard panel {title:?}: {e}\n{promql}"));
+        if title == "Breaker state per upstream" {
+            assert!(
+                result
+                    .iter()
+                    .any(|s| label(s, "upstream") == media && s["value"][1] == "1"),
+                "{title}: {result:?}"
+            );
+        }
+    }
+    for name in ["CircuitBreakerHighRejectionRate", "CircuitBreakerFlapping"] {
+        let expr = alert_rule(name)["expr"].as_str().unwrap().to_string();
+        prometheus
+            .query(&expr)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+
+    // Recovery: media-service answers again; after open_timeout a probe closes the breaker.
+    sidecar.content.set_fault(Fault::Ok).await.unwrap();
+    let deadline = Instant::now() + QUERY_WAIT;
+    loop {
+        let closed = matches!(
+            call(envoy, ServiceKind::Content).await,
+            CallResult::Passed(Ok(()))
+        ) && sidecar
+            .metric("circuit_breaker_state", &[("upstream", media)])
+            .await
+            == 0.0;
+        if closed {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the breaker for {media} did not close within {QUERY_WAIT:?} of the recovery"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    prometheus
+        .wait_for(
+            &open_expr,
+            "the open-breaker expression false after recovery",
+            |r| r.is_empty(),
+        )
+        .await;
+}
+
+/// Every (panel title, expr) of the dashboard.
+fn dashboard_queries(dashboard: &Value) -> Vec<(String, String)> {
+    dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|panel| {
+            let title = panel["title"].as_str().unwrap_or("").to_string();
+            panel["targets"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .map(move |t| (title.clone(), t["expr"].as_str().unwrap_or("").to_string()))
+        })
+        .collect()
+}
+
+/// A dashboard query with Grafana's variables as Grafana would fill them for "All".
+fn grafana_to_promql(expr: &str) -> String {
+    expr.replace("$namespace", ".*")
+        .replace("$upstream", ".*")
+        .replace("$__rate_interval", "1m")
+        .replace("$__range", "5m")
+}
+
+// ------------------------------------------------------------------------------------------------
+// Alert rules and dashboard, statically
+
+fn promtool(args: &[&str]) {
+    let binary = which(
+        "promtool",
+        "`make test-k8s` installs it (Debian package `prometheus`)",
+    );
+    let output = Command::new(&binary)
+        .args(args)
+        .current_dir(k8s("monitoring"))
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run promtool: {e}"));
+    assert!(
+        output.status.success(),
+        "promtool {} failed:\n{}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn promtool_checks_and_unit_tests_the_rules() {
+    promtool(&["check", "rules", "rules.yaml"]);
+    promtool(&["test", "rules", "rules_test.yaml"]);
+}
+
+#[test]
+fn prometheus_rule_carries_the_rules_file() {
+    let rules = yaml_file("monitoring/rules.yaml");
+    let rule = yaml_file("monitoring/prometheusrule.yaml");
+    assert_eq!(
+        rule["spec"]["groups"], rules["groups"],
+        "k8s/monitoring/prometheusrule.yaml's groups differ from rules.yaml: copy them over"
+    );
+    let names: Vec<&str> = rules["groups"][0]["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["alert"].as_str())
+        .collect();
+    for alert in [
+        "CircuitBreakerOpen",
+        "CircuitBreakerHighRejectionRate",
+        "CircuitBreakerFlapping",
+    ] {
+        assert!(names.contains(&alert), "no {alert} in {names:?}");
+    }
+}
+
+/// Metric names a PromQL expression mentions.
+fn metric_names(expr: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let mut rest = expr;
+    while let Some(at) = rest.find("circuit_breaker_") {
+        let name: String = rest[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        rest = &rest[at + name.len()..];
+        names.insert(name);
+    }
+    names
+}
+
+/// The metrics of CONTRACT.md section 6.
+const CONTRACT_METRICS: [&str; 8] = [
+    "circuit_breaker_state",
+    "circuit_breaker_calls_total",
+    "circuit_breaker_slow_calls_total",
+    "circuit_breaker_rejected_calls_total",
+    "circuit_breaker_state_changes_total",
+    "circuit_breaker_open_total",
+    "circuit_breaker_dry_run_rejections_total",
+    "circuit_breaker_untracked_calls_total",
+];
+
+#[test]
+fn dashboard_and_rules_use_the_contract_metrics() {
+    let text = fs::read_to_string(k8s("monitoring/grafana-dashboard.json")).unwrap();
+    let dashboard: Value = serde_json::from_str(&text).expect("the dashboard is JSON");
+    let ids: Vec<u64> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["id"].as_u64().expect("panel id"))
+        .collect();
+    assert_eq!(
+        ids.iter().collect::<BTreeSet<_>>().len(),
+        ids.len(),
+        "panel ids are unique: {ids:?}"
+    );
+    let variables: BTreeSet<&str> = dashboard["templating"]["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v["name"].as_str())
+        .collect();
+    assert_eq!(variables, ["datasource", "namespace", "upstream"].into());
+
+    let queries = dashboard_queries(&dashboard);
+    let titles: BTreeSet<&str> = queries.iter().map(|(t, _)| t.as_str()).collect();
+    for panel in [
+        "Breaker state per upstream",
+        "Rejection rate",
+        "Error rate",
+        "State transitions",
+    ] {
+        assert!(titles.contains(panel), "no panel {panel:?} in {titles:?}");
+    }
+    let rules = yaml_file("monitoring/rules.yaml");
+    let rule_exprs = rules["groups"][0]["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| ("rule".to_string(), r["expr"].as_str().unwrap().to_string()));
+    for (title, expr) in queries.into_iter().chain(rule_exprs) {
+        let names = metric_names(&expr);
+        assert!(
+            !names.is_empty(),
+            "{title}: no circuit_breaker metric in {expr}"
+        );
+        for name in names {
+            assert!(
+                CONTRACT_METRICS.contains(&name.as_str()),
+                "{title}: {name} is not a contract metric"
+            );
+        }
+    }
+
+    // The ConfigMap kustomize generates carries the file unchanged.
+    let docs = kustomize("monitoring");
+    let config_map = only_of_kind(&docs, "ConfigMap");
+    assert_eq!(config_map["metadata"]["labels"]["grafana_dashboard"], "1");
+    assert_eq!(config_map["data"]["circuit-breaker.json"], text.as_str());
+}
+
+// ------------------------------------------------------------------------------------------------
+// Istio stats settings
+
+#[test]
+fn istio_stats_settings_give_the_reference_labels() {
+    let values = yaml_file("istio/istiod-values.yaml");
+    let mesh = istio_stats_settings(&values["meshConfig"]["defaultConfig"]);
+    let operator = yaml_file("istio/istio-operator.yaml");
+    assert_eq!(
+        istio_stats_settings(&operator["spec"]["meshConfig"]["defaultConfig"]),
+        mesh,
+        "istio-operator.yaml and istiod-values.yaml differ"
+    );
+    let patch = yaml_file("istio/workload-stats-patch.yaml");
+    let annotation = patch["spec"]["template"]["metadata"]["annotations"]["proxy.istio.io/config"]
+        .as_str()
+        .expect("the proxy.istio.io/config annotation");
+    let proxy_config = yaml_documents(annotation, "proxy.istio.io/config").remove(0);
+    assert_eq!(
+        istio_stats_settings(&proxy_config),
+        mesh,
+        "workload-stats-patch.yaml and istiod-values.yaml differ"
+    );
+
+    // The tags are the labels the reference bootstrap (envoy/e2e.yaml) extracts, no more, no less.
+    let e2e = without_placeholders(&fs::read_to_string(root().join("envoy/e2e.yaml")).unwrap());
+    let e2e = yaml_documents(&e2e, "envoy/e2e.yaml").remove(0);
+    let reference: BTreeSet<String> = e2e["stats_config"]["stats_tags"]
+        .as_array()
+        .map(|tags| {
+            tags.iter()
+                .filter_map(|t| t["tag_name"].as_str())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        !reference.is_empty(),
+        "no stats_tags found in envoy/e2e.yaml"
+    );
+    let (tags, prefixes) = mesh;
+    assert_eq!(tags.into_iter().collect::<BTreeSet<_>>(), reference);
+    // Envoy files wasm stats under `wasmcustom.`; the inclusion list matches that full name.
+    assert!(
+        prefixes
+            .iter()
+            .any(|p| "wasmcustom.circuit_breaker_state".starts_with(p.as_str())),
+        "{prefixes:?}"
+    );
+}
+
+/// A bootstrap template with every `{{PLACEHOLDER}}` replaced by `0`, so it parses as YAML.
+fn without_placeholders(template: &str) -> String {
+    let mut out = String::new();
+    let mut rest = template;
+    while let Some(open) = rest.find("{{") {
+        let Some(close) = rest[open..].find("}}") else {
+            break;
+        };
+        out.push_str(&rest[..open]);
+        out.push('0');
+        rest = &rest[open + close + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
+// ------------------------------------------------------------------------------------------------
+// The OCI image
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Reads the blob a descriptor names and checks its digest and size.
+fn blob(layout: &Path, descriptor: &Value) -> Vec<u8> {
+    let digest = descriptor["digest"].as_str().expect("digest");
+    let hex = digest
+        .strip_prefix("sha256:")
+        .unwrap_or_else(|| panic!("not a sha256 digest: {digest}"));
+    let bytes = fs::read(layout.join("blobs/sha256").join(hex))
+        .unwrap_or_else(|e| panic!("blob {digest} missing: {e}"));
+    assert_eq!(
+        sha256_hex(&bytes),
+        hex,
+        "blob {digest}: content does not match its digest"
+    );
+    assert_eq!(
+        descriptor["size"].as_u64(),
+        Some(bytes.len() as u64),
+        "blob {digest}: size"
+    );
+    bytes
+}
+
+fn write_image(out: &Path) -> String {
+    let wasm = envoy::wasm_path().unwrap_or_else(|e| panic!("{e}"));
+    let output = Command::new(which("python3", "k8s/image/oci-image.py needs Python 3"))
+        .arg(k8s("image/oci-image.py"))
+        .arg("--wasm")
+        .arg(&wasm)
+        .arg("--out")
+        .arg(out)
+        .args(["--tag", "0.1.0"])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "oci-image.py failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn make_image_writes_a_valid_oci_layout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = tmp.path().join("circuit-breaker");
+    let printed = write_image(&layout);
+    let read_json = |name: &str| -> Value {
+        serde_json::from_str(&fs::read_to_string(layout.join(name)).unwrap())
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+    };
+    assert_eq!(
+        read_json("oci-layout"),
+        json!({"imageLayoutVersion": "1.0.0"})
+    );
+    let index = read_json("index.json");
+    assert_eq!(index["schemaVersion"], 2);
+    assert_eq!(
+        index["mediaType"],
+        "application/vnd.oci.image.index.v1+json"
+    );
+    let manifests = index["manifests"].as_array().unwrap();
+    assert_eq!(manifests.len(), 1);
+    let descriptor = &manifests[0];
+    assert_eq!(
+        descriptor["mediaType"],
+        "application/vnd.oci.image.manifest.v1+json"
+    );
+    assert_eq!(
+        descriptor["annotations"]["org.opencontainers.image.ref.name"],
+        "0.1.0"
+    );
+
+    let manifest: Value = serde_json::from_slice(&blob(&layout, descriptor)).unwrap();
+    assert_eq!(manifest["schemaVersion"], 2);
+    assert_eq!(manifest["mediaType"], descriptor["mediaType"]);
+    assert_eq!(
+        manifest["config"]["mediaType"],
+        "application/vnd.oci.image.config.v1+json"
+    );
+    let config: Value = serde_json::from_slice(&blob(&layout, &manifest["config"])).unwrap();
+    // Istio's compat variant: one layer, a gzip'd tar holding plugin.wasm.
+    let layers = manifest["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 1, "{manifest}");
+    assert_eq!(
+        layers[0]["mediaType"],
+        "application/vnd.oci.image.layer.v1.tar+gzip"
+    );
+    let compressed = blob(&layout, &layers[0]);
+    let mut tar_bytes = Vec::new();
+    flate2::read::GzDecoder::new(compressed.as_slice())
+        .read_to_end(&mut tar_bytes)
+        .expect("the layer is gzip");
+    assert_eq!(
+        config["rootfs"]["diff_ids"],
+        json!([format!("sha256:{}", sha256_hex(&tar_bytes))]),
+        "the config's diff_id is the uncompressed layer's digest"
+    );
+    let mut archive = tar::Archive::new(tar_bytes.as_slice());
+    let mut files = BTreeMap::new();
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let path = entry.path().unwrap().to_string_lossy().into_owned();
+        let mut content = Vec::new();
+        entry.read_to_end(&mut content).unwrap();
+        files.insert(path, content);
+    }
+    let wasm = fs::read(envoy::wasm_path().unwrap()).unwrap();
+    assert_eq!(
+        files.keys().collect::<Vec<_>>(),
+        vec!["plugin.wasm"],
+        "the layer holds plugin.wasm only"
+    );
+    assert!(
+        files["plugin.wasm"] == wasm,
+        "plugin.wasm is the built filter"
+    );
+
+    // The digest to put in the WasmPlugin is printed, and the same module gives the same image.
+    let digest = descriptor["digest"].as_str().unwrap();
+    assert!(
+        printed.contains(&format!("sha256: {}", &digest["sha256:".len()..])),
+        "{printed}"
+    );
+    let again = tmp.path().join("again");
+    write_image(&again);
+    assert_eq!(
+        fs::read(again.join("index.json")).unwrap(),
+        fs::read(layout.join("index.json")).unwrap(),
+        "the image is reproducible"
+    );
+}
