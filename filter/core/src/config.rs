@@ -491,10 +491,7 @@ impl RawBreaker {
                 ))
             }
             (Some(n), _) => {
-                if !(1..=1024).contains(&n) {
-                    return Err(ConfigError::new(f("window_size"), n, "an integer from 1 to 1024"));
-                }
-                c.window = WindowConfig::Count(n as u16);
+                c.window = WindowConfig::Count(in_range(&f("window_size"), n, 1, 1024)? as u16);
             }
             (None, Some(Some(d))) => {
                 let ms = duration(&f("window_duration"), &d)?;
@@ -511,14 +508,7 @@ impl RawBreaker {
             (None, None) => {}
         }
         if let Some(v) = self.minimum_requests {
-            if v < 1 {
-                return Err(ConfigError::new(
-                    f("minimum_requests"),
-                    v,
-                    "an integer of at least 1",
-                ));
-            }
-            c.minimum_requests = v;
+            c.minimum_requests = in_range(&f("minimum_requests"), v, 1, u32::MAX)?;
         }
         if let Some(v) = self.slow_call_duration {
             c.slow_call_duration_ms = match v {
@@ -546,24 +536,10 @@ impl RawBreaker {
             c.max_open_timeout_ms = positive_duration(&f("max_open_timeout"), &d)?;
         }
         if let Some(v) = self.half_open_max_requests {
-            if !(1..=10_000).contains(&v) {
-                return Err(ConfigError::new(
-                    f("half_open_max_requests"),
-                    v,
-                    "an integer from 1 to 10000",
-                ));
-            }
-            c.half_open_max_requests = v as u16;
+            c.half_open_max_requests = in_range(&f("half_open_max_requests"), v, 1, 10_000)? as u16;
         }
         if let Some(v) = self.success_threshold {
-            if !(1..=10_000).contains(&v) {
-                return Err(ConfigError::new(
-                    f("success_threshold"),
-                    v,
-                    "an integer from 1 to 10000",
-                ));
-            }
-            c.success_threshold = v as u16;
+            c.success_threshold = in_range(&f("success_threshold"), v, 1, 10_000)? as u16;
         }
         if let Some(list) = self.failure_grpc_statuses {
             c.failure_grpc_statuses = grpc_statuses(&f("failure_grpc_statuses"), &list)?;
@@ -611,6 +587,20 @@ fn check_combination(c: &BreakerConfig, prefix: &str) -> Result<(), ConfigError>
         }
     }
     Ok(())
+}
+
+/// `v` if it lies in `lo..=hi`, else the error that says so (`an integer from 1 to 1024`, or `an
+/// integer of at least 1` when there is no upper bound worth naming).
+fn in_range(field: &str, v: u32, lo: u32, hi: u32) -> Result<u32, ConfigError> {
+    if (lo..=hi).contains(&v) {
+        return Ok(v);
+    }
+    let allowed = if hi == u32::MAX {
+        format!("an integer of at least {lo}")
+    } else {
+        format!("an integer from {lo} to {hi}")
+    };
+    Err(ConfigError::new(field, v, allowed))
 }
 
 fn fraction(field: &str, v: f64) -> Result<u32, ConfigError> {
