@@ -104,3 +104,22 @@ k8s-tools:
 	@if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then \
 		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus; fi
 	@command -v python3 >/dev/null || { echo "python3 not found: k8s/image/oci-image.py needs it" >&2; exit 1; }
+
+## ---- Fuzzing (fuzz/; not part of `make test`) ------------------------------------------------------
+
+FUZZ_SECONDS ?= 120
+FUZZ_TARGETS := config state_decode classify
+
+.PHONY: fuzz fuzz-tools
+
+## fuzz: each target for FUZZ_SECONDS (default 120) from its committed corpus, on nightly; a crash
+## stops the run and leaves its input in fuzz/artifacts/<target>/ (turn it into a regression test).
+fuzz: fuzz-tools
+	for t in $(FUZZ_TARGETS); do \
+		PATH="$(TOOLS)/bin:$$PATH" cargo +nightly fuzz run $$t fuzz/corpus/$$t -- \
+			-max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 || exit 1; \
+	done
+
+fuzz-tools:
+	@rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+	@[ -x $(TOOLS)/bin/cargo-fuzz ] || cargo install cargo-fuzz --root $(TOOLS)
