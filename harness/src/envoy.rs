@@ -143,6 +143,18 @@ pub fn render_config(
     wasm: &Path,
     filter_config: &str,
 ) -> Result<String> {
+    render_config_with(template, ports, wasm, filter_config, &[])
+}
+
+/// Like [`render_config`], also replacing each `{{NAME}}` of `vars` (given as `("NAME", value)`, the
+/// value inserted verbatim) for templates with placeholders of their own, e.g. `envoy/lds.yaml`.
+pub fn render_config_with(
+    template: &str,
+    ports: &UpstreamPorts,
+    wasm: &Path,
+    filter_config: &str,
+    vars: &[(&str, &str)],
+) -> Result<String> {
     let template_path = workspace_root().join(template);
     let template = fs::read_to_string(&template_path)
         .map_err(|e| Error(format!("cannot read {}: {e}", template_path.display())))?;
@@ -151,6 +163,9 @@ pub fn render_config(
     let wasm = wasm
         .to_str()
         .ok_or_else(|| Error(format!("wasm path {} is not UTF-8", wasm.display())))?;
+    let template = vars.iter().fold(template, |t, (name, value)| {
+        t.replace(&format!("{{{{{name}}}}}"), value)
+    });
     let rendered = template
         .replace("{{ADMIN_PORT}}", "0")
         .replace("{{LISTENER_PORT}}", "0")
@@ -254,8 +269,20 @@ impl Envoy {
         ports: &UpstreamPorts,
         filter_config: &str,
     ) -> Result<Self> {
+        Self::start_with(name, template, ports, filter_config, &[]).await
+    }
+
+    /// Like [`Envoy::start_from`], with the template's own placeholders filled from `vars` (see
+    /// [`render_config_with`]).
+    pub async fn start_with(
+        name: &str,
+        template: &str,
+        ports: &UpstreamPorts,
+        filter_config: &str,
+        vars: &[(&str, &str)],
+    ) -> Result<Self> {
         let files = RunFiles::new(name)?;
-        let rendered = render_config(template, ports, &wasm_path()?, filter_config)?;
+        let rendered = render_config_with(template, ports, &wasm_path()?, filter_config, vars)?;
         let child = files.spawn(&rendered)?;
         let mut envoy = Self {
             child,
@@ -362,6 +389,11 @@ impl Envoy {
     /// The admin interface's address.
     pub fn admin(&self) -> SocketAddr {
         self.admin
+    }
+
+    /// Envoy's process id (to read its memory from `/proc/<pid>/status`, for instance).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Envoy's log so far (stdout and stderr, including the access log).
