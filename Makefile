@@ -44,6 +44,16 @@ test-wasm: targets wasm-test-runner
 test-e2e: build envoy
 	cargo test -p circuit-breaker-e2e -- --test-threads 2
 
+## the corruptor fixture (tests/fixtures/corruptor, its own workspace): a second wasm module on the
+## breaker's vm_id, with which tests/reliability.rs writes foreign bytes into the breaker's shared data
+.PHONY: corruptor
+CORRUPTOR_WASM := $(ROOT)/target/fixtures/wasm32-wasip1/release/corruptor.wasm
+export CB_CORRUPTOR_WASM := $(CORRUPTOR_WASM)
+test-e2e: corruptor
+corruptor: targets
+	cargo build --manifest-path tests/fixtures/corruptor/Cargo.toml --target wasm32-wasip1 --release \
+		--target-dir $(ROOT)/target/fixtures
+
 ## demo: Envoy + the filter in front of the demo services; an outage, the breaker opens, fails fast, recovers
 demo: build envoy
 	cargo run -q -p circuit-breaker-harness -- demo
