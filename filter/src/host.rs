@@ -16,7 +16,10 @@ impl SharedStore for HostStore {
     fn get(&self, key: &str) -> Result<Option<(Vec<u8>, CasToken)>, StoreError> {
         match hostcalls::get_shared_data(key) {
             Ok((Some(bytes), cas)) => Ok(Some((bytes, cas.unwrap_or(0)))),
-            Ok((None, _)) => Ok(None),
+            // Envoy answers an existing zero-length value with a CAS token and no data, which the SDK
+            // turns into `None`: it is there (and corrupt), not missing.
+            Ok((None, Some(cas))) => Ok(Some((Vec::new(), cas))),
+            Ok((None, None)) => Ok(None),
             Err(status) => Err(StoreError::Host(format!(
                 "get_shared_data({key}): {status:?}"
             ))),

@@ -10,6 +10,7 @@ use cb_core::config::BreakerConfig;
 use cb_core::key::UpstreamKey;
 use cb_core::registry::{Admission, Admitted, Recorded, Registry, Untracked};
 use cb_core::reply;
+use cb_core::store::UpdateError;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, LogLevel};
 
@@ -265,7 +266,7 @@ fn count_untracked(shared: &Shared, why: &Untracked) {
             LogLevel::Warn,
             &format!("circuit breaker: failing open, shared data: {e}"),
         );
-        with_metrics(shared, |m| m.add(Global::CasGiveUps, 1));
+        count_store_error(shared, e);
     }
 }
 
@@ -296,9 +297,21 @@ fn report_record(shared: &Shared, upstream: &str, r: &Recorded) {
             LogLevel::Warn,
             &format!("circuit breaker: outcome for upstream={upstream} lost: {e}"),
         );
-        with_metrics(shared, |m| m.add(Global::CasGiveUps, 1));
+        count_store_error(shared, e);
     }
     report_common(shared, upstream, r.transition, r.corrupt.as_ref());
+}
+
+/// Counts a shared-data failure under the metric that names it: a lost CAS race, or the host
+/// refusing a call. A state not created yet (see `MISSING_GRACE_MS`) is neither: the call is already
+/// counted as untracked.
+fn count_store_error(shared: &Shared, e: &UpdateError) {
+    let which = match e {
+        UpdateError::GaveUp => Global::CasGiveUps,
+        UpdateError::Store(_) => Global::StoreErrors,
+        UpdateError::Missing => return,
+    };
+    with_metrics(shared, |m| m.add(which, 1));
 }
 
 fn report_common(

@@ -38,14 +38,32 @@ pub struct ConfigError {
     pub allowed: String,
 }
 
+/// Longest part (field, value, allowed) of a [`ConfigError`]: the message is one log line, and a
+/// multi-megabyte value in a refused configuration must not become a multi-megabyte line. Above
+/// [`MAX_KEY_LEN`], so no real upstream key in a field path is cut.
+const MAX_ERROR_PART: usize = 1024;
+
 impl ConfigError {
     fn new(field: impl Into<String>, value: impl fmt::Display, allowed: impl Into<String>) -> Self {
         Self {
-            field: field.into(),
-            value: value.to_string(),
-            allowed: allowed.into(),
+            field: cut(field.into()),
+            value: cut(value.to_string()),
+            allowed: cut(allowed.into()),
         }
     }
+}
+
+/// `s`, cut to [`MAX_ERROR_PART`] bytes at a character boundary, with `...` when cut.
+fn cut(mut s: String) -> String {
+    if s.len() > MAX_ERROR_PART {
+        let mut end = MAX_ERROR_PART;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push_str("...");
+    }
+    s
 }
 
 impl fmt::Display for ConfigError {
@@ -1010,6 +1028,21 @@ mod tests {
                 duration_ms: 10_000
             }
         );
+    }
+
+    #[test]
+    fn huge_values_are_cut_in_the_error_line() {
+        let huge = "x".repeat(1 << 20);
+        for config in [
+            format!(r#"{{"open_timeout": "{huge}"}}"#),
+            format!(r#"{{"{huge}": 1}}"#),
+            format!(r#"{{"upstreams": {{"{huge}": {{"open_timeout": "soon"}}}}}}"#),
+            format!(r#"{{"upstream_key": "é{huge}"}}"#),
+        ] {
+            let e = err(&config);
+            assert!(e.len() < 4 * MAX_ERROR_PART, "{} bytes", e.len());
+            assert!(e.contains("..."), "{}", &e[..100]);
+        }
     }
 
     #[test]
