@@ -41,8 +41,10 @@ test-wasm: targets wasm-test-runner
 	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=$(WASM_TEST_RUNNER) \
 		cargo test -p circuit-breaker-core --lib --target wasm32-unknown-unknown
 
+## test-e2e: the contract's behaviours (tests/e2e.rs) and reliability (tests/reliability.rs) in Envoy;
+## the crate's k8s tests run in test-k8s, which installs their tools.
 test-e2e: build envoy
-	cargo test -p circuit-breaker-e2e -- --test-threads 2
+	cargo test -p circuit-breaker-e2e --lib --test e2e --test reliability -- --test-threads 2
 
 ## the corruptor fixture (tests/fixtures/corruptor, its own workspace): a second wasm module on the
 ## breaker's vm_id, with which tests/reliability.rs writes foreign bytes into the breaker's shared data
