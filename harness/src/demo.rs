@@ -20,13 +20,13 @@ use std::time::{Duration, Instant};
 use cb_core::breaker::StateKind;
 use tonic::transport::Channel;
 
-use crate::envoy::{workspace_root, Envoy, UpstreamPorts};
+use crate::envoy::{workspace_root, Envoy, Upstreams};
 use crate::services::pb::auth_service_client::AuthServiceClient;
 use crate::services::pb::content_service_client::ContentServiceClient;
 use crate::services::pb::feed_service_client::FeedServiceClient;
 use crate::services::pb::user_service_client::UserServiceClient;
 use crate::services::pb::{CheckRequest, GetFeedRequest, GetPostRequest, GetUserRequest};
-use crate::services::{Fault, GrpcService, HttpServer, ServiceKind};
+use crate::services::{Fault, ServiceKind};
 use crate::svg;
 
 /// The filter configuration of the demo: trips fast, probes after a few seconds.
@@ -169,38 +169,14 @@ fn display_path(p: &std::path::Path) -> String {
 
 /// One run: services, Envoy with `config`, the gateway's load, the outage, the live timeline.
 async fn one_run(label: &str, config: &str, phases: Phases) -> Result<RunReport, String> {
-    let mut services = Vec::new();
-    for kind in ServiceKind::ALL {
-        services.push(
-            GrpcService::start(kind)
-                .await
-                .map_err(|e| format!("demo: cannot start {kind}: {e}"))?,
-        );
-    }
-    let web = HttpServer::start()
+    let upstreams = Upstreams::start()
         .await
-        .map_err(|e| format!("demo: cannot start the web server: {e}"))?;
-    let port = |k: ServiceKind| {
-        services
-            .iter()
-            .find(|s| s.kind() == k)
-            .map_or(0, GrpcService::port)
-    };
-    let ports = UpstreamPorts {
-        user: port(ServiceKind::User),
-        content: port(ServiceKind::Content),
-        feed: port(ServiceKind::Feed),
-        auth: port(ServiceKind::Auth),
-        web: web.port(),
-    };
-    let envoy = Envoy::start_from("demo", "envoy/demo.yaml", &ports, config)
+        .map_err(|e| format!("demo: cannot start the services: {e}"))?;
+    let envoy = Envoy::start_from("demo", "envoy/demo.yaml", &upstreams.ports(), config)
         .await
         .map_err(|e| format!("demo: {e}"))?;
     let channel = envoy.channel().await.map_err(|e| format!("demo: {e}"))?;
-    let content = services
-        .iter()
-        .find(|s| s.kind() == ServiceKind::Content)
-        .ok_or("demo: content-service missing")?;
+    let content = &upstreams.content;
 
     println!(
         "== {label}: Envoy on {} (log: {})",

@@ -729,6 +729,39 @@ fn parse_labels(text: &str) -> Option<BTreeMap<String, String>> {
     Some(labels)
 }
 
+/// The four demo gRPC services and the plain-HTTP server, each on a free port: what the shipped
+/// bootstraps route to.
+pub struct Upstreams {
+    /// `social.v1.UserService`, cluster `user`.
+    pub user: GrpcService,
+    /// `social.v1.ContentService`, cluster `content`.
+    pub content: GrpcService,
+    /// `social.v1.FeedService`, cluster `feed`.
+    pub feed: GrpcService,
+    /// `social.v1.AuthService`, cluster `auth`.
+    pub auth: GrpcService,
+    /// Plain HTTP/1.1, cluster `web`.
+    pub web: HttpServer,
+}
+
+impl Upstreams {
+    /// Starts all five.
+    pub async fn start() -> Result<Self> {
+        Ok(Self {
+            user: GrpcService::start(ServiceKind::User).await?,
+            content: GrpcService::start(ServiceKind::Content).await?,
+            feed: GrpcService::start(ServiceKind::Feed).await?,
+            auth: GrpcService::start(ServiceKind::Auth).await?,
+            web: HttpServer::start().await?,
+        })
+    }
+
+    /// Their ports, for a bootstrap template.
+    pub fn ports(&self) -> UpstreamPorts {
+        TestBed::ports_of(&self.user, &self.content, &self.feed, &self.auth, &self.web)
+    }
+}
+
 /// The demo services, a plain-HTTP server and an Envoy in front of them: what most tests start with.
 pub struct TestBed {
     /// `social.v1.UserService`, cluster `user`.
@@ -748,17 +781,15 @@ pub struct TestBed {
 impl TestBed {
     /// Starts everything; `filter_config` is the filter's JSON.
     pub async fn start(name: &str, filter_config: &serde_json::Value) -> Result<Self> {
-        let user = GrpcService::start(ServiceKind::User).await?;
-        let content = GrpcService::start(ServiceKind::Content).await?;
-        let feed = GrpcService::start(ServiceKind::Feed).await?;
-        let auth = GrpcService::start(ServiceKind::Auth).await?;
-        let web = HttpServer::start().await?;
-        let envoy = Envoy::start(
-            name,
-            &Self::ports_of(&user, &content, &feed, &auth, &web),
-            &filter_config.to_string(),
-        )
-        .await?;
+        let upstreams = Upstreams::start().await?;
+        let envoy = Envoy::start(name, &upstreams.ports(), &filter_config.to_string()).await?;
+        let Upstreams {
+            user,
+            content,
+            feed,
+            auth,
+            web,
+        } = upstreams;
         Ok(Self {
             user,
             content,

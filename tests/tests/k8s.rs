@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use harness::envoy::{self, http_request, Envoy, HttpResponse, UpstreamPorts};
+use harness::envoy::{self, http_request, Envoy, HttpResponse, UpstreamPorts, Upstreams};
 use harness::services::{pb, Fault, GrpcService, HttpServer, ServiceKind};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -368,23 +368,20 @@ struct Sidecar {
 
 impl Sidecar {
     async fn start(name: &str, filter: &Value) -> Self {
-        let user = GrpcService::start(ServiceKind::User).await.unwrap();
-        let content = GrpcService::start(ServiceKind::Content).await.unwrap();
-        let feed = GrpcService::start(ServiceKind::Feed).await.unwrap();
-        let auth = GrpcService::start(ServiceKind::Auth).await.unwrap();
-        let web = HttpServer::start().await.unwrap();
-        let ports = UpstreamPorts {
-            user: user.port(),
-            content: content.port(),
-            feed: feed.port(),
-            auth: auth.port(),
-            web: web.port(),
-        };
+        let upstreams = Upstreams::start().await.unwrap();
+        let ports = upstreams.ports();
         let bootstrap = sidecar_bootstrap(name, filter);
         let template = bootstrap.path().to_str().expect("UTF-8 temp path");
         let envoy = Envoy::start_from(name, template, &ports, "{}")
             .await
             .unwrap_or_else(|e| panic!("Envoy refused the {name} filter:\n{e}"));
+        let Upstreams {
+            user,
+            content,
+            feed,
+            auth,
+            web,
+        } = upstreams;
         Self {
             user,
             content,

@@ -41,8 +41,8 @@ use e2e::pb::content_service_client::ContentServiceClient;
 use e2e::pb::feed_service_client::FeedServiceClient;
 use e2e::pb::user_service_client::UserServiceClient;
 use e2e::{
-    channel_to, raw_grpc, workspace_root, Envoy, Fault, GrpcService, HttpServer, Metrics,
-    ServiceKind, TestBed, UpstreamPorts,
+    channel_to, raw_grpc, workspace_root, Envoy, Fault, GrpcService, HttpServer, Metrics, TestBed,
+    UpstreamPorts, Upstreams,
 };
 use serde_json::{json, Value};
 use tokio::net::{TcpListener, TcpStream};
@@ -612,18 +612,8 @@ fn replace_atomically(path: &Path, content: &str) {
 
 impl LdsBed {
     async fn start(name: &str, template: &'static str, filter_config: &Value) -> Self {
-        let user = GrpcService::start(ServiceKind::User).await.unwrap();
-        let content = GrpcService::start(ServiceKind::Content).await.unwrap();
-        let feed = GrpcService::start(ServiceKind::Feed).await.unwrap();
-        let auth = GrpcService::start(ServiceKind::Auth).await.unwrap();
-        let web = HttpServer::start().await.unwrap();
-        let ports = UpstreamPorts {
-            user: user.port(),
-            content: content.port(),
-            feed: feed.port(),
-            auth: auth.port(),
-            web: web.port(),
-        };
+        let upstreams = Upstreams::start().await.unwrap();
+        let ports = upstreams.ports();
         let lds = run_dir(name).join("lds.yaml");
         replace_atomically(
             &lds,
@@ -638,6 +628,13 @@ impl LdsBed {
         )
         .await
         .unwrap();
+        let Upstreams {
+            user,
+            content,
+            feed,
+            auth,
+            web,
+        } = upstreams;
         Self {
             user,
             content,
