@@ -802,4 +802,40 @@ mod tests {
         assert!(matches!(b.state, BreakerState::Open { .. }));
         assert!(!b.conform(&c2));
     }
+
+    /// The registry decides whether an admit must be written by comparing only the state, generation
+    /// and open time (cloning the whole breaker on every call costs more than the decision): `admit`
+    /// must never touch anything else, in any state, mode or moment.
+    #[test]
+    fn admit_changes_only_the_state() {
+        let c = cfg();
+        let mut closed = Breaker::new(&c);
+        for i in 0..30 {
+            call(&mut closed, &c, i, if i % 3 == 0 { FAIL } else { OK });
+        }
+        let mut open = closed.clone();
+        for _ in 0..5 {
+            call(&mut open, &c, 40, FAIL);
+        }
+        assert_eq!(open.state.kind(), StateKind::Open);
+        let mut half_open = open.clone();
+        allow(&mut half_open, &c, 2_000);
+        assert_eq!(half_open.state.kind(), StateKind::HalfOpen);
+        let modes = [Mode::Enforce, Mode::DryRun, Mode::ForcedOpen];
+        for start in [&closed, &open, &half_open] {
+            for mode in modes {
+                let c = BreakerConfig { mode, ..cfg() };
+                for now in [0, 41, 1_040, 2_000, 3_500, 10_000] {
+                    let mut b = start.clone();
+                    b.admit(&c, now);
+                    assert_eq!(
+                        (&b.window, b.consecutive_failures),
+                        (&start.window, start.consecutive_failures),
+                        "admit from {:?} in {mode:?} at {now}",
+                        start.state
+                    );
+                }
+            }
+        }
+    }
 }

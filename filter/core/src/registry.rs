@@ -7,13 +7,13 @@
 //! data has no delete), so a worker that learns this stops reading it too, and a flood of new keys
 //! (`header:` keys from a hostile client) costs one `get` of a missing key each.
 
-use std::collections::{HashMap, HashSet};
+use hashbrown::{HashMap, HashSet};
 
 use crate::breaker::{Breaker, Decision, Rejection, StateKind, Ticket, Transition};
 use crate::classify::Classification;
 use crate::codec::{self, CodecError};
 use crate::config::{BreakerConfig, Mode, MAX_KEY_LEN};
-use crate::store::{self, SharedStore, StoreError, UpdateError, MAX_CAS_ATTEMPTS};
+use crate::store::{self, SharedStore, Snapshot, StoreError, UpdateError, MAX_CAS_ATTEMPTS};
 use crate::window::WindowStats;
 
 /// Shared-data key of the upstream index.
@@ -124,6 +124,12 @@ pub struct Registry {
     full: bool,
     /// Registered keys whose state was not there yet, and since when (see [`MISSING_GRACE_MS`]).
     missing_since: HashMap<String, u64>,
+    /// Scratch for the state key of the call in hand, so a call does not allocate one.
+    state_key: String,
+    /// The latest read of one upstream's state (the last one touched) that no write of this worker
+    /// followed. The record of a call usually comes after some admit read the state and before
+    /// anything wrote it, and then it spares its own read (see [`store::update_with_snapshot`]).
+    last_read: Option<(String, Snapshot)>,
 }
 
 /// How long a registered key's state may be missing before a worker other than its creator writes it.
@@ -142,6 +148,8 @@ impl Registry {
             known: HashSet::new(),
             full: false,
             missing_since: HashMap::new(),
+            state_key: String::new(),
+            last_read: None,
         }
     }
 
@@ -169,11 +177,18 @@ impl Registry {
         if let Err(why) = self.register(store, key, cfg) {
             return Admitted::untracked(why);
         }
-        let result = self.update_state(store, key, cfg, now_ms, |b| {
+        // An admit must see the state as it is now (another worker may have opened the breaker): it
+        // always reads.
+        let result = self.update_state(store, key, cfg, now_ms, false, |b| {
             let conformed = b.conform(cfg);
-            let before = b.clone();
+            // `admit` moves the state and, with it, the generation and the open time; never the
+            // window or the failure count (`admit_changes_only_the_state` holds it to that). Comparing
+            // those three tells whether to write, without cloning the breaker, whose window alone is
+            // 270 bytes: this is the path every call takes.
+            let before = (b.state, b.generation, b.open_timeout_ms);
             let (decision, transition) = b.admit(cfg, now_ms);
-            ((decision, transition), conformed || *b != before)
+            let after = (b.state, b.generation, b.open_timeout_ms);
+            ((decision, transition), conformed || after != before)
         });
         match result {
             Ok(u) => {
@@ -207,11 +222,13 @@ impl Registry {
         now_ms: u64,
         outcome: Classification,
     ) -> Recorded {
-        let result = self.update_state(store, key, cfg, now_ms, |b| {
-            let conformed = b.conform(cfg);
-            let before = b.clone();
-            let transition = b.record(cfg, ticket, now_ms, outcome);
-            (transition, conformed || *b != before)
+        // A record nearly always writes, so it may start from this worker's latest read: its CAS
+        // fails if anyone wrote since (and one that would write nothing is redone on a fresh read).
+        let result = self.update_state(store, key, cfg, now_ms, true, |b| {
+            b.conform(cfg);
+            // An outcome nearly always changes the window, so there is no point cloning the breaker
+            // to compare: `store::update` skips the write if the new encoding equals the stored bytes.
+            (b.record(cfg, ticket, now_ms, outcome), true)
         });
         match result {
             Ok(u) => Recorded {
@@ -348,21 +365,59 @@ impl Registry {
         Err(Untracked::Store(UpdateError::GaveUp))
     }
 
-    /// [`store::update`] on an upstream's state key. A registered key whose state is not there yet
-    /// fails open (see [`MISSING_GRACE_MS`]), unless it has been missing for the grace period.
+    /// [`store::update_with_snapshot`] on an upstream's state key, from this worker's latest read of it
+    /// when `from_last_read` and there is one. A registered key whose state is not there yet fails open
+    /// (see [`MISSING_GRACE_MS`]), unless it has been missing for the grace period.
     fn update_state<S, R>(
         &mut self,
         store: &S,
         key: &str,
         cfg: &BreakerConfig,
         now_ms: u64,
+        from_last_read: bool,
+        change: impl FnMut(&mut Breaker) -> (R, bool),
+    ) -> Result<store::Updated<R>, UpdateError>
+    where
+        S: SharedStore + ?Sized,
+    {
+        let mut skey = std::mem::take(&mut self.state_key);
+        skey.clear();
+        skey.push_str(STATE_PREFIX);
+        skey.push_str(key);
+        // The cached entry's key string is reused for the next one, so caching allocates nothing.
+        let (mut read_key, read) = self
+            .last_read
+            .take()
+            .map_or((String::new(), None), |(k, s)| (k, Some(s)));
+        let mut snapshot = read.filter(|_| from_last_read && read_key == key);
+        let result = self.update_state_at(store, key, &skey, cfg, now_ms, &mut snapshot, change);
+        if let Some(snapshot) = snapshot {
+            if read_key != key {
+                read_key.clear();
+                read_key.push_str(key);
+            }
+            self.last_read = Some((read_key, snapshot));
+        }
+        self.state_key = skey;
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn update_state_at<S, R>(
+        &mut self,
+        store: &S,
+        key: &str,
+        skey: &str,
+        cfg: &BreakerConfig,
+        now_ms: u64,
+        snapshot: &mut Option<Snapshot>,
         mut change: impl FnMut(&mut Breaker) -> (R, bool),
     ) -> Result<store::Updated<R>, UpdateError>
     where
         S: SharedStore + ?Sized,
     {
-        let skey = state_key(key);
-        let result = store::update(store, &skey, || Breaker::new(cfg), &mut change);
+        let result =
+            store::update_with_snapshot(store, skey, snapshot, || Breaker::new(cfg), &mut change);
         if !matches!(result, Err(UpdateError::Missing)) {
             if !self.missing_since.is_empty() {
                 self.missing_since.remove(key);
@@ -375,9 +430,9 @@ impl Registry {
         }
         self.missing_since.remove(key);
         store
-            .set(&skey, &codec::encode(&Breaker::new(cfg)), None)
+            .set(skey, &codec::encode(&Breaker::new(cfg)), None)
             .map_err(UpdateError::Store)?;
-        store::update(store, &skey, || Breaker::new(cfg), &mut change)
+        store::update_with_snapshot(store, skey, snapshot, || Breaker::new(cfg), &mut change)
     }
 
     fn remember(&mut self, key: &str) {
@@ -498,6 +553,30 @@ mod tests {
             w1.admit(&s, "", &c, 0).admission,
             Admission::Untracked(Untracked::NoKey)
         );
+    }
+
+    #[test]
+    fn a_record_right_after_its_admit_spares_its_read_and_loses_nothing_to_a_rival() {
+        let s = MemoryStore::new();
+        Registry::ensure_index(&s).unwrap();
+        let c = BreakerConfig {
+            failure_threshold: 10,
+            ..cfg()
+        };
+        let (mut w1, mut w2) = (Registry::new(10), Registry::new(10));
+        let t1 = allow(&mut w1, &s, "a", &c, 0);
+        let (_, cas) = s.get(&state_key("a")).unwrap().unwrap();
+        let r = w1.record(&s, "a", &c, t1, 1, FAIL);
+        assert_eq!((r.attempts, r.error), (1, None));
+        assert_ne!(s.get(&state_key("a")).unwrap().unwrap().1, cas, "written");
+        // w1 reads, w2 writes, then w1 records from its (now stale) read: the CAS catches it.
+        let t1 = allow(&mut w1, &s, "a", &c, 2);
+        let t2 = allow(&mut w2, &s, "a", &c, 2);
+        w2.record(&s, "a", &c, t2, 3, FAIL);
+        let r = w1.record(&s, "a", &c, t1, 4, FAIL);
+        assert_eq!((r.attempts, r.error), (1, None));
+        let b = codec::decode(&s.get(&state_key("a")).unwrap().unwrap().0).unwrap();
+        assert_eq!((b.consecutive_failures, b.stats(4).calls), (3, 3));
     }
 
     #[test]

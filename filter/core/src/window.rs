@@ -137,8 +137,14 @@ impl CountWindow {
                 return None;
             }
         }
-        let failures = failure_bits.iter().map(|w| w.count_ones()).sum::<u32>() as u16;
-        let slow = slow_bits.iter().map(|w| w.count_ones()).sum::<u32>() as u16;
+        // Words past the filled slots are zero (checked above): count only the others. Without a
+        // popcount instruction (x86-64's baseline has none) counting all 32 words cost more than
+        // the rest of a decode.
+        let used = filled.div_ceil(64);
+        let count = |bits: &[u64; WORDS]| -> u16 {
+            bits.iter().take(used).map(|w| w.count_ones()).sum::<u32>() as u16
+        };
+        let (failures, slow) = (count(&failure_bits), count(&slow_bits));
         Some(Self {
             size,
             len,
