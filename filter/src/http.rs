@@ -6,7 +6,7 @@ use std::rc::Rc;
 
 use cb_core::breaker::{StateKind, Ticket, Transition};
 use cb_core::classify::{classify, CallFacts, Outcome, ResponseFlags};
-use cb_core::config::BreakerConfig;
+use cb_core::config::{BreakerConfig, Mode};
 use cb_core::key::UpstreamKey;
 use cb_core::registry::{Admission, Admitted, Recorded, Registry, Untracked};
 use cb_core::reply;
@@ -80,12 +80,20 @@ impl Stream {
     /// Admits the request, or answers it.
     fn admit(&mut self, shared: &Shared) -> Action {
         let config = &shared.config;
-        let (Some(upstream), Some(now)) = (upstream_key(&config.upstream_key), host::now_ms())
-        else {
+        let Some(upstream) = upstream_key(&config.upstream_key) else {
             count_untracked(shared, &Untracked::NoKey);
             return Action::Continue;
         };
         let cfg = config.breaker_for(&upstream);
+        if cfg.mode == Mode::Disabled {
+            // Nothing to track or report (the registry would answer `Untracked::Disabled`, which is not
+            // counted): skip the clock and the content-type, which is a host call that allocates.
+            return Action::Continue;
+        }
+        let Some(now) = host::now_ms() else {
+            count_untracked(shared, &Untracked::NoKey);
+            return Action::Continue;
+        };
         let Ok(mut registry) = shared.registry.try_borrow_mut() else {
             return Action::Continue;
         };
@@ -141,8 +149,14 @@ impl Stream {
         let now = host::now_ms().unwrap_or(call.start_ms);
         facts.grpc = call.grpc;
         facts.duration_ms = Some(now.saturating_sub(call.start_ms));
-        facts.flags = ResponseFlags(host::property_u64(&["response", "flags"]).unwrap_or(0));
-        let verdict = classify(cfg, &facts);
+        let mut verdict = classify(cfg, &facts);
+        // Response flags can only make an outcome a failure. When the statuses already do, reading
+        // them (a property lookup, whose bytes come back through an allocation inside the VM) would
+        // change nothing; otherwise they decide, as before.
+        if verdict.outcome != Outcome::Failure {
+            facts.flags = ResponseFlags(host::property_u64(&["response", "flags"]).unwrap_or(0));
+            verdict = classify(cfg, &facts);
+        }
         let Ok(mut registry) = shared.registry.try_borrow_mut() else {
             return;
         };
