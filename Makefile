@@ -135,3 +135,26 @@ fuzz: fuzz-tools
 fuzz-tools:
 	@rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
 	@[ -x $(TOOLS)/bin/cargo-fuzz ] || cargo install cargo-fuzz --root $(TOOLS)
+
+## ---- Benchmarks (issue 6; not part of `make test`) ---------------------------------------------------
+
+## bench: the filter in a real Envoy measured against Envoy's own floor, side by side in one run, and
+## the breaker core against the failsafe and recloser crates; writes BENCHMARKS.md (see its "Method").
+## About 7 minutes on two cores, plus builds. Installs h2load (Debian's nghttp2-client) when missing.
+bench: build envoy bench-tools bench-probe
+	cargo bench -p circuit-breaker-harness --bench breakers -- --warm-up-time 1 --measurement-time 3 --noplot
+	cargo run -q -p circuit-breaker-harness -- bench
+
+## the host-call probe (harness/benches/hostcall-probe, its own workspace): prices each kind of host
+## call the filter makes, in the same Envoy
+.PHONY: bench-tools bench-probe
+PROBE_WASM := $(ROOT)/target/fixtures/wasm32-wasip1/release/hostcall_probe.wasm
+export CB_PROBE_WASM := $(PROBE_WASM)
+bench-probe: targets
+	cargo build --manifest-path harness/benches/hostcall-probe/Cargo.toml --target wasm32-wasip1 --release \
+		--target-dir $(ROOT)/target/fixtures
+
+bench-tools:
+	@command -v h2load >/dev/null || { apt-get update && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nghttp2-client; }
+	@command -v taskset >/dev/null || echo "bench: taskset not found, the proxy will not be pinned to a core" >&2

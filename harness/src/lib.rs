@@ -8,8 +8,10 @@
 //! - [`simulate`]: replays an access log or a scenario through the core, offline.
 //! - [`svg`]: a dependency-free SVG timeline of breaker states, error rate and latency (simulate, demo).
 //! - [`demo`]: the outage demo behind `make demo`.
+//! - [`bench`]: the benchmarks behind `make bench` (the filter in Envoy against Envoy's own floor).
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod demo;
 pub mod envoy;
 pub mod services;

@@ -1,0 +1,200 @@
+//! The breaker core against two in-process circuit-breaker crates, in one run (issue 6, part 3).
+//!
+//! One "call" is what each library does around a successful call:
+//! - `core`: `Registry::admit` + `Registry::record(Success)` through the in-memory [`MemoryStore`],
+//!   as the filter does per request: read the shared bytes, decode, decide, encode, compare-and-swap.
+//!   Default configuration (count window of 100), Closed, one registered upstream.
+//! - `failsafe`: `CircuitBreaker::call` with a closure that succeeds (`Config::new().build()`: a
+//!   `parking_lot` mutex around the state and its policy).
+//! - `recloser`: `Recloser::call` with a closure that succeeds (`Recloser::default()`: atomics and a
+//!   ring buffer of 100 calls).
+//!
+//! Groups:
+//! - `breakers_1_thread`: one thread, ns per call.
+//! - `breakers_2_threads`: two OS threads racing on one shared breaker (for the core: one store, a
+//!   registry per thread, as each Envoy worker has its own). One iteration is one call on *each*
+//!   thread, timed from a common start to the last thread's end: the time shown is the per-call
+//!   latency under contention.
+//!
+//! `cargo bench -p circuit-breaker-harness --bench breakers` (`make bench` runs it and reports it in
+//! BENCHMARKS.md).
+
+use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use cb_core::classify::{Classification, Outcome};
+use cb_core::config::BreakerConfig;
+use cb_core::registry::{Admission, Registry};
+use cb_core::store::MemoryStore;
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+
+const KEY: &str = "outbound|8080||content.default.svc.cluster.local";
+const OK: Classification = Classification {
+    outcome: Outcome::Success,
+    slow: false,
+};
+
+/// Calls each library did not let through (or, for the core, whose outcome was lost): printed at the
+/// end, and 0 unless a breaker misbehaved under the race.
+static CORE_ANOMALIES: AtomicU64 = AtomicU64::new(0);
+/// Outcomes the core could not store ([`cb_core::store::MAX_CAS_ATTEMPTS`] lost races in a row).
+static CORE_LOST: AtomicU64 = AtomicU64::new(0);
+static FAILSAFE_ANOMALIES: AtomicU64 = AtomicU64::new(0);
+static RECLOSER_ANOMALIES: AtomicU64 = AtomicU64::new(0);
+
+/// The core's shared state: the store, with the index created and `KEY` registered.
+struct CoreShared {
+    cfg: BreakerConfig,
+    store: MemoryStore,
+}
+
+impl CoreShared {
+    fn new() -> Self {
+        let cfg = BreakerConfig::default();
+        let store = MemoryStore::new();
+        let _ = Registry::ensure_index(&store);
+        let _ = Registry::new(1024).admit(&store, KEY, &cfg, 0);
+        Self { cfg, store }
+    }
+}
+
+/// One worker of the core: its own registry, as each Envoy worker's VM has.
+struct CoreWorker {
+    registry: Registry,
+    now_ms: u64,
+}
+
+impl CoreWorker {
+    fn new() -> Self {
+        Self {
+            registry: Registry::new(1024),
+            now_ms: 1,
+        }
+    }
+
+    fn call(&mut self, shared: &CoreShared) {
+        self.now_ms += 1;
+        let admitted = self
+            .registry
+            .admit(&shared.store, KEY, &shared.cfg, self.now_ms);
+        let Admission::Allow(ticket) = admitted.admission else {
+            CORE_ANOMALIES.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let recorded =
+            self.registry
+                .record(&shared.store, KEY, &shared.cfg, ticket, self.now_ms, OK);
+        if recorded.error.is_some() {
+            CORE_LOST.fetch_add(1, Ordering::Relaxed);
+        }
+        black_box(recorded);
+    }
+}
+
+fn failsafe_call(cb: &impl failsafe::CircuitBreaker) {
+    if cb.call(|| Ok::<u32, ()>(black_box(1))).is_err() {
+        FAILSAFE_ANOMALIES.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn recloser_call(r: &recloser::Recloser) {
+    if r.call(|| Ok::<u32, ()>(black_box(1))).is_err() {
+        RECLOSER_ANOMALIES.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn one_thread(c: &mut Criterion) {
+    let mut group = c.benchmark_group("breakers_1_thread");
+    group.throughput(Throughput::Elements(1));
+
+    let shared = CoreShared::new();
+    let mut worker = CoreWorker::new();
+    group.bench_function("core", |b| b.iter(|| worker.call(&shared)));
+
+    let failsafe = failsafe::Config::new().build();
+    group.bench_function("failsafe", |b| b.iter(|| failsafe_call(&failsafe)));
+
+    let recloser = recloser::Recloser::default();
+    group.bench_function("recloser", |b| b.iter(|| recloser_call(&recloser)));
+
+    group.finish();
+}
+
+/// Runs `iters` calls on each of `THREADS` threads from a common start; the time until the last one
+/// ends. `worker(i)` makes thread `i`'s call function.
+fn race<F>(iters: u64, worker: impl Fn() -> F) -> Duration
+where
+    F: FnMut() + Send + 'static,
+{
+    const THREADS: usize = 2;
+    let start = Arc::new(Barrier::new(THREADS + 1));
+    let threads: Vec<_> = (0..THREADS)
+        .map(|_| {
+            let mut call = worker();
+            let start = Arc::clone(&start);
+            std::thread::spawn(move || {
+                start.wait();
+                for _ in 0..iters {
+                    call();
+                }
+            })
+        })
+        .collect();
+    start.wait();
+    let began = Instant::now();
+    for t in threads {
+        // A thread that panicked did less work; the bench's output shows the panic.
+        let _ = t.join();
+    }
+    began.elapsed()
+}
+
+fn two_threads(c: &mut Criterion) {
+    let mut group = c.benchmark_group("breakers_2_threads");
+    group.throughput(Throughput::Elements(2));
+
+    let shared = Arc::new(CoreShared::new());
+    group.bench_function("core", |b| {
+        b.iter_custom(|iters| {
+            race(iters, || {
+                let shared = Arc::clone(&shared);
+                let mut worker = CoreWorker::new();
+                move || worker.call(&shared)
+            })
+        })
+    });
+
+    let failsafe = failsafe::Config::new().build();
+    group.bench_function("failsafe", |b| {
+        b.iter_custom(|iters| {
+            race(iters, || {
+                let cb = failsafe.clone();
+                move || failsafe_call(&cb)
+            })
+        })
+    });
+
+    let recloser = Arc::new(recloser::Recloser::default());
+    group.bench_function("recloser", |b| {
+        b.iter_custom(|iters| {
+            race(iters, || {
+                let r = Arc::clone(&recloser);
+                move || recloser_call(&r)
+            })
+        })
+    });
+
+    group.finish();
+    println!(
+        "calls not let through: core {}, failsafe {}, recloser {}; outcomes the core gave up on: {}",
+        CORE_ANOMALIES.load(Ordering::Relaxed),
+        FAILSAFE_ANOMALIES.load(Ordering::Relaxed),
+        RECLOSER_ANOMALIES.load(Ordering::Relaxed),
+        CORE_LOST.load(Ordering::Relaxed)
+    );
+}
+
+criterion_group!(benches, one_thread, two_threads);
+criterion_main!(benches);
