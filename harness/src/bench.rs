@@ -988,41 +988,76 @@ async fn closed_phase(ctx: &mut Ctx, opts: &Options, upstream_port: u16) -> Resu
     .await?;
     ctx.commands
         .insert("proxy Envoy (closed)".into(), proxy.command.clone());
-    warm_up(ctx, &proxy, &CLOSED_LISTENERS).await?;
-    let throughput = rounds(
-        ctx,
-        &proxy,
-        &CLOSED_LISTENERS,
-        &saturating(opts.secs, 4),
-        opts.rounds,
-        "closed throughput",
-    )
-    .await?;
-    let rate = half_capacity(&throughput);
-    let latency = rounds(
-        ctx,
-        &proxy,
-        &CLOSED_LISTENERS,
-        &fixed_rate(opts.secs, rate),
-        opts.rounds,
-        "closed latency",
-    )
-    .await?;
-    let unloaded = rounds(
-        ctx,
-        &proxy,
-        &CLOSED_LISTENERS,
-        &one_at_a_time(opts.secs),
-        opts.rounds.div_ceil(2).max(2),
-        "closed unloaded latency",
-    )
-    .await?;
+    let Loads {
+        throughput,
+        latency,
+        unloaded,
+        rate,
+    } = loads(ctx, &proxy, &CLOSED_LISTENERS, opts, "closed").await?;
     Ok(Closed {
         throughput,
         latency,
         unloaded,
         rate,
         filter_config,
+    })
+}
+
+/// The three loads each variant is measured under, in interleaved rounds.
+struct Loads {
+    /// Saturating: throughput and proxy CPU per call.
+    throughput: BTreeMap<String, Vec<Run>>,
+    /// At `rate`, half the slowest variant's capacity: latency under load.
+    latency: BTreeMap<String, Vec<Run>>,
+    /// One call at a time: latency without queueing.
+    unloaded: BTreeMap<String, Vec<Run>>,
+    /// The fixed rate of `latency`.
+    rate: f64,
+}
+
+/// Warms `listeners` up, then measures them under the three loads of [`Loads`]; `label` names the
+/// phase in the progress lines.
+async fn loads(
+    ctx: &mut Ctx,
+    proxy: &EnvoyProc,
+    listeners: &[&str],
+    opts: &Options,
+    label: &str,
+) -> Result<Loads> {
+    warm_up(ctx, proxy, listeners).await?;
+    let throughput = rounds(
+        ctx,
+        proxy,
+        listeners,
+        &saturating(opts.secs, 4),
+        opts.rounds,
+        &format!("{label} throughput"),
+    )
+    .await?;
+    let rate = half_capacity(&throughput);
+    let latency = rounds(
+        ctx,
+        proxy,
+        listeners,
+        &fixed_rate(opts.secs, rate),
+        opts.rounds,
+        &format!("{label} latency"),
+    )
+    .await?;
+    let unloaded = rounds(
+        ctx,
+        proxy,
+        listeners,
+        &one_at_a_time(opts.secs),
+        opts.rounds.div_ceil(2).max(2),
+        &format!("{label} unloaded latency"),
+    )
+    .await?;
+    Ok(Loads {
+        throughput,
+        latency,
+        unloaded,
+        rate,
     })
 }
 
@@ -1097,35 +1132,12 @@ async fn open_phase(ctx: &mut Ctx, opts: &Options) -> Result<Open> {
         sanity.push(format!("`{listener}`: {}", grpc_probe(port).await));
     }
 
-    warm_up(ctx, &proxy, &OPEN_LISTENERS).await?;
-    let throughput = rounds(
-        ctx,
-        &proxy,
-        &OPEN_LISTENERS,
-        &saturating(opts.secs, 4),
-        opts.rounds,
-        "open throughput",
-    )
-    .await?;
-    let rate = half_capacity(&throughput);
-    let latency = rounds(
-        ctx,
-        &proxy,
-        &OPEN_LISTENERS,
-        &fixed_rate(opts.secs, rate),
-        opts.rounds,
-        "open latency",
-    )
-    .await?;
-    let unloaded = rounds(
-        ctx,
-        &proxy,
-        &OPEN_LISTENERS,
-        &one_at_a_time(opts.secs),
-        opts.rounds.div_ceil(2).max(2),
-        "open unloaded latency",
-    )
-    .await?;
+    let Loads {
+        throughput,
+        latency,
+        unloaded,
+        rate,
+    } = loads(ctx, &proxy, &OPEN_LISTENERS, opts, "open").await?;
 
     // No breaker in front of the hung upstream: 100 calls in flight, each held until the route
     // timeout; a fixed count, so the run ends after a few timeouts.
