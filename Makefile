@@ -23,9 +23,9 @@ WASM_TEST_RUNNER     = $(TOOLS)/bin/wasm-bindgen-test-runner
 
 ## build: dist/circuit_breaker.wasm (wasm32-wasip1, release)
 build: targets
-	cargo build -p circuit-breaker-filter --target wasm32-wasip1 --release
+	cargo build -p circuit-breaker-wasm --target wasm32-wasip1 --release
 	mkdir -p dist
-	cp target/wasm32-wasip1/release/circuit_breaker.wasm $(WASM)
+	cp target/wasm32-wasip1/release/circuit_breaker_wasm.wasm $(WASM)
 	@ls -l $(WASM)
 
 ## test: every layer: core unit + property tests, harness scenarios, core tests in wasm, e2e in Envoy
@@ -64,7 +64,7 @@ demo: build envoy
 lint: targets
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
-	cargo clippy -p circuit-breaker-core -p circuit-breaker-filter --target wasm32-wasip1 -- -D warnings
+	cargo clippy -p circuit-breaker-core -p circuit-breaker-wasm --target wasm32-wasip1 -- -D warnings
 
 targets:
 	@rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1

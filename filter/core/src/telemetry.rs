@@ -1,0 +1,194 @@
+//! Metrics and log lines: the names written once, and every event of a session turned into them in one
+//! place, so the wasm filter, the native module and the harness report the same things the same way.
+//!
+//! A host implements [`Telemetry`] with whatever its platform offers (wasm stats whose names carry the
+//! labels, the native module's labelled counters, plain counters in the harness); [`report`] decides
+//! what each [`Event`] counts and logs.
+
+/// Every metric the filter exports: contract section 6, then the operational counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Metric {
+    /// `circuit_breaker_state{upstream}`: 0 closed, 1 open, 2 half-open.
+    State,
+    /// `circuit_breaker_calls_total{upstream, result}`: outcomes recorded, success or failure.
+    Calls,
+    /// `circuit_breaker_slow_calls_total{upstream}`.
+    SlowCalls,
+    /// `circuit_breaker_rejected_calls_total{upstream}`.
+    RejectedCalls,
+    /// `circuit_breaker_state_changes_total{upstream, from_state, to_state}`.
+    StateChanges,
+    /// `circuit_breaker_open_total{upstream, reason}`.
+    Open,
+    /// `circuit_breaker_dry_run_rejections_total{upstream}`.
+    DryRunRejections,
+    /// `circuit_breaker_untracked_calls_total`: calls let through with no breaker.
+    UntrackedCalls,
+    /// `circuit_breaker_stuck_calls_total{upstream}`: calls recorded as failures while still waiting.
+    StuckCalls,
+    /// `circuit_breaker_evicted_total`: idle breakers that gave their slot to a new upstream.
+    Evicted,
+    /// `circuit_breaker_corrupt_state_total`: stored state that did not decode and was restarted.
+    CorruptState,
+    /// `circuit_breaker_cas_give_ups_total`: updates abandoned after every CAS attempt lost.
+    CasGiveUps,
+    /// `circuit_breaker_cas_retries_total`: CAS attempts lost to another worker and retried.
+    CasRetries,
+    /// `circuit_breaker_shared_data_errors_total`: store calls the host refused.
+    SharedDataErrors,
+    /// `circuit_breaker_panics_total`: native hooks that panicked and failed open.
+    Panics,
+}
+
+/// Counter or gauge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricKind {
+    /// Only goes up.
+    Counter,
+    /// Set to a value.
+    Gauge,
+}
+
+impl Metric {
+    /// All of them, in the order above.
+    pub const ALL: [Metric; 15] = [
+        Metric::State,
+        Metric::Calls,
+        Metric::SlowCalls,
+        Metric::RejectedCalls,
+        Metric::StateChanges,
+        Metric::Open,
+        Metric::DryRunRejections,
+        Metric::UntrackedCalls,
+        Metric::StuckCalls,
+        Metric::Evicted,
+        Metric::CorruptState,
+        Metric::CasGiveUps,
+        Metric::CasRetries,
+        Metric::SharedDataErrors,
+        Metric::Panics,
+    ];
+
+    /// The name Prometheus shows.
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::State => "circuit_breaker_state",
+            Metric::Calls => "circuit_breaker_calls_total",
+            Metric::SlowCalls => "circuit_breaker_slow_calls_total",
+            Metric::RejectedCalls => "circuit_breaker_rejected_calls_total",
+            Metric::StateChanges => "circuit_breaker_state_changes_total",
+            Metric::Open => "circuit_breaker_open_total",
+            Metric::DryRunRejections => "circuit_breaker_dry_run_rejections_total",
+            Metric::UntrackedCalls => "circuit_breaker_untracked_calls_total",
+            Metric::StuckCalls => "circuit_breaker_stuck_calls_total",
+            Metric::Evicted => "circuit_breaker_evicted_total",
+            Metric::CorruptState => "circuit_breaker_corrupt_state_total",
+            Metric::CasGiveUps => "circuit_breaker_cas_give_ups_total",
+            Metric::CasRetries => "circuit_breaker_cas_retries_total",
+            Metric::SharedDataErrors => "circuit_breaker_shared_data_errors_total",
+            Metric::Panics => "circuit_breaker_panics_total",
+        }
+    }
+
+    /// Counter or gauge.
+    pub fn kind(self) -> MetricKind {
+        match self {
+            Metric::State => MetricKind::Gauge,
+            _ => MetricKind::Counter,
+        }
+    }
+
+    /// Label names, in the order [`Series::label_values`] gives the values.
+    pub fn labels(self) -> &'static [&'static str] {
+        match self {
+            Metric::State
+            | Metric::SlowCalls
+            | Metric::RejectedCalls
+            | Metric::DryRunRejections
+            | Metric::StuckCalls => &["upstream"],
+            Metric::Calls => &["upstream", "result"],
+            Metric::StateChanges => &["upstream", "from_state", "to_state"],
+            Metric::Open => &["upstream", "reason"],
+            Metric::UntrackedCalls
+            | Metric::Evicted
+            | Metric::CorruptState
+            | Metric::CasGiveUps
+            | Metric::CasRetries
+            | Metric::SharedDataErrors
+            | Metric::Panics => &[],
+        }
+    }
+
+    /// Whether the first label is `upstream`.
+    pub fn per_upstream(self) -> bool {
+        self.labels().first() == Some(&"upstream")
+    }
+}
+
+/// One series: a metric and its label values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Series<'a> {
+    /// The metric.
+    pub metric: Metric,
+    /// The `upstream` label, for the metrics that have one.
+    pub upstream: &'a str,
+    /// The values of the labels after `upstream` (`result`, `from_state` and `to_state`, `reason`);
+    /// unused slots are empty.
+    pub extra: [&'static str; 2],
+}
+
+impl<'a> Series<'a> {
+    /// A series with no labels.
+    pub fn global(metric: Metric) -> Self {
+        Self {
+            metric,
+            upstream: "",
+            extra: ["", ""],
+        }
+    }
+
+    /// A series with only the `upstream` label.
+    pub fn of(metric: Metric, upstream: &'a str) -> Self {
+        Self {
+            metric,
+            upstream,
+            extra: ["", ""],
+        }
+    }
+
+    /// The label values, one per name of [`Metric::labels`].
+    pub fn label_values(&self) -> impl Iterator<Item = &str> + '_ {
+        let n = self.metric.labels().len();
+        [self.upstream, self.extra[0], self.extra[1]]
+            .into_iter()
+            .skip(usize::from(!self.metric.per_upstream()))
+            .take(n)
+    }
+}
+
+/// Log levels, as Envoy has them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    /// Very chatty.
+    Trace,
+    /// Chatty.
+    Debug,
+    /// State changes, configuration.
+    Info,
+    /// Something failed open.
+    Warn,
+    /// A configuration refused.
+    Error,
+    /// A panic.
+    Critical,
+}
+
+/// Where metrics and log lines go.
+pub trait Telemetry {
+    /// Adds `n` to a counter.
+    fn add(&mut self, series: &Series<'_>, n: u64);
+    /// Sets a gauge.
+    fn set(&mut self, series: &Series<'_>, value: u64);
+    /// Writes a log line.
+    fn log(&mut self, level: Level, message: &str);
+}
