@@ -3,6 +3,7 @@
 //! policy can be read and tested on its own.
 
 use crate::config::BreakerConfig;
+use crate::deadline::deadline_reached;
 
 /// What one call counts as for the breaker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -46,6 +47,8 @@ pub const GRPC_CODE_NAMES: [&str; 17] = [
     "UNAUTHENTICATED",
 ];
 
+/// `DEADLINE_EXCEEDED`: what a call the client gave up on at its deadline counts as.
+pub const GRPC_DEADLINE_EXCEEDED: u8 = 4;
 /// `UNKNOWN`: what gRPC maps any code outside 0..=16 to.
 pub const GRPC_UNKNOWN: u8 = 2;
 /// `INTERNAL`: what a gRPC client reports for a malformed or missing `grpc-status`.
@@ -275,8 +278,11 @@ pub struct CallFacts<'a> {
     pub flags: ResponseFlags,
     /// How long the call took, in ms.
     pub duration_ms: Option<u64>,
-    /// The filter answered the call itself (a rejection, the health endpoint).
-    pub local_reply: bool,
+    /// The stream ended before its response was complete (a reset or a cancel): judged when it ends,
+    /// from what Envoy says happened.
+    pub ended_early: bool,
+    /// The call's deadline, from its `grpc-timeout` request header, in µs.
+    pub deadline_us: Option<u64>,
 }
 
 /// Classifies a finished call under one breaker's settings (contract section 3).
@@ -294,15 +300,24 @@ pub fn classify(cfg: &BreakerConfig, facts: &CallFacts<'_>) -> Classification {
 }
 
 fn outcome(cfg: &BreakerConfig, facts: &CallFacts<'_>) -> Outcome {
-    if facts.local_reply {
-        return Outcome::Ignored;
-    }
     if facts.flags.upstream_failed() {
         return Outcome::Failure;
     }
     let status = facts.http_status.filter(|s| *s != 0);
-    if status.is_none() && facts.grpc_status.is_none() {
-        // No response at all: either the client left first, or we know nothing about the upstream.
+    let nothing_came = status.is_none() && facts.grpc_status.is_none();
+    if facts.ended_early && (facts.flags.downstream_cancelled() || nothing_came) {
+        // The client left before the response was complete. That says nothing about the upstream,
+        // unless the client left because its deadline had come: then the upstream was too slow to
+        // answer in time, which is what a hung service looks like from here.
+        return match facts.deadline_us {
+            Some(d) if facts.grpc && deadline_reached(d, facts.duration_ms.unwrap_or(0)) => {
+                grpc_outcome(cfg, GRPC_DEADLINE_EXCEEDED)
+            }
+            _ => Outcome::Ignored,
+        };
+    }
+    if nothing_came {
+        // No response and no flag to say why: nothing to judge the upstream by.
         return Outcome::Ignored;
     }
     if facts.grpc {
@@ -311,11 +326,7 @@ fn outcome(cfg: &BreakerConfig, facts: &CallFacts<'_>) -> Outcome {
             Some(raw) => parse_grpc_status(raw).unwrap_or(GRPC_INTERNAL),
             None => status.map_or(GRPC_UNKNOWN, grpc_code_for_http),
         };
-        if cfg.failure_grpc_statuses.contains(code) {
-            Outcome::Failure
-        } else {
-            Outcome::Success
-        }
+        grpc_outcome(cfg, code)
     } else {
         match status {
             Some(s) if cfg.failure_http_statuses.contains(s) => Outcome::Failure,
@@ -323,6 +334,14 @@ fn outcome(cfg: &BreakerConfig, facts: &CallFacts<'_>) -> Outcome {
             Some(s) if !(100..=599).contains(&s) => Outcome::Failure,
             _ => Outcome::Success,
         }
+    }
+}
+
+fn grpc_outcome(cfg: &BreakerConfig, code: u8) -> Outcome {
+    if cfg.failure_grpc_statuses.contains(code) {
+        Outcome::Failure
+    } else {
+        Outcome::Success
     }
 }
 
@@ -446,28 +465,108 @@ mod tests {
     }
 
     #[test]
-    fn downstream_cancel_is_ignored_and_local_replies_too() {
+    fn a_cancel_before_the_deadline_or_without_one_is_ignored() {
         let c = cfg();
-        let flags = ResponseFlags::parse_short("DC").unwrap();
-        let f = CallFacts {
+        for flags in ["DC", "DR"] {
+            let f = CallFacts {
+                grpc: true,
+                flags: ResponseFlags::parse_short(flags).unwrap(),
+                duration_ms: Some(5_000),
+                ended_early: true,
+                ..Default::default()
+            };
+            assert_eq!(
+                classify(&c, &f),
+                Classification {
+                    outcome: Outcome::Ignored,
+                    slow: false
+                },
+                "{flags}, no deadline"
+            );
+            let early = CallFacts {
+                deadline_us: Some(10_000_000),
+                ..f
+            };
+            assert_eq!(classify(&c, &early).outcome, Outcome::Ignored, "{flags}");
+        }
+    }
+
+    #[test]
+    fn a_cancel_at_the_deadline_is_deadline_exceeded() {
+        let c = cfg();
+        let cancel = CallFacts {
             grpc: true,
-            flags,
-            duration_ms: Some(5_000),
+            flags: ResponseFlags(ResponseFlags::DOWNSTREAM_REMOTE_RESET),
+            ended_early: true,
+            deadline_us: Some(300_000),
+            duration_ms: Some(290),
             ..Default::default()
         };
-        assert_eq!(
-            classify(&c, &f),
-            Classification {
-                outcome: Outcome::Ignored,
-                slow: false
-            }
-        );
-        let f = CallFacts {
-            local_reply: true,
-            http_status: Some(503),
+        assert_eq!(classify(&c, &cancel).outcome, Outcome::Failure);
+        // No flag, nothing came: the stream just ended, at the deadline.
+        let silent = CallFacts {
+            flags: ResponseFlags::default(),
+            ..cancel
+        };
+        assert_eq!(classify(&c, &silent).outcome, Outcome::Failure);
+        // Only when DEADLINE_EXCEEDED is a failure status.
+        let lenient = BreakerConfig {
+            failure_grpc_statuses: GrpcCodeSet::empty(),
+            ..cfg()
+        };
+        assert_eq!(classify(&lenient, &cancel).outcome, Outcome::Success);
+        // Not for plain HTTP (grpc-timeout means nothing there).
+        let http = CallFacts {
+            grpc: false,
+            ..cancel
+        };
+        assert_eq!(classify(&c, &http).outcome, Outcome::Ignored);
+        // 21 ms early on a 300 ms deadline is outside the tolerance.
+        let early = CallFacts {
+            duration_ms: Some(279),
+            ..cancel
+        };
+        assert_eq!(classify(&c, &early).outcome, Outcome::Ignored);
+    }
+
+    #[test]
+    fn a_stream_cancelled_after_its_headers_is_ignored_but_a_reset_is_not() {
+        let c = cfg();
+        // Response headers (200) came, then the client cancelled: without the cancel rule, the
+        // missing grpc-status would read as INTERNAL.
+        let cancelled = CallFacts {
+            grpc: true,
+            http_status: Some(200),
+            flags: ResponseFlags(ResponseFlags::DOWNSTREAM_REMOTE_RESET),
+            ended_early: true,
+            duration_ms: Some(50),
             ..Default::default()
         };
-        assert_eq!(classify(&c, &f).outcome, Outcome::Ignored);
+        assert_eq!(classify(&c, &cancelled).outcome, Outcome::Ignored);
+        let past_deadline = CallFacts {
+            deadline_us: Some(40_000),
+            ..cancelled
+        };
+        assert_eq!(classify(&c, &past_deadline).outcome, Outcome::Failure);
+        // The upstream reset the stream: a failure, headers or not, cancel flag or not.
+        for flags in [
+            ResponseFlags::UPSTREAM_REMOTE_RESET,
+            ResponseFlags::UPSTREAM_REMOTE_RESET | ResponseFlags::DOWNSTREAM_REMOTE_RESET,
+            ResponseFlags::UPSTREAM_CONNECTION_TERMINATION,
+        ] {
+            let reset = CallFacts {
+                flags: ResponseFlags(flags),
+                ..cancelled
+            };
+            assert_eq!(classify(&c, &reset).outcome, Outcome::Failure, "{flags:#x}");
+        }
+        // Ended early with headers and no flag at all: the response ended without its trailers,
+        // which a gRPC client reports as INTERNAL.
+        let truncated = CallFacts {
+            flags: ResponseFlags::default(),
+            ..cancelled
+        };
+        assert_eq!(classify(&c, &truncated).outcome, Outcome::Failure);
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod breaker;
 pub mod classify;
 pub mod codec;
 pub mod config;
+pub mod deadline;
 pub mod duration;
 pub mod host;
 pub mod key;
