@@ -1,8 +1,10 @@
-//! Any response an upstream (or Envoy) can produce: classification never panics, and an upstream
-//! failure flag always makes a failure, whatever the status says.
+//! Any response an upstream (or Envoy) can produce, and any `grpc-timeout` a client sends:
+//! classification never panics, an upstream failure flag always makes a failure whatever the status
+//! says, and a stream that ended early without one is never a failure unless it reached its deadline.
 #![no_main]
 
 use cb_core::classify::{classify, parse_grpc_status, CallFacts, Outcome, ResponseFlags};
+use cb_core::deadline::parse_grpc_timeout;
 use cb_core::config::BreakerConfig;
 use libfuzzer_sys::fuzz_target;
 
@@ -17,13 +19,14 @@ fuzz_target!(|data: &[u8]| {
         grpc_status: (head[10] & 4 == 4).then_some(rest),
         flags: ResponseFlags(flags),
         duration_ms: Some(u64::from(status)),
-        local_reply: head[10] & 8 == 8,
+        ended_early: head[10] & 8 == 8,
+        deadline_us: parse_grpc_timeout(rest),
     };
     let c = classify(&cfg, &facts);
-    if facts.local_reply {
-        assert_eq!(c.outcome, Outcome::Ignored);
-    } else if ResponseFlags(flags).upstream_failed() {
+    if ResponseFlags(flags).upstream_failed() {
         assert_eq!(c.outcome, Outcome::Failure);
+    } else if facts.ended_early && ResponseFlags(flags).downstream_cancelled() && facts.deadline_us.is_none() {
+        assert_eq!(c.outcome, Outcome::Ignored);
     }
     if let Some(code) = parse_grpc_status(rest) {
         assert!(code <= 16);

@@ -1,12 +1,11 @@
-//! Any bytes found in shared data, as a breaker state or as the upstream index: decoding never panics,
-//! and whatever decodes re-encodes to the same bytes and keeps working under admit and record.
+//! Any bytes found in shared data, as a breaker state or as a table slot: decoding never panics, and
+//! whatever decodes re-encodes to the same bytes and keeps working under admit and record.
 #![no_main]
 
 use cb_core::breaker::Ticket;
 use cb_core::classify::{Classification, Outcome};
 use cb_core::codec;
 use cb_core::config::BreakerConfig;
-use cb_core::registry::{decode_index, encode_index};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -21,7 +20,7 @@ fuzz_target!(|data: &[u8]| {
         let _ = breaker.stats(u64::MAX);
         assert!(codec::decode(&codec::encode(&breaker)).is_ok());
     }
-    if let Some(keys) = decode_index(data) {
-        assert_eq!(encode_index(&keys), data);
+    if let Ok(slot) = codec::decode_slot(data) {
+        assert_eq!(codec::encode_slot(slot.as_ref()), data, "slots round-trip too");
     }
 });

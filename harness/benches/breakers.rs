@@ -1,9 +1,11 @@
 //! The breaker core against two in-process circuit-breaker crates, in one run (issue 6, part 3).
 //!
 //! One "call" is what each library does around a successful call:
-//! - `core`: `Registry::admit` + `Registry::record(Success)` through the in-memory [`MemoryStore`],
-//!   as the filter does per request: read the shared bytes, decode, decide, encode, compare-and-swap.
-//!   Default configuration (count window of 100), Closed, one registered upstream.
+//! - `core`: the core worker's `admit` + `record(Success)` through shared data in memory
+//!   ([`MemoryStore`]), as the wasm filter does per request: read the shared bytes, decode, decide,
+//!   encode, compare-and-swap. Default configuration (count window of 100), Closed, one upstream.
+//! - `core_native`: the same through the process-wide [`LocalStore`], as the native module does: a
+//!   lock per breaker, no encoding.
 //! - `failsafe`: `CircuitBreaker::call` with a closure that succeeds (`Config::new().build()`: a
 //!   `parking_lot` mutex around the state and its policy).
 //! - `recloser`: `Recloser::call` with a closure that succeeds (`Recloser::default()`: atomics and a
@@ -25,9 +27,10 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use cb_core::classify::{Classification, Outcome};
-use cb_core::config::BreakerConfig;
-use cb_core::registry::{Admission, Registry};
-use cb_core::store::MemoryStore;
+use cb_core::config::FilterConfig;
+use cb_core::store::{BreakerStore, LocalStore, MemoryStore, SharedData};
+use cb_core::telemetry::{Event, Level, Series, Telemetry};
+use cb_core::worker::{Admission, Worker};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 const KEY: &str = "outbound|8080||content.default.svc.cluster.local";
@@ -36,61 +39,54 @@ const OK: Classification = Classification {
     slow: false,
 };
 
-/// Calls each library did not let through (or, for the core, whose outcome was lost): printed at the
-/// end, and 0 unless a breaker misbehaved under the race.
+/// Calls each library did not let through (or, for the core, whose outcome was not stored at once):
+/// printed at the end, and 0 unless a breaker misbehaved under the race.
 static CORE_ANOMALIES: AtomicU64 = AtomicU64::new(0);
-/// Outcomes the core could not store ([`cb_core::store::MAX_CAS_ATTEMPTS`] lost races in a row).
+/// Outcomes the core could not store at once ([`cb_core::store::MAX_CAS_ATTEMPTS`] lost races).
 static CORE_LOST: AtomicU64 = AtomicU64::new(0);
 static FAILSAFE_ANOMALIES: AtomicU64 = AtomicU64::new(0);
 static RECLOSER_ANOMALIES: AtomicU64 = AtomicU64::new(0);
 
-/// The core's shared state: the store, with the index created and `KEY` registered.
-struct CoreShared {
-    cfg: BreakerConfig,
-    store: MemoryStore,
-}
+/// The metrics sink of a benchmark: counts what the breaker would report, and formats nothing.
+struct Quiet;
 
-impl CoreShared {
-    fn new() -> Self {
-        let cfg = BreakerConfig::default();
-        let store = MemoryStore::new();
-        let _ = Registry::ensure_index(&store);
-        let _ = Registry::new(1024).admit(&store, KEY, &cfg, 0);
-        Self { cfg, store }
+impl Telemetry for Quiet {
+    fn add(&mut self, _: &Series<'_>, _: u64) {}
+    fn set(&mut self, _: &Series<'_>, _: u64) {}
+    fn log(&mut self, _: Level, _: &str) {}
+    fn event(&mut self, _: &str, event: &Event) {
+        if matches!(event, Event::Store(_)) {
+            CORE_LOST.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
-/// One worker of the core: its own registry, as each Envoy worker's VM has.
-struct CoreWorker {
-    registry: Registry,
+/// One worker of the core, as each Envoy worker (or VM) has, over store `S`.
+struct CoreWorker<S> {
+    worker: Worker<S>,
     now_ms: u64,
 }
 
-impl CoreWorker {
-    fn new() -> Self {
-        Self {
-            registry: Registry::new(1024),
-            now_ms: 1,
-        }
+impl<S: BreakerStore> CoreWorker<S> {
+    fn new(store: S) -> Self {
+        let mut worker = Worker::new(Arc::new(FilterConfig::default()), 0, store);
+        let _ = worker.prepare();
+        Self { worker, now_ms: 1 }
     }
 
-    fn call(&mut self, shared: &CoreShared) {
+    fn call(&mut self) {
         self.now_ms += 1;
-        let admitted = self
-            .registry
-            .admit(&shared.store, KEY, &shared.cfg, self.now_ms);
-        let Admission::Allow(ticket) = admitted.admission else {
+        let Admission::Allow(call) = self.worker.admit(KEY, self.now_ms, &mut Quiet) else {
             CORE_ANOMALIES.fetch_add(1, Ordering::Relaxed);
             return;
         };
-        let recorded =
-            self.registry
-                .record(&shared.store, KEY, &shared.cfg, ticket, self.now_ms, OK);
-        if recorded.error.is_some() {
-            CORE_LOST.fetch_add(1, Ordering::Relaxed);
-        }
-        black_box(recorded);
+        self.worker.record(call, OK, self.now_ms, &mut Quiet);
+        black_box(&self.worker);
     }
+}
+
+fn shared_data(store: &Arc<MemoryStore>) -> SharedData<Arc<MemoryStore>> {
+    SharedData::new(Arc::clone(store), 1024)
 }
 
 fn failsafe_call(cb: &impl failsafe::CircuitBreaker) {
@@ -109,9 +105,13 @@ fn one_thread(c: &mut Criterion) {
     let mut group = c.benchmark_group("breakers_1_thread");
     group.throughput(Throughput::Elements(1));
 
-    let shared = CoreShared::new();
-    let mut worker = CoreWorker::new();
-    group.bench_function("core", |b| b.iter(|| worker.call(&shared)));
+    let store = Arc::new(MemoryStore::new());
+    let mut worker = CoreWorker::new(shared_data(&store));
+    group.bench_function("core", |b| b.iter(|| worker.call()));
+
+    let table = Arc::new(LocalStore::new(1024));
+    let mut native = CoreWorker::new(Arc::clone(&table));
+    group.bench_function("core_native", |b| b.iter(|| native.call()));
 
     let failsafe = failsafe::Config::new().build();
     group.bench_function("failsafe", |b| b.iter(|| failsafe_call(&failsafe)));
@@ -155,13 +155,22 @@ fn two_threads(c: &mut Criterion) {
     let mut group = c.benchmark_group("breakers_2_threads");
     group.throughput(Throughput::Elements(2));
 
-    let shared = Arc::new(CoreShared::new());
+    let store = Arc::new(MemoryStore::new());
     group.bench_function("core", |b| {
         b.iter_custom(|iters| {
             race(iters, || {
-                let shared = Arc::clone(&shared);
-                let mut worker = CoreWorker::new();
-                move || worker.call(&shared)
+                let mut worker = CoreWorker::new(shared_data(&store));
+                move || worker.call()
+            })
+        })
+    });
+
+    let table = Arc::new(LocalStore::new(1024));
+    group.bench_function("core_native", |b| {
+        b.iter_custom(|iters| {
+            race(iters, || {
+                let mut worker = CoreWorker::new(Arc::clone(&table));
+                move || worker.call()
             })
         })
     });
@@ -188,7 +197,7 @@ fn two_threads(c: &mut Criterion) {
 
     group.finish();
     println!(
-        "calls not let through: core {}, failsafe {}, recloser {}; outcomes the core gave up on: {}",
+        "calls not let through: core {}, failsafe {}, recloser {}; store trouble events in the core: {}",
         CORE_ANOMALIES.load(Ordering::Relaxed),
         FAILSAFE_ANOMALIES.load(Ordering::Relaxed),
         RECLOSER_ANOMALIES.load(Ordering::Relaxed),

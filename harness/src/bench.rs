@@ -39,8 +39,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use cb_core::breaker::Breaker;
+use cb_core::codec;
 use cb_core::config::BreakerConfig;
-use cb_core::{codec, registry};
 
 use crate::envoy::{channel_to, envoy_binary, http_request, wasm_path, workspace_root, Metrics};
 use crate::services::pb::content_service_client::ContentServiceClient;
@@ -1402,12 +1402,23 @@ fn tenant(i: usize) -> String {
 
 async fn memory_phase(ctx: &mut Ctx, upstream_port: u16) -> Result<Memory> {
     let wasm_bytes = fs::metadata(&ctx.wasm).map(|m| m.len()).unwrap_or(0);
-    // Shared-data bytes, from the codec and the index encoding the filter uses.
-    let state_bytes = codec::encode(&Breaker::new(&BreakerConfig::default())).len();
-    let state_key_bytes = registry::state_key(&tenant(0)).len();
+    // Shared-data bytes, from the slot encoding the filter uses: one key per slot of the table,
+    // created empty when a worker is configured, holding key and breaker once an upstream takes it.
+    let slot = cb_core::store::Slot {
+        key: tenant(0),
+        last_call_ms: 0,
+        shaped_ms: 0,
+        breaker: Breaker::new(&BreakerConfig::default()),
+    };
+    let state_bytes = codec::encode_slot(Some(&slot)).len();
+    let capacity = (MANY_KEYS * 2) as u32;
+    let state_key_bytes =
+        cb_core::store::SharedData::new(cb_core::store::MemoryStore::new(), capacity)
+            .slot_key(capacity - 1)
+            .len();
+    let index_bytes_1 = codec::encode_slot(None).len();
+    let index_bytes_many = (index_bytes_1 + state_key_bytes) * capacity as usize;
     let keys: Vec<String> = (0..MANY_KEYS).map(tenant).collect();
-    let index_bytes_1 = registry::encode_index(keys.get(..1).unwrap_or_default()).len();
-    let index_bytes_many = registry::encode_index(&keys).len();
 
     let workers = 2;
     let config = format!(
@@ -2052,20 +2063,17 @@ impl Report<'_> {
         );
         let _ = writeln!(
             md,
-            "| shared data per upstream | {} bytes of state (count window of 100) under a {}-byte key \
-             (`circuit_breaker.v1.state.` + the upstream key, here `{}`), plus {} bytes in the index \
-             (u16 length + the key) |",
+            "| shared data per upstream | one slot: {} bytes (the key `{}`, its times, and the state of a count window of 100) under a key of at most {} bytes (`circuit_breaker.v2.<capacity>.<slot>`) |",
             m.state_bytes,
-            m.state_key_bytes,
             tenant(0),
-            m.index_bytes_many.saturating_sub(m.index_bytes_1) / MANY_KEYS.saturating_sub(1).max(1)
+            m.state_key_bytes,
         );
         let _ = writeln!(
             md,
-            "| the index | {} bytes with 1 key, {} bytes with {} |",
+            "| the table | {} bytes per empty slot; {} bytes for the {} slots of this run, created when a worker is configured |",
             num(m.index_bytes_1 as f64),
             num(m.index_bytes_many as f64),
-            num(MANY_KEYS as f64)
+            num((MANY_KEYS * 2) as f64)
         );
         let kib = |v: Option<u64>| v.map_or("–".into(), |k| format!("{} KiB", num(k as f64)));
         let _ = writeln!(

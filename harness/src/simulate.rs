@@ -52,16 +52,20 @@ use std::collections::{BTreeMap, BinaryHeap};
 use std::fmt::Write as _;
 use std::io::Write as _;
 
-use cb_core::breaker::{StateKind, Ticket, Transition};
+use cb_core::breaker::{StateKind, Transition};
 use cb_core::classify::{
     classify, grpc_code_from_name, CallFacts, Classification, Outcome, ResponseFlags,
 };
 use cb_core::config::{BreakerConfig, FilterConfig};
 use cb_core::duration::parse_duration_ms;
+use cb_core::host::Host;
 use cb_core::key::UpstreamKey;
-use cb_core::registry::{Admission, Registry, Untracked};
-use cb_core::reply::is_grpc;
-use cb_core::store::MemoryStore;
+use cb_core::registry::Untracked;
+use cb_core::reply::{is_grpc, LocalReply};
+use cb_core::session::Session;
+use cb_core::store::LocalStore;
+use cb_core::telemetry::{Event, Level, Series, Telemetry};
+use cb_core::worker::Worker;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -149,7 +153,8 @@ impl Call {
             grpc_status: grpc_status.as_deref().map(str::as_bytes),
             flags: self.response_flags,
             duration_ms: Some(self.duration_ms),
-            local_reply: false,
+            ended_early: self.response_code.is_none(),
+            deadline_us: None,
         };
         classify(cfg, &facts)
     }
@@ -1032,12 +1037,76 @@ enum EventKind {
     Admit,
 }
 
-/// Replays calls through the breaker core under `config` and reports what it would have done.
+/// One logged call as the filter would have seen it in Envoy: its request, then its response, and
+/// the events the core's session produced for it.
+struct ReplayHost<'a> {
+    call: &'a Call,
+    now_ms: u64,
+    responded: bool,
+    events: Vec<Event>,
+}
+
+impl Telemetry for ReplayHost<'_> {
+    fn add(&mut self, _: &Series<'_>, _: u64) {}
+    fn set(&mut self, _: &Series<'_>, _: u64) {}
+    fn log(&mut self, _: Level, _: &str) {}
+    fn event(&mut self, _: &str, event: &Event) {
+        self.events.push(event.clone());
+    }
+}
+
+impl Host for ReplayHost<'_> {
+    fn now_ms(&mut self) -> Option<u64> {
+        Some(self.now_ms)
+    }
+    fn request_header(&mut self, name: &str) -> Option<Vec<u8>> {
+        let c = self.call;
+        let value = match name {
+            "content-type" => c.grpc.then(|| "application/grpc".to_string()),
+            ":path" => c.path.clone(),
+            ":authority" => c.authority.clone(),
+            ":method" => c.method.clone(),
+            other => c.fields.get(other).cloned(),
+        };
+        value.map(String::into_bytes)
+    }
+    fn response_header(&mut self, name: &str) -> Option<Vec<u8>> {
+        if !self.responded {
+            return None;
+        }
+        match name {
+            ":status" => self.call.response_code.map(|c| c.to_string().into_bytes()),
+            "grpc-status" => self.call.grpc_status.map(|c| c.to_string().into_bytes()),
+            _ => None,
+        }
+    }
+    fn response_trailer(&mut self, _: &str) -> Option<Vec<u8>> {
+        None
+    }
+    fn cluster_name(&mut self) -> Option<Vec<u8>> {
+        self.call.upstream_cluster.clone().map(String::into_bytes)
+    }
+    fn response_code(&mut self) -> Option<u16> {
+        self.call.response_code
+    }
+    fn response_flags(&mut self) -> Option<u64> {
+        Some(self.call.response_flags.0)
+    }
+    fn set_request_header(&mut self, _: &str, _: &str) {}
+    fn add_response_header(&mut self, _: &str, _: &str) {}
+    fn send_reply(&mut self, _: &LocalReply) -> bool {
+        true
+    }
+}
+
+/// The filter's worker, replaying: the breaker table in memory, as the native module keeps it.
+type ReplayWorker = Worker<Box<LocalStore>>;
+
+/// Replays calls through the breaker core under `config` and reports what it would have done: each
+/// call is a stream of the core's own session, admitted when it started and settled when it ended.
 pub fn simulate(calls: &[Call], config: &FilterConfig, opts: &Options) -> Report {
-    let store = MemoryStore::new();
-    // The in-memory store cannot fail; without the index `admit` would create it anyway.
-    let _ = Registry::ensure_index(&store);
-    let mut registry = Registry::new(config.max_upstreams);
+    let table = Box::new(LocalStore::new(config.max_upstreams));
+    let mut worker: ReplayWorker = Worker::new(std::sync::Arc::new(config.clone()), 0, table);
     let keys: Vec<Option<String>> = calls
         .iter()
         .map(|c| c.upstream_key(&config.upstream_key))
@@ -1048,7 +1117,7 @@ pub fn simulate(calls: &[Call], config: &FilterConfig, opts: &Options) -> Report
         .map(|(c, k)| {
             c.classify(
                 k.as_deref()
-                    .map_or(&config.defaults, |k| config.breaker_for(k)),
+                    .map_or(config.defaults(), |k| config.breaker_for(k)),
             )
         })
         .collect();
@@ -1063,7 +1132,7 @@ pub fn simulate(calls: &[Call], config: &FilterConfig, opts: &Options) -> Report
 
     let mut tracks: BTreeMap<String, Track> = BTreeMap::new();
     let mut untracked: BTreeMap<String, u64> = BTreeMap::new();
-    let mut tickets: Vec<Option<Ticket>> = vec![None; calls.len()];
+    let mut sessions: Vec<Option<Session>> = (0..calls.len()).map(|_| None).collect();
     let mut queue: BinaryHeap<Reverse<(u64, EventKind, usize)>> = calls
         .iter()
         .enumerate()
@@ -1071,10 +1140,10 @@ pub fn simulate(calls: &[Call], config: &FilterConfig, opts: &Options) -> Report
         .collect();
 
     while let Some(Reverse((at, kind, i))) = queue.pop() {
-        let (Some(key), Some(verdict)) = (
-            keys.get(i).and_then(Option::as_deref),
-            verdicts.get(i).copied(),
-        ) else {
+        let (Some(call), Some(verdict)) = (calls.get(i), verdicts.get(i).copied()) else {
+            continue;
+        };
+        let Some(key) = keys.get(i).and_then(Option::as_deref) else {
             if kind == EventKind::Admit {
                 *untracked.entry("no_key".into()).or_default() += 1;
             }
@@ -1088,41 +1157,52 @@ pub fn simulate(calls: &[Call], config: &FilterConfig, opts: &Options) -> Report
         let Some(track) = tracks.get_mut(key) else {
             continue;
         };
+        let mut host = ReplayHost {
+            call,
+            now_ms: at,
+            responded: false,
+            events: Vec::new(),
+        };
         match kind {
             EventKind::Admit => {
                 track.report.calls += 1;
-                let admitted = registry.admit(&store, key, cfg, at);
-                if let Some(t) = admitted.transition {
-                    track.apply(t, at, start_ms);
-                }
-                match admitted.admission {
-                    Admission::Allow(ticket) => {
-                        track.report.allowed += 1;
-                        if let Some(slot) = tickets.get_mut(i) {
-                            *slot = Some(ticket);
-                        }
-                        let end = calls.get(i).map_or(at, Call::end_ms);
-                        queue.push(Reverse((end, EventKind::Record, i)));
+                let mut session = Session::new();
+                session.on_request(&mut worker, &mut host);
+                if session.in_flight() {
+                    track.report.allowed += 1;
+                    queue.push(Reverse((call.end_ms(), EventKind::Record, i)));
+                    if let Some(slot) = sessions.get_mut(i) {
+                        *slot = Some(session);
                     }
-                    Admission::Reject(_) => track.reject(verdict, false),
-                    Admission::DryRun(_) => track.reject(verdict, true),
-                    Admission::Untracked(why) => {
-                        track.report.untracked += 1;
-                        *untracked.entry(untracked_reason(&why).into()).or_default() += 1;
-                    }
+                } else if host.events.is_empty() {
+                    track.report.untracked += 1;
+                    *untracked.entry("disabled".into()).or_default() += 1;
                 }
             }
             EventKind::Record => {
-                let Some(ticket) = tickets.get(i).copied().flatten() else {
+                let Some(mut session) = sessions.get_mut(i).and_then(Option::take) else {
                     continue;
                 };
                 if verdict.outcome == Outcome::Failure {
                     track.report.failures_let_through += 1;
                 }
-                let recorded = registry.record(&store, key, cfg, ticket, at, verdict);
-                if let Some(t) = recorded.transition {
-                    track.apply(t, at, start_ms);
+                if call.response_code.is_some() {
+                    host.responded = true;
+                    session.on_response_headers(&mut worker, &mut host, true);
                 }
+                session.on_end(&mut worker, &mut host);
+            }
+        }
+        for e in host.events {
+            match e {
+                Event::Transition(t) => track.apply(t, at, start_ms),
+                Event::Rejected(_) => track.reject(verdict, false),
+                Event::DryRun(_) => track.reject(verdict, true),
+                Event::Untracked(why) => {
+                    track.report.untracked += 1;
+                    *untracked.entry(untracked_reason(&why).into()).or_default() += 1;
+                }
+                _ => {}
             }
         }
     }
@@ -1181,10 +1261,11 @@ fn finish(mut track: Track, cfg: &BreakerConfig, end_ms: u64, blip_ms: u64) -> U
 
 fn untracked_reason(why: &Untracked) -> &'static str {
     match why {
-        Untracked::Disabled => "disabled",
         Untracked::TooManyUpstreams => "too_many_upstreams",
         Untracked::KeyTooLong => "key_too_long",
         Untracked::NoKey => "no_key",
+        Untracked::NoClock => "no_clock",
+        Untracked::ReplyFailed => "reply_failed",
         Untracked::Store(_) => "store_error",
     }
 }

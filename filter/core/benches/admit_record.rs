@@ -1,13 +1,13 @@
-//! What the breaker costs a call: one `admit` and one `record` through the store, as the filter does per
-//! request (decode, decide, encode, compare-and-swap).
+//! What the breaker costs a call, measured on the core worker as every host drives it: one `admit` and
+//! one `record` of a success, Closed, default configuration.
 //!
-//! - `admit_record/closed_1_worker`: one worker, Closed state, default configuration (count window of
-//!   100), in-memory store. The baseline per request.
-//! - `admit_record/closed_2_threads_one_key`: two OS threads, each its own registry as each Envoy
-//!   worker has, racing on the same key. Measured with `iter_custom`: one iteration is one
-//!   admit+record on *each* thread, timed from a common start to the last thread's end, so the time
-//!   shown is the per-call latency under contention and the throughput (2 elements per iteration) is
-//!   the aggregate. CAS retries and give-ups are counted and printed at the end.
+//! - `admit_record/shared_data`: through shared data in memory, as the wasm filter stores breakers
+//!   (decode, decide, encode, compare-and-swap).
+//! - `admit_record/local`: through the process-wide table, as the native module stores them (a lock
+//!   per breaker, no encoding).
+//! - `admit_record/globs_1` and `admit_record/globs_10000`: the same call under a configuration with
+//!   one glob override or ten thousand (none matching the key): a key's settings are resolved once per
+//!   worker and kept, so the two must cost the same.
 //!
 //! `cargo bench -p circuit-breaker-core --bench admit_record`. Native only: criterion is not a wasm
 //! dev-dependency, so on wasm this is an empty program.
@@ -15,14 +15,13 @@
 #[cfg(not(target_arch = "wasm32"))]
 mod native {
     use std::hint::black_box;
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::{Arc, Barrier};
-    use std::time::{Duration, Instant};
+    use std::sync::Arc;
 
     use cb_core::classify::{Classification, Outcome};
-    use cb_core::config::BreakerConfig;
-    use cb_core::registry::{Admission, Registry};
-    use cb_core::store::MemoryStore;
+    use cb_core::config::FilterConfig;
+    use cb_core::store::{BreakerStore, LocalStore, MemoryStore, SharedData};
+    use cb_core::telemetry::{Event, Level, Series, Telemetry};
+    use cb_core::worker::{Admission, Worker};
     use criterion::{Criterion, Throughput};
 
     const KEY: &str = "outbound|8080||content.default.svc.cluster.local";
@@ -31,133 +30,77 @@ mod native {
         slow: false,
     };
 
-    /// A store with the index created and `KEY` registered, as after the first call.
-    fn store(cfg: &BreakerConfig) -> MemoryStore {
-        let store = MemoryStore::new();
-        let _ = Registry::ensure_index(&store);
-        let _ = Registry::new(1024).admit(&store, KEY, cfg, 0);
-        store
+    struct Quiet;
+
+    impl Telemetry for Quiet {
+        fn add(&mut self, _: &Series<'_>, _: u64) {}
+        fn set(&mut self, _: &Series<'_>, _: u64) {}
+        fn log(&mut self, _: Level, _: &str) {}
+        fn event(&mut self, _: &str, _: &Event) {}
     }
 
-    /// One call's worth of breaker work. Returns false when the call was not let through (which a
-    /// default configuration fed only successes never does; counted so the figures can be trusted).
-    fn call(
-        registry: &mut Registry,
-        store: &MemoryStore,
-        cfg: &BreakerConfig,
-        now_ms: u64,
-        contention: &Contention,
-    ) -> bool {
-        let admitted = registry.admit(store, KEY, cfg, now_ms);
-        contention.note(admitted.attempts, false);
-        let Admission::Allow(ticket) = admitted.admission else {
-            return false;
-        };
-        let recorded = black_box(registry.record(store, KEY, cfg, ticket, now_ms, OK));
-        contention.note(recorded.attempts, recorded.error.is_some());
-        true
+    fn worker<S: BreakerStore>(config: FilterConfig, store: S) -> Worker<S> {
+        let mut w = Worker::new(Arc::new(config), 0, store);
+        let _ = w.prepare();
+        w
     }
 
-    #[derive(Default)]
-    struct Contention {
-        ops: AtomicU64,
-        retries: AtomicU64,
-        give_ups: AtomicU64,
-        not_allowed: AtomicU64,
-    }
-
-    impl Contention {
-        fn note(&self, attempts: u32, gave_up: bool) {
-            self.ops.fetch_add(1, Ordering::Relaxed);
-            self.retries
-                .fetch_add(u64::from(attempts.saturating_sub(1)), Ordering::Relaxed);
-            self.give_ups
-                .fetch_add(u64::from(gave_up), Ordering::Relaxed);
+    /// One call's worth of breaker work.
+    fn call<S: BreakerStore>(w: &mut Worker<S>, now_ms: u64) {
+        if let Admission::Allow(c) = w.admit(KEY, now_ms, &mut Quiet) {
+            w.record(c, OK, now_ms, &mut Quiet);
         }
-
-        fn report(&self, name: &str) {
-            let ops = self.ops.load(Ordering::Relaxed).max(1);
-            let retries = self.retries.load(Ordering::Relaxed);
-            println!(
-                "{name}: {ops} store updates, {retries} CAS retries ({:.3} per update), {} give-ups, {} calls not let through",
-                retries as f64 / ops as f64,
-                self.give_ups.load(Ordering::Relaxed),
-                self.not_allowed.load(Ordering::Relaxed),
-            );
-        }
+        black_box(w);
     }
 
-    pub fn closed_1_worker(c: &mut Criterion) {
-        let cfg = BreakerConfig::default();
-        let store = store(&cfg);
-        let mut registry = Registry::new(1024);
-        let contention = Contention::default();
-        let mut now_ms = 0u64;
+    fn globs(n: usize) -> FilterConfig {
+        let upstreams: serde_json::Map<String, serde_json::Value> = (0..n)
+            .map(|i| {
+                (
+                    format!("*tenant-{i}-*"),
+                    serde_json::json!({"failure_threshold": 3}),
+                )
+            })
+            .collect();
+        FilterConfig::from_value(serde_json::json!({ "upstreams": upstreams })).unwrap_or_default()
+    }
+
+    pub fn admit_record(c: &mut Criterion) {
         let mut group = c.benchmark_group("admit_record");
         group.throughput(Throughput::Elements(1));
-        group.bench_function("closed_1_worker", |b| {
+        let memory = MemoryStore::new();
+        let mut shared = worker(FilterConfig::default(), SharedData::new(&memory, 1024));
+        let mut now = 0u64;
+        group.bench_function("shared_data", |b| {
             b.iter(|| {
-                now_ms += 1;
-                if !call(&mut registry, &store, &cfg, now_ms, &contention) {
-                    contention.not_allowed.fetch_add(1, Ordering::Relaxed);
-                }
+                now += 1;
+                call(&mut shared, now)
             })
         });
-        group.finish();
-        contention.report("closed_1_worker");
-    }
-
-    pub fn closed_2_threads_one_key(c: &mut Criterion) {
-        const THREADS: u64 = 2;
-        let cfg = Arc::new(BreakerConfig::default());
-        let store = Arc::new(store(&cfg));
-        let contention = Arc::new(Contention::default());
-        let mut group = c.benchmark_group("admit_record");
-        group.throughput(Throughput::Elements(THREADS));
-        group.bench_function("closed_2_threads_one_key", |b| {
-            b.iter_custom(|iters| {
-                let start = Arc::new(Barrier::new(THREADS as usize + 1));
-                let threads: Vec<_> = (0..THREADS)
-                    .map(|_| {
-                        let (cfg, store, contention, start) = (
-                            Arc::clone(&cfg),
-                            Arc::clone(&store),
-                            Arc::clone(&contention),
-                            Arc::clone(&start),
-                        );
-                        std::thread::spawn(move || {
-                            let mut registry = Registry::new(1024);
-                            start.wait();
-                            for i in 0..iters {
-                                if !call(&mut registry, &store, &cfg, i, &contention) {
-                                    contention.not_allowed.fetch_add(1, Ordering::Relaxed);
-                                }
-                            }
-                        })
-                    })
-                    .collect();
-                start.wait();
-                let began = Instant::now();
-                let mut elapsed = Duration::ZERO;
-                for t in threads {
-                    // A thread that panicked did less work; the counters above would show it.
-                    let _ = t.join();
-                    elapsed = began.elapsed();
-                }
-                elapsed
+        let table = LocalStore::new(1024);
+        let mut local = worker(FilterConfig::default(), &table);
+        group.bench_function("local", |b| {
+            b.iter(|| {
+                now += 1;
+                call(&mut local, now)
             })
         });
+        for n in [1, 10_000] {
+            let table = LocalStore::new(1024);
+            let mut w = worker(globs(n), &table);
+            group.bench_function(format!("globs_{n}"), |b| {
+                b.iter(|| {
+                    now += 1;
+                    call(&mut w, now)
+                })
+            });
+        }
         group.finish();
-        contention.report("closed_2_threads_one_key");
     }
 }
 
 #[cfg(not(target_arch = "wasm32"))]
-criterion::criterion_group!(
-    benches,
-    native::closed_1_worker,
-    native::closed_2_threads_one_key
-);
+criterion::criterion_group!(benches, native::admit_record);
 #[cfg(not(target_arch = "wasm32"))]
 criterion::criterion_main!(benches);
 

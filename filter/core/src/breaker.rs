@@ -207,6 +207,17 @@ impl Breaker {
         }
     }
 
+    /// How long a call turned away in HalfOpen, with every probe permit taken, is told to wait: a
+    /// tenth of the open time in force, from 100 ms to 5 s.
+    ///
+    /// A gRPC client with a retry policy waits `grpc-retry-pushback-ms` instead of its own backoff;
+    /// with no hint, grpcio spends every attempt in about 40 ms, each one rejected again. The probes
+    /// need about one call's latency to report, which a tenth of any sensible open time outlasts,
+    /// while staying short next to it, so a client comes back soon after the breaker closes.
+    pub fn probe_wait_ms(&self) -> u64 {
+        (self.open_timeout_ms / 10).clamp(100, 5_000)
+    }
+
     /// Decides on a new call at `now_ms`. May change the state: Open → HalfOpen once the open time has
     /// passed, a probe permit taken, or (`forced_open`) Closed → Open.
     ///
@@ -283,7 +294,7 @@ impl Breaker {
                         cfg,
                         Rejection {
                             state: StateKind::HalfOpen,
-                            retry_after_ms: None,
+                            retry_after_ms: Some(self.probe_wait_ms()),
                         },
                     )
                 }
@@ -374,27 +385,6 @@ impl Breaker {
             }
             _ => None,
         }
-    }
-
-    /// Releases a probe permit without an outcome (the call's stream ended with nothing to judge).
-    pub fn release(&mut self, ticket: Ticket) -> bool {
-        if !ticket.probe || ticket.generation != self.generation {
-            return false;
-        }
-        if let BreakerState::HalfOpen {
-            in_flight,
-            successes,
-            last_permit_ms,
-        } = self.state
-        {
-            self.state = BreakerState::HalfOpen {
-                in_flight: in_flight.saturating_sub(1),
-                successes,
-                last_permit_ms,
-            };
-            return true;
-        }
-        false
     }
 
     fn trip_reason(&self, cfg: &BreakerConfig, now_ms: u64) -> Option<Reason> {
@@ -614,14 +604,23 @@ mod tests {
         let (d, t) = b.admit(&c, 1_000);
         assert!(matches!(d, Decision::Allow(Ticket { probe: true, .. })));
         assert_eq!(t.unwrap().reason, Reason::OpenTimeoutElapsed);
-        // The single permit is taken: the next caller is turned away as half_open.
+        // The single permit is taken: the next caller is turned away as half_open, told to come
+        // back after a tenth of the open time (at least 100 ms).
         assert_eq!(
             b.admit(&c, 1_001).0,
             Decision::Reject(Rejection {
                 state: StateKind::HalfOpen,
-                retry_after_ms: None
+                retry_after_ms: Some(100)
             })
         );
+        let long = BreakerConfig {
+            open_timeout_ms: 20_000,
+            ..cfg()
+        };
+        let mut wait = Breaker::new(&long);
+        assert_eq!(wait.probe_wait_ms(), 2_000);
+        wait.open_timeout_ms = 600_000;
+        assert_eq!(wait.probe_wait_ms(), 5_000, "at most 5 s");
         let Decision::Allow(ticket) = d else {
             unreachable!()
         };
@@ -686,14 +685,14 @@ mod tests {
         }
         let tickets: Vec<_> = (0..3).map(|_| allow(&mut b, &c, 1_000)).collect();
         assert!(matches!(b.admit(&c, 1_000).0, Decision::Reject(_)));
-        assert!(b.release(tickets[0]));
-        assert!(
-            !b.release(Ticket {
-                probe: false,
-                ..tickets[1]
-            }),
-            "non-probe tickets hold no permit"
-        );
+        // A non-probe ticket of this generation holds no permit: its outcome frees none.
+        let not_a_probe = Ticket {
+            probe: false,
+            ..tickets[0]
+        };
+        assert_eq!(b.record(&c, not_a_probe, 1_000, IGNORED), None);
+        assert!(matches!(b.admit(&c, 1_000).0, Decision::Reject(_)));
+        assert_eq!(b.record(&c, tickets[0], 1_000, IGNORED), None);
         allow(&mut b, &c, 1_000);
         // An ignored probe gives its permit back too.
         assert_eq!(b.record(&c, tickets[1], 1_000, IGNORED), None);

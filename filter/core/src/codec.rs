@@ -19,10 +19,26 @@
 //! A count window of 100 takes 64 bytes in all; of 1024, 294; a time window, 240. Bytes that are not
 //! exactly this layout (foreign data, another version, a truncated write, an impossible window) decode
 //! to a [`CodecError`]: the caller starts the breaker afresh, counts it and logs it. Never a panic.
+//!
+//! A table slot ([`Slot`]) wraps a breaker with its upstream key:
+//!
+//! ```text
+//! offset size  field
+//!      0    1  magic 0xCB
+//!      1    1  'S'
+//!      2    1  slot version (2)
+//!      3    2  key length (0: an empty slot, and nothing follows)
+//!      5    n  key (UTF-8, at most 512 bytes)
+//!    5+n    8  last call (ms)
+//!   13+n    8  window shaped by the configuration of (ms)
+//!   21+n       the breaker, as above
+//! ```
 
 use std::fmt;
 
 use crate::breaker::{Breaker, BreakerState};
+use crate::config::MAX_KEY_LEN;
+use crate::store::Slot;
 use crate::window::{Bucket, CountWindow, TimeWindow, Window, TIME_BUCKETS};
 
 const MAGIC: u8 = 0xCB;
@@ -234,6 +250,71 @@ pub fn decode(bytes: &[u8]) -> Result<Breaker, CodecError> {
     })
 }
 
+const SLOT_MAGIC: [u8; 3] = [MAGIC, b'S', SLOT_VERSION];
+/// Slot layout version written by this build.
+pub const SLOT_VERSION: u8 = 2;
+
+/// Encodes a slot (`None`: empty) into `out`, replacing what it held.
+pub fn encode_slot_into(slot: Option<&Slot>, out: &mut Vec<u8>) {
+    out.clear();
+    out.extend_from_slice(&SLOT_MAGIC);
+    let Some(slot) = slot else {
+        out.extend_from_slice(&0u16.to_le_bytes());
+        return;
+    };
+    // Keys are bounded by MAX_KEY_LEN before they get a slot, so the length always fits.
+    out.extend_from_slice(&(slot.key.len().min(usize::from(u16::MAX)) as u16).to_le_bytes());
+    out.extend_from_slice(slot.key.as_bytes());
+    out.extend_from_slice(&slot.last_call_ms.to_le_bytes());
+    out.extend_from_slice(&slot.shaped_ms.to_le_bytes());
+    let mut breaker = Encoded::new();
+    encode_into(&slot.breaker, &mut breaker);
+    out.extend_from_slice(breaker.as_bytes());
+}
+
+/// Encodes a slot (`None`: empty).
+pub fn encode_slot(slot: Option<&Slot>) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode_slot_into(slot, &mut out);
+    out
+}
+
+/// Decodes bytes written by [`encode_slot`]: `None` for an empty slot.
+pub fn decode_slot(bytes: &[u8]) -> Result<Option<Slot>, CodecError> {
+    let mut r = Reader(bytes);
+    let [magic, kind, version] = r.take::<3>()?;
+    if [magic, kind] != [MAGIC, b'S'] {
+        return Err(CodecError::Malformed);
+    }
+    if version != SLOT_VERSION {
+        return Err(CodecError::Version(version));
+    }
+    let key_len = usize::from(r.u16()?);
+    if key_len == 0 {
+        return if r.0.is_empty() {
+            Ok(None)
+        } else {
+            Err(CodecError::Malformed)
+        };
+    }
+    if key_len > MAX_KEY_LEN {
+        return Err(CodecError::Invalid("key longer than 512 bytes"));
+    }
+    let (key, rest) = r.0.split_at_checked(key_len).ok_or(CodecError::Malformed)?;
+    let key = std::str::from_utf8(key)
+        .map_err(|_| CodecError::Invalid("key is not UTF-8"))?
+        .to_string();
+    r.0 = rest;
+    let last_call_ms = r.u64()?;
+    let shaped_ms = r.u64()?;
+    Ok(Some(Slot {
+        key,
+        last_call_ms,
+        shaped_ms,
+        breaker: decode(r.0)?,
+    }))
+}
+
 fn bit_bytes(size: u16) -> usize {
     usize::from(size).div_ceil(8)
 }
@@ -391,5 +472,47 @@ mod tests {
         let mut bad_len = good.clone();
         bad_len[34] = 200; // len > size
         assert!(matches!(decode(&bad_len), Err(CodecError::Invalid(_))));
+    }
+
+    #[test]
+    fn slots_round_trip_and_refuse_what_is_not_theirs() {
+        let slot = Slot {
+            key: "outbound|8080||content.svc".to_string(),
+            last_call_ms: 1_700_000_000_123,
+            shaped_ms: 42,
+            breaker: sample(WindowConfig::Count(100)),
+        };
+        let bytes = encode_slot(Some(&slot));
+        assert_eq!(bytes.len(), 5 + slot.key.len() + 16 + 64);
+        assert_eq!(decode_slot(&bytes), Ok(Some(slot.clone())));
+        assert_eq!(decode_slot(&encode_slot(None)), Ok(None));
+        assert_eq!(decode_slot(&[]), Err(CodecError::Malformed));
+        assert_eq!(
+            decode_slot(&encode(&slot.breaker)),
+            Err(CodecError::Malformed),
+            "a bare breaker is not a slot"
+        );
+        let mut v3 = bytes.clone();
+        v3[2] = 3;
+        assert_eq!(decode_slot(&v3), Err(CodecError::Version(3)));
+        assert_eq!(
+            decode_slot(&bytes[..bytes.len() - 1]),
+            Err(CodecError::Malformed)
+        );
+        let mut empty_with_tail = encode_slot(None);
+        empty_with_tail.push(1);
+        assert_eq!(decode_slot(&empty_with_tail), Err(CodecError::Malformed));
+        let mut not_utf8 = bytes.clone();
+        not_utf8[5] = 0xFF;
+        assert!(matches!(
+            decode_slot(&not_utf8),
+            Err(CodecError::Invalid(_))
+        ));
+        let mut huge_key = bytes;
+        huge_key[3..5].copy_from_slice(&600u16.to_le_bytes());
+        assert!(matches!(
+            decode_slot(&huge_key),
+            Err(CodecError::Invalid(_))
+        ));
     }
 }

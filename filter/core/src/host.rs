@@ -6,10 +6,12 @@
 use crate::reply::LocalReply;
 use crate::telemetry::Telemetry;
 
-/// What the host does with the stream after a session callback.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What the host does with the stream after a session callback. The default, when a host cannot run
+/// the session at all, is to go on: the breaker fails open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Action {
     /// Go on with the filter chain.
+    #[default]
     Continue,
     /// A local reply was sent: stop the chain (wasm `Pause`, native `StopIteration`).
     Stop,

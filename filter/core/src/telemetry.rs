@@ -5,6 +5,12 @@
 //! labels, the native module's labelled counters, plain counters in the harness); [`report`] decides
 //! what each [`Event`] counts and logs.
 
+use crate::breaker::{Rejection, StateKind, Transition};
+use crate::classify::Outcome;
+use crate::codec::CodecError;
+use crate::registry::Untracked;
+use crate::store::UpdateError;
+
 /// Every metric the filter exports: contract section 6, then the operational counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Metric {
@@ -191,4 +197,183 @@ pub trait Telemetry {
     fn set(&mut self, series: &Series<'_>, value: u64);
     /// Writes a log line.
     fn log(&mut self, level: Level, message: &str);
+    /// Takes one event of `upstream` (empty for events of no upstream). The default reports it
+    /// ([`report`]); a host that also wants the events themselves (the harness) overrides this and
+    /// calls [`report`] too.
+    fn event(&mut self, upstream: &str, event: &Event) {
+        report(upstream, event, self);
+    }
+}
+
+/// Something that happened to a call or a breaker, as the session and the worker see it. Each one is
+/// handed to [`Telemetry::event`] with its upstream key, and [`report`] turns it into metrics and log
+/// lines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A call was let through with a ticket (a HalfOpen probe when `probe`).
+    Admitted {
+        /// It holds a probe permit.
+        probe: bool,
+    },
+    /// A call was answered locally: Open, or HalfOpen with no probe permit free.
+    Rejected(Rejection),
+    /// `dry_run` would have rejected the call; it went on, marked.
+    DryRun(Rejection),
+    /// An outcome was stored.
+    Recorded {
+        /// Success, failure or ignored.
+        outcome: Outcome,
+        /// It took at least `slow_call_duration`.
+        slow: bool,
+        /// Recorded by the stuck-call check, while the call was still waiting.
+        stuck: bool,
+    },
+    /// The breaker changed state.
+    Transition(Transition),
+    /// The stored state, when it differs from what this worker last set the gauge to.
+    State(StateKind),
+    /// The call went through with no breaker.
+    Untracked(Untracked),
+    /// Shared-data trouble.
+    Store(StoreEvent),
+    /// An idle breaker gave its slot to this upstream.
+    Evicted,
+}
+
+/// Shared-data trouble, each kind counted apart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreEvent {
+    /// Compare-and-swap attempts lost to other workers and retried.
+    Retries(u32),
+    /// Stored bytes did not decode; the slot was restarted.
+    Corrupt(CodecError),
+    /// An update failed (every attempt lost, or the host refused); what was being done is in the text.
+    Failed {
+        /// `admit`, `record`, `register`, `health`...
+        during: &'static str,
+        /// Why.
+        error: UpdateError,
+    },
+    /// An outcome could not be stored and is lost: its slot went to another upstream, or its retry
+    /// queue was full.
+    OutcomeLost(&'static str),
+}
+
+/// What each event counts and logs: the one place every host's metrics and log lines come from.
+pub fn report<T: Telemetry + ?Sized>(upstream: &str, event: &Event, t: &mut T) {
+    match event {
+        Event::Admitted { .. } => {}
+        Event::Rejected(_) => t.add(&Series::of(Metric::RejectedCalls, upstream), 1),
+        Event::DryRun(_) => t.add(&Series::of(Metric::DryRunRejections, upstream), 1),
+        Event::Recorded {
+            outcome,
+            slow,
+            stuck,
+        } => recorded(upstream, *outcome, *slow, *stuck, t),
+        Event::Transition(tr) => transition(upstream, tr, t),
+        Event::State(state) => t.set(&Series::of(Metric::State, upstream), state.gauge()),
+        Event::Untracked(why) => {
+            t.add(&Series::global(Metric::UntrackedCalls), 1);
+            if let Untracked::Store(e) = why {
+                failed(upstream, "admit", e, t);
+            }
+        }
+        Event::Store(e) => store(upstream, e, t),
+        Event::Evicted => t.add(&Series::global(Metric::Evicted), 1),
+    }
+}
+
+fn recorded<T: Telemetry + ?Sized>(
+    upstream: &str,
+    outcome: Outcome,
+    slow: bool,
+    stuck: bool,
+    t: &mut T,
+) {
+    let result = match outcome {
+        Outcome::Success => "success",
+        Outcome::Failure => "failure",
+        Outcome::Ignored => return,
+    };
+    t.add(
+        &Series {
+            metric: Metric::Calls,
+            upstream,
+            extra: [result, ""],
+        },
+        1,
+    );
+    if slow {
+        t.add(&Series::of(Metric::SlowCalls, upstream), 1);
+    }
+    if stuck {
+        t.add(&Series::of(Metric::StuckCalls, upstream), 1);
+    }
+}
+
+fn transition<T: Telemetry + ?Sized>(upstream: &str, tr: &Transition, t: &mut T) {
+    t.log(
+        Level::Info,
+        &format!(
+            "circuit breaker state change: upstream={upstream} from={} to={} reason={}",
+            tr.from.as_str(),
+            tr.to.as_str(),
+            tr.reason.as_str()
+        ),
+    );
+    t.add(
+        &Series {
+            metric: Metric::StateChanges,
+            upstream,
+            extra: [tr.from.as_str(), tr.to.as_str()],
+        },
+        1,
+    );
+    if tr.to == StateKind::Open {
+        t.add(
+            &Series {
+                metric: Metric::Open,
+                upstream,
+                extra: [tr.reason.as_str(), ""],
+            },
+            1,
+        );
+    }
+    t.set(&Series::of(Metric::State, upstream), tr.to.gauge());
+}
+
+fn store<T: Telemetry + ?Sized>(upstream: &str, e: &StoreEvent, t: &mut T) {
+    match e {
+        StoreEvent::Retries(n) => t.add(&Series::global(Metric::CasRetries), u64::from(*n)),
+        StoreEvent::Corrupt(why) => {
+            t.log(
+                Level::Warn,
+                &format!("circuit breaker: corrupt state for upstream={upstream} in shared data ({why}); restarted it closed"),
+            );
+            t.add(&Series::global(Metric::CorruptState), 1);
+        }
+        StoreEvent::Failed { during, error } => failed(upstream, during, error, t),
+        StoreEvent::OutcomeLost(why) => t.log(
+            Level::Warn,
+            &format!("circuit breaker: outcome for upstream={upstream} lost: {why}"),
+        ),
+    }
+}
+
+fn failed<T: Telemetry + ?Sized>(upstream: &str, during: &str, e: &UpdateError, t: &mut T) {
+    t.log(
+        Level::Warn,
+        &format!("circuit breaker: failing open, shared data ({during} upstream={upstream}): {e}"),
+    );
+    match e {
+        UpdateError::GaveUp => {
+            // Every attempt but the last was a real lost race.
+            t.add(
+                &Series::global(Metric::CasRetries),
+                u64::from(crate::store::MAX_CAS_ATTEMPTS - 1),
+            );
+            t.add(&Series::global(Metric::CasGiveUps), 1);
+        }
+        UpdateError::Store(_) => t.add(&Series::global(Metric::SharedDataErrors), 1),
+    }
 }

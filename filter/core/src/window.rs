@@ -239,9 +239,21 @@ impl TimeWindow {
         &self.buckets
     }
 
-    /// Rebuilds a window from stored parts; `None` if the bucket length is zero.
+    /// Rebuilds a window from stored parts; `None` unless [`TimeWindow::record`] could have left
+    /// them so: a bucket length a configured window can have, each counting bucket in the place its
+    /// period maps to, never more failures or slow calls than calls, and unused buckets all zero.
     pub fn from_parts(bucket_ms: u64, buckets: [Bucket; TIME_BUCKETS]) -> Option<Self> {
-        (bucket_ms > 0).then_some(Self { bucket_ms, buckets })
+        let length_ok = (1..=MAX_BUCKET_MS).contains(&bucket_ms);
+        let placed = buckets.iter().enumerate().all(|(i, b)| {
+            if b.calls == 0 {
+                *b == Bucket::default()
+            } else {
+                b.epoch % TIME_BUCKETS as u64 == i as u64
+                    && b.failures <= b.calls
+                    && b.slow <= b.calls
+            }
+        });
+        (length_ok && placed).then_some(Self { bucket_ms, buckets })
     }
 
     /// Adds one outcome at `now_ms`.
@@ -275,6 +287,9 @@ impl TimeWindow {
             })
     }
 }
+
+/// The longest bucket: a tenth of the longest `window_duration` (1 h).
+const MAX_BUCKET_MS: u64 = 360_000;
 
 fn bucket_ms_for(duration_ms: u64) -> u64 {
     duration_ms.div_ceil(TIME_BUCKETS as u64).max(1)
@@ -468,5 +483,32 @@ mod tests {
         assert!(!w.matches(WindowConfig::Time {
             duration_ms: 10_000
         }));
+    }
+
+    #[test]
+    fn impossible_time_layouts_are_refused() {
+        let mut w = TimeWindow::new(10_000);
+        for t in [0, 1_500, 2_500, 9_999] {
+            w.record(t, t % 2 == 0, false);
+        }
+        let good = *w.buckets();
+        assert!(TimeWindow::from_parts(w.bucket_ms(), good).is_some());
+        let mut misplaced = good;
+        misplaced.swap(1, 2);
+        assert!(TimeWindow::from_parts(w.bucket_ms(), misplaced).is_none());
+        let mut ghost = good;
+        ghost[5] = Bucket {
+            epoch: 7,
+            ..Bucket::default()
+        };
+        assert!(
+            TimeWindow::from_parts(w.bucket_ms(), ghost).is_none(),
+            "an empty bucket with an epoch"
+        );
+        let mut too_many = good;
+        too_many[0].failures = 9;
+        assert!(TimeWindow::from_parts(w.bucket_ms(), too_many).is_none());
+        assert!(TimeWindow::from_parts(0, good).is_none());
+        assert!(TimeWindow::from_parts(MAX_BUCKET_MS + 1, good).is_none());
     }
 }

@@ -1,7 +1,7 @@
 //! Property tests for the core's invariants (STYLE.md, habit 8):
 //!
 //! - the codec round-trips every breaker the state machine can reach, and no bytes make it (or the
-//!   upstream index decoder) panic;
+//!   slot decoder) panic;
 //! - HalfOpen never has more probe permits out than `half_open_max_requests`, whatever the interleaving
 //!   of admit, record and release across workers;
 //! - no outcome is lost: every recorded outcome is in the window, in order;
@@ -25,8 +25,8 @@ use cb_core::breaker::{Breaker, BreakerState, Decision, Ticket};
 use cb_core::classify::{Classification, Outcome};
 use cb_core::codec;
 use cb_core::config::{BreakerConfig, FilterConfig, Mode, WindowConfig};
-use cb_core::registry::{self, Admission, Registry};
-use cb_core::store::{MemoryStore, SharedStore};
+use cb_core::registry::{self, Admitted, Recorded};
+use cb_core::store::{BreakerStore, MemoryStore, SharedData, SharedStore, SlotRead};
 use cb_core::window::TIME_BUCKETS;
 use proptest::prelude::*;
 use serde_json::{Map, Number, Value};
@@ -167,19 +167,57 @@ fn take(tickets: &mut Vec<Ticket>, pick: usize) -> Option<Ticket> {
 // Helpers over the store
 // ---------------------------------------------------------------------------------------------------
 
-/// A store with the index created and `workers` registries, as after every worker's `on_configure`.
-fn world(workers: usize) -> (MemoryStore, Vec<Registry>) {
-    let store = MemoryStore::new();
-    Registry::ensure_index(&store).unwrap();
-    (store, (0..workers).map(|_| Registry::new(16)).collect())
+/// How long a breaker must idle to be evicted: never, in these tests.
+const IDLE: u64 = u64::MAX;
+
+/// One worker's handle on the table.
+type Table<'a> = SharedData<&'a MemoryStore>;
+
+/// A table with `workers` handles on it, prepared as after every worker's configuration, and the slot
+/// that holds [`KEY`].
+fn world<'a>(store: &'a MemoryStore, workers: usize, cfg: &BreakerConfig) -> (Vec<Table<'a>>, u32) {
+    let mut tables: Vec<Table<'a>> = (0..workers).map(|_| SharedData::new(store, 16)).collect();
+    tables[0].prepare().unwrap();
+    let slot = registry::locate(&mut tables[0], KEY, cfg, 0, IDLE, 0)
+        .unwrap()
+        .slot;
+    (tables, slot)
 }
 
-fn stored(store: &MemoryStore) -> Option<(Vec<u8>, u32)> {
-    store.get(&registry::state_key(KEY)).unwrap()
+fn admit(t: &mut Table<'_>, slot: u32, cfg: &BreakerConfig, now: u64) -> Admitted {
+    registry::admit(t, slot, KEY, cfg, now, IDLE, 0)
+        .unwrap()
+        .unwrap()
 }
 
-fn breaker(store: &MemoryStore) -> Option<Breaker> {
-    stored(store).map(|(bytes, _)| codec::decode(&bytes).unwrap())
+fn record(
+    t: &mut Table<'_>,
+    slot: u32,
+    cfg: &BreakerConfig,
+    ticket: Ticket,
+    now: u64,
+    c: Classification,
+) -> Recorded {
+    registry::record(t, slot, KEY, cfg, ticket, now, c, 0).unwrap()
+}
+
+/// A call that ended with nothing to judge: its probe permit goes back.
+const IGNORED: Classification = Classification {
+    outcome: Outcome::Ignored,
+    slow: false,
+};
+
+fn stored(store: &MemoryStore, slot: u32) -> Option<(Vec<u8>, u32)> {
+    store
+        .get(&SharedData::new(store, 16).slot_key(slot))
+        .unwrap()
+}
+
+fn breaker(store: &MemoryStore, slot: u32) -> Option<Breaker> {
+    match SharedData::new(store, 16).read(slot).unwrap() {
+        SlotRead::Held(s) => Some(s.breaker),
+        _ => None,
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -214,7 +252,7 @@ proptest! {
                 Op::Release { pick, dt } => {
                     now += dt;
                     if let Some(t) = take(&mut tickets, pick) {
-                        b.release(t);
+                        b.record(&cfg, t, now, IGNORED);
                     }
                 }
             }
@@ -230,8 +268,8 @@ proptest! {
         if let Ok(b) = codec::decode(&bytes) {
             prop_assert_eq!(codec::decode(&codec::encode(&b)), Ok(b));
         }
-        if let Some(keys) = registry::decode_index(&bytes) {
-            prop_assert_eq!(registry::decode_index(&registry::encode_index(&keys)), Some(keys));
+        if let Ok(slot) = codec::decode_slot(&bytes) {
+            prop_assert_eq!(codec::decode_slot(&codec::encode_slot(slot.as_ref())), Ok(slot));
         }
     }
 
@@ -267,18 +305,13 @@ proptest! {
             bytes.truncate(cut % (bytes.len() + 1));
         }
         bytes.extend(extra.unwrap_or_default());
-        let index_bytes = bytes.clone();
-        let _ = registry::decode_index(&index_bytes);
+        let _ = codec::decode_slot(&bytes);
         if let Ok(mut damaged) = codec::decode(&bytes) {
             damaged.conform(&cfg);
             for (outcome, dt) in run {
                 now = now.saturating_add(dt);
                 if let (Decision::Allow(t), _) = damaged.admit(&cfg, now) {
-                    if outcome.outcome == Outcome::Ignored {
-                        damaged.release(t);
-                    } else {
-                        damaged.record(&cfg, t, now, outcome);
-                    }
+                    damaged.record(&cfg, t, now, outcome);
                 }
                 prop_assert_eq!(codec::decode(&codec::encode(&damaged)), Ok(damaged.clone()));
             }
@@ -298,32 +331,33 @@ proptest! {
     /// exactly the number of probe tickets of the current generation still out.
     #[test]
     fn half_open_permits_never_exceed_the_limit(cfg in breaker_config(ENFORCE_OR_DRY_RUN), ops in ops(200)) {
-        let (store, mut workers) = world(4);
+        let store = MemoryStore::new();
+        let (mut workers, slot) = world(&store, 4, &cfg);
         let mut tickets: Vec<Ticket> = Vec::new();
         let mut now = 0u64;
         for op in ops {
             match op {
                 Op::Admit { worker, dt } => {
                     now += dt;
-                    if let Admission::Allow(t) = workers[worker].admit(&store, KEY, &cfg, now).admission {
+                    if let Decision::Allow(t) = admit(&mut workers[worker], slot, &cfg, now).decision {
                         tickets.push(t);
                     }
                 }
                 Op::Record { pick, outcome, dt } => {
                     now += dt;
                     if let Some(t) = take(&mut tickets, pick) {
-                        let rec = workers[pick % 4].record(&store, KEY, &cfg, t, now, outcome);
-                        prop_assert_eq!(rec.error, None);
+                        let rec = record(&mut workers[pick % 4], slot, &cfg, t, now, outcome);
+                        prop_assert!(!rec.lost);
                     }
                 }
                 Op::Release { pick, dt } => {
                     now += dt;
                     if let Some(t) = take(&mut tickets, pick) {
-                        prop_assert_eq!(workers[pick % 4].release(&store, KEY, &cfg, t), Ok(()));
+                        record(&mut workers[pick % 4], slot, &cfg, t, now, IGNORED);
                     }
                 }
             }
-            let Some(b) = breaker(&store) else { continue };
+            let Some(b) = breaker(&store, slot) else { continue };
             let current_probes = tickets.iter().filter(|t| t.probe && t.generation == b.generation).count();
             prop_assert!(current_probes <= usize::from(cfg.half_open_max_requests));
             if let BreakerState::HalfOpen { in_flight, .. } = b.state {
@@ -354,15 +388,16 @@ proptest! {
             window,
             ..BreakerConfig::default()
         };
-        let (store, mut workers) = world(4);
+        let store = MemoryStore::new();
+        let (mut workers, slot) = world(&store, 4, &cfg);
         let mut tickets = Vec::new();
         let mut now = 0u64;
         // (time, failure, slow) of each stored non-ignored outcome, in record order.
         let mut model: Vec<(u64, bool, bool)> = Vec::new();
         let mut run = 0u32;
-        let mut record = |t: Ticket, c: Classification, now: u64, w: &mut Registry| {
-            let rec = w.record(&store, KEY, &cfg, t, now, c);
-            assert_eq!((rec.error, rec.transition), (None, None));
+        let mut record = |t: Ticket, c: Classification, now: u64, w: &mut Table<'_>| {
+            let rec = record(w, slot, &cfg, t, now, c);
+            assert_eq!((rec.lost, rec.transition), (false, None));
             if c.outcome != Outcome::Ignored {
                 model.push((now, c.outcome == Outcome::Failure, c.slow));
                 run = if c.outcome == Outcome::Failure { run + 1 } else { 0 };
@@ -372,9 +407,9 @@ proptest! {
             match op {
                 Op::Admit { worker, dt } => {
                     now += dt;
-                    match workers[worker].admit(&store, KEY, &cfg, now).admission {
-                        Admission::Allow(t) => tickets.push(t),
-                        other => prop_assert!(false, "a closed breaker let the call through: {:?}", other),
+                    match admit(&mut workers[worker], slot, &cfg, now).decision {
+                        Decision::Allow(t) => tickets.push(t),
+                        other => prop_assert!(false, "a closed breaker refused the call: {:?}", other),
                     }
                 }
                 Op::Record { pick, outcome, dt } => {
@@ -383,11 +418,11 @@ proptest! {
                         record(t, outcome, now, &mut workers[pick % 4]);
                     }
                 }
-                // A Closed ticket holds no permit: releasing it is a no-op, and the call stays to record.
+                // A call that ends with nothing to judge.
                 Op::Release { pick, dt } => {
                     now += dt;
-                    if let Some(&t) = tickets.get(pick % tickets.len().max(1)) {
-                        prop_assert_eq!(workers[0].release(&store, KEY, &cfg, t), Ok(()));
+                    if let Some(t) = take(&mut tickets, pick) {
+                        record(t, IGNORED, now, &mut workers[0]);
                     }
                 }
             }
@@ -397,7 +432,7 @@ proptest! {
             record(t, Classification { outcome: Outcome::Success, slow: false }, now, &mut workers[1]);
         }
 
-        let Some(b) = breaker(&store) else { return Ok(()) };
+        let Some(b) = breaker(&store, slot) else { return Ok(()) };
         prop_assert_eq!(b.state, BreakerState::Closed);
         prop_assert_eq!(b.generation, 0);
         let covered: Vec<&(u64, bool, bool)> = match window {
@@ -429,7 +464,8 @@ proptest! {
     /// nothing either: not a byte, not the CAS token.
     #[test]
     fn a_rejected_call_leaves_no_trace(cfg in breaker_config(ALL_TRACKING_MODES), ops in ops(200)) {
-        let (store, mut workers) = world(3);
+        let store = MemoryStore::new();
+        let (mut workers, slot) = world(&store, 3, &cfg);
         let mut tickets: Vec<Ticket> = Vec::new();
         let mut seen: Vec<Ticket> = Vec::new();
         let mut now = 0u64;
@@ -437,44 +473,43 @@ proptest! {
             match op {
                 Op::Admit { worker, dt } => {
                     now += dt;
-                    let before = stored(&store);
-                    let admitted = workers[worker % 3].admit(&store, KEY, &cfg, now);
-                    match admitted.admission {
-                        Admission::Allow(t) => {
+                    let before = stored(&store, slot);
+                    let admitted = admit(&mut workers[worker % 3], slot, &cfg, now);
+                    match admitted.decision {
+                        Decision::Allow(t) => {
                             tickets.push(t);
                             seen.push(t);
                         }
-                        Admission::Reject(_) | Admission::DryRun(_) => {
+                        Decision::Reject(_) | Decision::DryRunReject(_) => {
                             if admitted.transition.is_none() {
-                                prop_assert_eq!(stored(&store), before, "a rejection wrote to the store");
+                                prop_assert_eq!(stored(&store, slot), before, "a rejection wrote to the store");
                             }
                         }
-                        Admission::Untracked(why) => prop_assert!(false, "untracked: {:?}", why),
                     }
                 }
                 Op::Record { pick, outcome, dt } => {
                     now += dt;
                     if let Some(t) = take(&mut tickets, pick) {
-                        workers[pick % 3].record(&store, KEY, &cfg, t, now, outcome);
+                        record(&mut workers[pick % 3], slot, &cfg, t, now, outcome);
                     }
                 }
                 Op::Release { pick, dt } => {
                     now += dt;
                     if let Some(t) = take(&mut tickets, pick) {
-                        let _ = workers[pick % 3].release(&store, KEY, &cfg, t);
+                        record(&mut workers[pick % 3], slot, &cfg, t, now, IGNORED);
                     }
                 }
             }
-            // Try every stale ticket ever handed out, with the worst outcome.
-            let Some(b) = breaker(&store) else { continue };
+            // Try every stale ticket ever handed out, with the worst outcome: it changes the breaker in
+            // nothing (the slot's last-call time aside).
+            let Some(b) = breaker(&store, slot) else { continue };
             for stale in seen.iter().filter(|t| t.generation != b.generation).take(8) {
-                let before = stored(&store);
                 let bad = Classification { outcome: Outcome::Failure, slow: true };
-                let rec = workers[0].record(&store, KEY, &cfg, *stale, now, bad);
+                let rec = record(&mut workers[0], slot, &cfg, *stale, now, bad);
                 prop_assert_eq!(rec.transition, None);
-                prop_assert_eq!(stored(&store), before.clone(), "a stale outcome changed the breaker");
-                prop_assert_eq!(workers[1].release(&store, KEY, &cfg, *stale), Ok(()));
-                prop_assert_eq!(stored(&store), before, "a stale release changed the breaker");
+                prop_assert_eq!(breaker(&store, slot), Some(b.clone()), "a stale outcome changed the breaker");
+                record(&mut workers[1], slot, &cfg, *stale, now, IGNORED);
+                prop_assert_eq!(breaker(&store, slot), Some(b.clone()), "a stale release changed the breaker");
             }
         }
     }
@@ -493,6 +528,7 @@ const FIELDS: &[&str] = &[
     "minimum_requests",
     "slow_call_duration",
     "slow_call_rate_threshold",
+    "stuck_call_duration",
     "open_timeout",
     "backoff_multiplier",
     "max_open_timeout",
@@ -506,6 +542,7 @@ const FIELDS: &[&str] = &[
     "upstreams",
     "health_path",
     "max_upstreams",
+    "idle_timeout",
     "status",
     "headers",
     "body",
@@ -600,7 +637,9 @@ fn field_value(field: &'static str) -> BoxedStrategy<Value> {
         "backoff_multiplier" => (1.0f64..=5.0).prop_map(Value::from).boxed(),
         "half_open_max_requests" | "success_threshold" => (1u64..=20).prop_map(Value::from).boxed(),
         "window_duration" => (1u64..=3_600).prop_map(|n| Value::String(format!("{n}s"))).boxed(),
-        "slow_call_duration" | "call_timeout" => prop_oneof![Just(Value::Null), duration()].boxed(),
+        "slow_call_duration" | "call_timeout" | "stuck_call_duration" => {
+            prop_oneof![Just(Value::Null), duration()].boxed()
+        }
         "open_timeout" | "max_open_timeout" => duration().boxed(),
         "mode" => prop::sample::select(vec!["enforce", "dry_run", "forced_open", "disabled"])
             .prop_map(Value::from)
@@ -633,6 +672,7 @@ const BREAKER_FIELDS: &[&str] = &[
     "minimum_requests",
     "slow_call_duration",
     "slow_call_rate_threshold",
+    "stuck_call_duration",
     "open_timeout",
     "backoff_multiplier",
     "max_open_timeout",
@@ -682,8 +722,12 @@ fn plausible_config() -> impl Strategy<Value = Value> {
             leaf()
         ]),
     );
-    top.prop_map(
-        |(mut map, upstreams, health_path, max_upstreams, upstream_key)| {
+    let idle = prop::option::of(prop_oneof![
+        (1u64..=60).prop_map(|n| Value::String(format!("{n}m"))),
+        leaf()
+    ]);
+    (top, idle).prop_map(
+        |((mut map, upstreams, health_path, max_upstreams, upstream_key), idle_timeout)| {
             let overrides: Map<String, Value> = upstreams
                 .into_iter()
                 .map(|(k, v)| (k, Value::Object(v)))
@@ -693,6 +737,7 @@ fn plausible_config() -> impl Strategy<Value = Value> {
                 ("health_path", health_path),
                 ("max_upstreams", max_upstreams),
                 ("upstream_key", upstream_key),
+                ("idle_timeout", idle_timeout),
             ] {
                 if let Some(v) = v {
                     map.insert(k.to_string(), v);
@@ -752,7 +797,7 @@ proptest! {
         let text = v.to_string();
         match FilterConfig::from_json(text.as_bytes()) {
             Ok(cfg) => {
-                check_accepted(&cfg.defaults)?;
+                check_accepted(cfg.defaults())?;
                 let o = cfg.breaker_for(&probe);
                 check_accepted(o)?;
                 exercise(o);
@@ -769,8 +814,8 @@ proptest! {
     ) {
         let v = Value::Object(entries.into_iter().map(|(k, v)| (k.to_string(), v)).collect());
         if let Ok(cfg) = FilterConfig::from_json(v.to_string().as_bytes()) {
-            check_accepted(&cfg.defaults)?;
-            exercise(&cfg.defaults);
+            check_accepted(cfg.defaults())?;
+            exercise(cfg.defaults());
         }
     }
 
@@ -780,8 +825,8 @@ proptest! {
     fn from_json_accepts_only_consistent_plausible_configs(v in plausible_config(), probe in "[a-z|*]{0,8}") {
         match FilterConfig::from_json(v.to_string().as_bytes()) {
             Ok(cfg) => {
-                check_accepted(&cfg.defaults)?;
-                exercise(&cfg.defaults);
+                check_accepted(cfg.defaults())?;
+                exercise(cfg.defaults());
                 let keys = v["upstreams"].as_object().map(|m| m.keys().cloned().collect::<Vec<_>>()).unwrap_or_default();
                 for key in keys.iter().map(String::as_str).chain([probe.as_str()]) {
                     check_accepted(cfg.breaker_for(key))?;
@@ -800,10 +845,10 @@ proptest! {
         bytes in prop::collection::vec(any::<u8>(), 0..200),
     ) {
         if let Ok(cfg) = FilterConfig::from_json(text.as_bytes()) {
-            check_accepted(&cfg.defaults)?;
+            check_accepted(cfg.defaults())?;
         }
         if let Ok(cfg) = FilterConfig::from_json(&bytes) {
-            check_accepted(&cfg.defaults)?;
+            check_accepted(cfg.defaults())?;
         }
     }
 }

@@ -2,18 +2,19 @@
 //! breaker core (`cb_core`).
 //!
 //! - [`root`]: one per plugin configuration and worker: parses the configuration, owns this worker's
-//!   registry and metric ids, creates the per-stream contexts.
-//! - [`http`]: one per stream: admits on request headers, records as soon as the response is complete,
-//!   settles what is left in `on_log`.
-//! - [`host`]: the host calls, each answer translated once.
-//! - [`metrics`]: the Prometheus metrics of the contract.
+//!   [`cb_core::worker::Worker`] and metric ids, runs the stuck-call check on its tick, creates the
+//!   per-stream contexts.
+//! - [`http`]: one per stream: each callback is one call of the core's [`cb_core::session::Session`].
+//! - [`host`]: the host calls, each answer translated once: shared data as the core's store, the
+//!   stream as the core's `Host`.
+//! - [`metrics`]: the Prometheus metrics of the contract, as stats whose names carry their labels.
 
 pub mod host;
 pub mod http;
 pub mod metrics;
 pub mod root;
 
-use proxy_wasm::types::LogLevel;
+use cb_core::telemetry::Level;
 
 proxy_wasm::main! {{
     // The SDK's `set_log_level` is not called: its logger and panic hook unwrap host results. We log
@@ -21,7 +22,7 @@ proxy_wasm::main! {{
     // A panic traps this worker's VM and fails every request through it; if one ever happens, say so
     // loudly and with the location (the release build aborts right after the hook).
     std::panic::set_hook(Box::new(|info| {
-        host::log(LogLevel::Critical, &format!("circuit breaker filter panicked: {info}"));
+        host::log(Level::Critical, &format!("circuit breaker filter panicked: {info}"));
     }));
     proxy_wasm::set_root_context(|_| Box::new(root::Root::default()));
 }}

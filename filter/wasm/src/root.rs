@@ -1,25 +1,33 @@
 //! The root context: one per plugin configuration per worker VM. It validates the configuration
-//! (refusing a bad one whole), and hands each new stream what it needs: the configuration, this
-//! worker's registry and the metric ids.
+//! (refusing a bad one whole), holds this worker's [`Worker`] and metric ids for every stream of that
+//! configuration, and runs the stuck-call check on its tick.
 
 use std::cell::RefCell;
 use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
 
 use cb_core::config::FilterConfig;
-use cb_core::registry::Registry;
+use cb_core::store::SharedData;
+use cb_core::telemetry::Level;
+use cb_core::worker::Worker;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{ContextType, LogLevel};
+use proxy_wasm::types::ContextType;
 
-use crate::host::{self, HostStore};
+use crate::host::{self, HostStore, WasmHost};
 use crate::http::Stream;
 use crate::metrics::Metrics;
 
+/// How often the stuck-call check runs: calls are recorded within this of crossing the limit.
+const STUCK_CHECK_PERIOD: Duration = Duration::from_millis(50);
+
+/// This worker's breakers over Envoy shared data.
+pub type WasmWorker = Worker<SharedData<HostStore>>;
+
 /// What every stream of one configuration shares (single-threaded: one VM per worker).
 pub struct Shared {
-    /// The validated configuration.
-    pub config: FilterConfig,
     /// This worker's view of the breakers.
-    pub registry: RefCell<Registry>,
+    pub worker: RefCell<WasmWorker>,
     /// Metric ids.
     pub metrics: RefCell<Metrics>,
 }
@@ -34,44 +42,40 @@ impl Context for Root {}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
-        let bytes = host::plugin_configuration();
-        match FilterConfig::from_json(&bytes) {
+        match FilterConfig::from_json(&host::plugin_configuration()) {
             Ok(config) => {
-                if let Err(e) = Registry::ensure_index(&HostStore) {
-                    // Not fatal: registration creates the index too. Worth a line, though.
-                    host::log(
-                        LogLevel::Warn,
-                        &format!("circuit breaker: could not create the upstream index: {e}"),
-                    );
-                }
-                host::log(
-                    LogLevel::Info,
-                    &format!(
-                        "circuit breaker configured: upstream_key={} mode={} overrides={} max_upstreams={}",
-                        config.upstream_key,
-                        config.defaults.mode.as_str(),
-                        config.override_count(),
-                        config.max_upstreams
-                    ),
-                );
-                let registry = RefCell::new(Registry::new(config.max_upstreams));
-                self.shared = Some(Rc::new(Shared {
-                    config,
-                    registry,
-                    metrics: RefCell::new(Metrics::default()),
-                }));
+                self.start(config);
                 true
             }
             Err(e) => {
                 // One line that names the field; returning false makes Envoy refuse the configuration
                 // (at start-up, or as a NACK while the previous configuration keeps serving).
                 host::log(
-                    LogLevel::Error,
+                    Level::Error,
                     &format!("circuit breaker configuration rejected: {e}"),
                 );
                 false
             }
         }
+    }
+
+    fn on_tick(&mut self) {
+        let Some(shared) = self.shared.as_ref() else {
+            return;
+        };
+        let (Ok(mut worker), Ok(mut metrics), Some(now)) = (
+            shared.worker.try_borrow_mut(),
+            shared.metrics.try_borrow_mut(),
+            host::now_ms(),
+        ) else {
+            return;
+        };
+        worker.check_stuck(
+            now,
+            &mut WasmHost {
+                metrics: &mut metrics,
+            },
+        );
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -81,4 +85,39 @@ impl RootContext for Root {
     fn get_type(&self) -> Option<ContextType> {
         Some(ContextType::HttpContext)
     }
+}
+
+impl Root {
+    fn start(&mut self, config: FilterConfig) {
+        host::log(Level::Info, &configured_line(&config));
+        let stuck = config.tracks_stuck_calls();
+        let capacity = config.max_upstreams;
+        let now = host::now_ms().unwrap_or(0);
+        let mut worker = Worker::new(Arc::new(config), now, SharedData::new(HostStore, capacity));
+        if let Err(e) = worker.prepare() {
+            // Not fatal: a slot missing later is treated as empty. Worth a line, though.
+            host::log(
+                Level::Warn,
+                &format!("circuit breaker: could not create the breaker table: {e}"),
+            );
+        }
+        if stuck {
+            let _ = proxy_wasm::hostcalls::set_tick_period(STUCK_CHECK_PERIOD);
+        }
+        self.shared = Some(Rc::new(Shared {
+            worker: RefCell::new(worker),
+            metrics: RefCell::new(Metrics::default()),
+        }));
+    }
+}
+
+/// The line logged when a configuration is accepted (the native module logs the same).
+pub fn configured_line(config: &FilterConfig) -> String {
+    format!(
+        "circuit breaker configured: upstream_key={} mode={} overrides={} max_upstreams={}",
+        config.upstream_key,
+        config.defaults().mode.as_str(),
+        config.override_count(),
+        config.max_upstreams
+    )
 }
