@@ -11,7 +11,6 @@
 //! Envoy comes from `ENVOY`, else the project virtualenv (`make test` installs it there); the filter from
 //! `CB_WASM`, else `dist/circuit_breaker.wasm` (`make build`).
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -20,10 +19,15 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-
 use crate::services::{GrpcService, HttpServer, ServiceKind};
+
+mod client;
+mod config;
+mod metrics;
+
+pub use client::{channel_to, http_request, HttpResponse};
+pub use config::{render_config, render_config_with, UpstreamPorts};
+pub use metrics::{Metrics, Sample};
 
 /// Why the runner could not do what it was asked, in words a developer can act on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,8 +59,6 @@ fn err<T>(msg: impl Into<String>) -> Result<T> {
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long Envoy may take to give up on a configuration it refuses.
 const REFUSE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Bound on one plain HTTP exchange, so a broken test fails instead of hanging the suite.
-const HTTP_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// The workspace root (`harness/..`).
 pub fn workspace_root() -> PathBuf {
@@ -118,77 +120,6 @@ fn run_dir() -> Result<PathBuf> {
         .join("e2e");
     fs::create_dir_all(&dir)?;
     Ok(dir)
-}
-
-/// Upstream ports the template routes to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct UpstreamPorts {
-    /// `social.v1.UserService` → cluster `user`.
-    pub user: u16,
-    /// `social.v1.ContentService` → cluster `content`.
-    pub content: u16,
-    /// `social.v1.FeedService` → cluster `feed`.
-    pub feed: u16,
-    /// `social.v1.AuthService` → cluster `auth`.
-    pub auth: u16,
-    /// Everything else → cluster `web` (plain HTTP/1.1).
-    pub web: u16,
-}
-
-/// Renders a bootstrap template (a path relative to the workspace root, e.g. `envoy/e2e.yaml`). Ports 0
-/// for admin and listener let Envoy pick them.
-pub fn render_config(
-    template: &str,
-    ports: &UpstreamPorts,
-    wasm: &Path,
-    filter_config: &str,
-) -> Result<String> {
-    render_config_with(template, ports, wasm, filter_config, &[])
-}
-
-/// Like [`render_config`], also replacing each `{{NAME}}` of `vars` (given as `("NAME", value)`, the
-/// value inserted verbatim) for templates with placeholders of their own, e.g. `envoy/lds.yaml`.
-pub fn render_config_with(
-    template: &str,
-    ports: &UpstreamPorts,
-    wasm: &Path,
-    filter_config: &str,
-    vars: &[(&str, &str)],
-) -> Result<String> {
-    let template_path = workspace_root().join(template);
-    let template = fs::read_to_string(&template_path)
-        .map_err(|e| Error(format!("cannot read {}: {e}", template_path.display())))?;
-    // A JSON string is a valid YAML double-quoted scalar, so the filter's JSON goes in verbatim.
-    let filter_config = serde_json::Value::String(filter_config.to_string()).to_string();
-    let wasm = wasm
-        .to_str()
-        .ok_or_else(|| Error(format!("wasm path {} is not UTF-8", wasm.display())))?;
-    let template = vars.iter().fold(template, |t, (name, value)| {
-        t.replace(&format!("{{{{{name}}}}}"), value)
-    });
-    let rendered = template
-        .replace("{{ADMIN_PORT}}", "0")
-        .replace("{{LISTENER_PORT}}", "0")
-        .replace("{{USER_PORT}}", &ports.user.to_string())
-        .replace("{{CONTENT_PORT}}", &ports.content.to_string())
-        .replace("{{FEED_PORT}}", &ports.feed.to_string())
-        .replace("{{AUTH_PORT}}", &ports.auth.to_string())
-        .replace("{{WEB_PORT}}", &ports.web.to_string())
-        .replace("{{WASM_PATH}}", wasm)
-        .replace("{{FILTER_CONFIG}}", &filter_config);
-    if let Some(at) = rendered.find("{{") {
-        let rest: String = rendered
-            .get(at..)
-            .unwrap_or_default()
-            .chars()
-            .take(40)
-            .collect();
-        return err(format!(
-            "{} has a placeholder the runner does not fill: {rest}",
-            template_path.display()
-        ));
-    }
-    Ok(rendered)
 }
 
 /// Gives every Envoy of this process its own name and base id.
@@ -478,257 +409,6 @@ fn read_admin_address(path: &Path) -> Option<SocketAddr> {
     fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
-/// Opens an h2c channel to `addr`, optionally with another `:authority`.
-pub async fn channel_to(
-    addr: SocketAddr,
-    authority: Option<&str>,
-) -> Result<tonic::transport::Channel> {
-    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| Error(e.to_string()))?
-        .connect_timeout(Duration::from_secs(5));
-    if let Some(authority) = authority {
-        let origin = format!("http://{authority}")
-            .parse()
-            .map_err(|e| Error(format!("bad authority {authority}: {e}")))?;
-        endpoint = endpoint.origin(origin);
-    }
-    endpoint
-        .connect()
-        .await
-        .map_err(|e| Error(format!("cannot connect to {addr}: {e}")))
-}
-
-/// An HTTP/1.1 response, read whole.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HttpResponse {
-    /// Status code.
-    pub status: u16,
-    /// Headers in order, names lower-cased.
-    pub headers: Vec<(String, String)>,
-    /// Body as text (lossy).
-    pub body: String,
-}
-
-impl HttpResponse {
-    /// The first value of header `name` (case-insensitive).
-    pub fn header(&self, name: &str) -> Option<&str> {
-        let name = name.to_ascii_lowercase();
-        self.headers
-            .iter()
-            .find(|(k, _)| *k == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    /// The body as JSON.
-    pub fn json(&self) -> Result<serde_json::Value> {
-        serde_json::from_str(&self.body)
-            .map_err(|e| Error(format!("body is not JSON ({e}): {}", self.body)))
-    }
-}
-
-/// Sends one HTTP/1.1 request with `connection: close` and reads the whole response. Enough for
-/// Envoy's admin interface and for the listener's plain-HTTP path; no dependency on an HTTP client.
-pub async fn http_request(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> Result<HttpResponse> {
-    let exchange = async {
-        let mut stream = TcpStream::connect(addr).await?;
-        let mut request =
-            format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n");
-        for (name, value) in headers {
-            request.push_str(&format!("{name}: {value}\r\n"));
-        }
-        request.push_str("\r\n");
-        stream.write_all(request.as_bytes()).await?;
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).await?;
-        Ok::<_, std::io::Error>(raw)
-    };
-    let raw = tokio::time::timeout(HTTP_TIMEOUT, exchange)
-        .await
-        .map_err(|_| {
-            Error(format!(
-                "{method} {addr}{path}: no response within {HTTP_TIMEOUT:?}"
-            ))
-        })?
-        .map_err(|e| Error(format!("{method} {addr}{path}: {e}")))?;
-    parse_response(&raw).ok_or_else(|| {
-        Error(format!(
-            "{method} {addr}{path}: unparsable response: {}",
-            String::from_utf8_lossy(&raw)
-        ))
-    })
-}
-
-fn parse_response(raw: &[u8]) -> Option<HttpResponse> {
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
-    let head = String::from_utf8_lossy(raw.get(..split)?);
-    let mut body = raw.get(split + 4..)?.to_vec();
-    let mut lines = head.split("\r\n");
-    let status = lines.next()?.split_whitespace().nth(1)?.parse().ok()?;
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    let chunked = headers
-        .iter()
-        .any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
-    if chunked {
-        body = dechunk(&body)?;
-    }
-    Some(HttpResponse {
-        status,
-        headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    })
-}
-
-fn dechunk(mut raw: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let line_end = raw.windows(2).position(|w| w == b"\r\n")?;
-        let size_text = String::from_utf8_lossy(raw.get(..line_end)?).into_owned();
-        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
-        raw = raw.get(line_end + 2..)?;
-        if size == 0 {
-            return Some(out);
-        }
-        out.extend_from_slice(raw.get(..size)?);
-        raw = raw.get(size + 2..)?;
-    }
-}
-
-/// One line of Prometheus text: `name{labels} value`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Sample {
-    /// Metric name.
-    pub name: String,
-    /// Labels.
-    pub labels: BTreeMap<String, String>,
-    /// Value.
-    pub value: f64,
-}
-
-/// A parsed `/stats/prometheus`.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct Metrics {
-    /// Every sample, in order.
-    pub samples: Vec<Sample>,
-}
-
-impl Metrics {
-    /// Parses Prometheus text exposition (comments and unparsable lines skipped).
-    pub fn parse(text: &str) -> Self {
-        Self {
-            samples: text
-                .lines()
-                .filter(|l| !l.starts_with('#'))
-                .filter_map(parse_sample)
-                .collect(),
-        }
-    }
-
-    /// The value of `name` with exactly these labels.
-    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        self.samples
-            .iter()
-            .find(|s| {
-                s.name == name
-                    && s.labels.len() == labels.len()
-                    && labels
-                        .iter()
-                        .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
-            })
-            .map(|s| s.value)
-    }
-
-    /// The sum over samples of `name` whose labels include these.
-    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.samples
-            .iter()
-            .filter(|s| {
-                s.name == name
-                    && labels
-                        .iter()
-                        .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
-            })
-            .map(|s| s.value)
-            .sum()
-    }
-
-    /// Samples whose name starts with `prefix`, as text lines (for failure messages).
-    pub fn dump(&self, prefix: &str) -> String {
-        self.samples
-            .iter()
-            .filter(|s| s.name.starts_with(prefix))
-            .map(|s| format!("{}{:?} {}", s.name, s.labels, s.value))
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-}
-
-fn parse_sample(line: &str) -> Option<Sample> {
-    let line = line.trim();
-    if line.is_empty() {
-        return None;
-    }
-    let (name, labels, rest) = match line.find('{') {
-        Some(open) => {
-            let close = line.rfind('}')?;
-            (
-                line.get(..open)?,
-                parse_labels(line.get(open + 1..close)?)?,
-                line.get(close + 1..)?,
-            )
-        }
-        None => {
-            let (name, rest) = line.split_once(' ')?;
-            (name, BTreeMap::new(), rest)
-        }
-    };
-    let value = rest.split_whitespace().next()?.parse().ok()?;
-    Some(Sample {
-        name: name.to_string(),
-        labels,
-        value,
-    })
-}
-
-fn parse_labels(text: &str) -> Option<BTreeMap<String, String>> {
-    let mut labels = BTreeMap::new();
-    let mut rest = text.trim();
-    while !rest.is_empty() {
-        let (key, after) = rest.split_once("=\"")?;
-        // Values are quoted with `\"` and `\\` escapes.
-        let mut value = String::new();
-        let mut chars = after.char_indices();
-        let mut end = None;
-        while let Some((i, c)) = chars.next() {
-            match c {
-                '\\' => {
-                    if let Some((_, e)) = chars.next() {
-                        value.push(match e {
-                            'n' => '\n',
-                            other => other,
-                        });
-                    }
-                }
-                '"' => {
-                    end = Some(i);
-                    break;
-                }
-                other => value.push(other),
-            }
-        }
-        labels.insert(key.trim().trim_start_matches(',').trim().to_string(), value);
-        rest = after.get(end? + 1..)?.trim_start_matches(',').trim();
-    }
-    Some(labels)
-}
-
 /// The four demo gRPC services and the plain-HTTP server, each on a free port: what the shipped
 /// bootstraps route to.
 pub struct Upstreams {
@@ -829,73 +509,5 @@ impl TestBed {
             ServiceKind::Feed => &self.feed,
             ServiceKind::Auth => &self.auth,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_prometheus_samples() {
-        let text = "# TYPE circuit_breaker_calls_total counter\n\
-                    circuit_breaker_calls_total{upstream=\"content\",result=\"failure\"} 3\n\
-                    circuit_breaker_untracked_calls_total 7\n\
-                    envoy_x{a=\"q\\\"uote\"} 1.5\n";
-        let m = Metrics::parse(text);
-        assert_eq!(
-            m.value(
-                "circuit_breaker_calls_total",
-                &[("upstream", "content"), ("result", "failure")]
-            ),
-            Some(3.0)
-        );
-        assert_eq!(
-            m.value("circuit_breaker_calls_total", &[("upstream", "content")]),
-            None
-        );
-        assert_eq!(
-            m.sum("circuit_breaker_calls_total", &[("upstream", "content")]),
-            3.0
-        );
-        assert_eq!(
-            m.value("circuit_breaker_untracked_calls_total", &[]),
-            Some(7.0)
-        );
-        assert_eq!(m.value("envoy_x", &[("a", "q\"uote")]), Some(1.5));
-    }
-
-    #[test]
-    fn parses_http_responses() {
-        let r = parse_response(
-            b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 2\r\ncontent-length: 2\r\n\r\n{}",
-        )
-        .unwrap();
-        assert_eq!(
-            (r.status, r.header("retry-after"), r.body.as_str()),
-            (503, Some("2"), "{}")
-        );
-        let r = parse_response(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n").unwrap();
-        assert_eq!(r.body, "abcde");
-    }
-
-    #[test]
-    fn renders_every_placeholder() {
-        let ports = UpstreamPorts {
-            user: 1,
-            content: 2,
-            feed: 3,
-            auth: 4,
-            web: 5,
-        };
-        let yaml = render_config(
-            "envoy/e2e.yaml",
-            &ports,
-            Path::new("/x/cb.wasm"),
-            r#"{"a":"b\"c"}"#,
-        )
-        .unwrap();
-        assert!(yaml.contains(r#"value: "{\"a\":\"b\\\"c\"}""#), "{yaml}");
-        assert!(yaml.contains("port_value: 5"));
     }
 }
