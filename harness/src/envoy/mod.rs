@@ -1,10 +1,8 @@
 //! A real Envoy with the built `.wasm` filter in front of the demo services, for the end-to-end tests
-//! and the demo.
+//! and the demo (which start the services with [`crate::services::Upstreams`]).
 //!
 //! - [`Envoy`]: renders a bootstrap template from `envoy/` (`e2e.yaml` unless told otherwise), starts Envoy (`--concurrency 2`, so every behaviour is seen
 //!   across two workers sharing one breaker), waits until it serves, and kills it on drop.
-//! - [`TestBed`]: the four demo gRPC services and a plain-HTTP server, each on a free port, with an Envoy
-//!   routing to them.
 //! - helpers to read `/stats/prometheus` ([`Metrics`]), to send plain HTTP requests ([`http_request`]),
 //!   and to open a gRPC channel to the listener.
 //!
@@ -18,8 +16,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
-
-use crate::services::{GrpcService, HttpServer, ServiceKind};
 
 mod client;
 mod config;
@@ -407,107 +403,4 @@ impl Drop for Envoy {
 
 fn read_admin_address(path: &Path) -> Option<SocketAddr> {
     fs::read_to_string(path).ok()?.trim().parse().ok()
-}
-
-/// The four demo gRPC services and the plain-HTTP server, each on a free port: what the shipped
-/// bootstraps route to.
-pub struct Upstreams {
-    /// `social.v1.UserService`, cluster `user`.
-    pub user: GrpcService,
-    /// `social.v1.ContentService`, cluster `content`.
-    pub content: GrpcService,
-    /// `social.v1.FeedService`, cluster `feed`.
-    pub feed: GrpcService,
-    /// `social.v1.AuthService`, cluster `auth`.
-    pub auth: GrpcService,
-    /// Plain HTTP/1.1, cluster `web`.
-    pub web: HttpServer,
-}
-
-impl Upstreams {
-    /// Starts all five.
-    pub async fn start() -> Result<Self> {
-        Ok(Self {
-            user: GrpcService::start(ServiceKind::User).await?,
-            content: GrpcService::start(ServiceKind::Content).await?,
-            feed: GrpcService::start(ServiceKind::Feed).await?,
-            auth: GrpcService::start(ServiceKind::Auth).await?,
-            web: HttpServer::start().await?,
-        })
-    }
-
-    /// Their ports, for a bootstrap template.
-    pub fn ports(&self) -> UpstreamPorts {
-        TestBed::ports_of(&self.user, &self.content, &self.feed, &self.auth, &self.web)
-    }
-}
-
-/// The demo services, a plain-HTTP server and an Envoy in front of them: what most tests start with.
-pub struct TestBed {
-    /// `social.v1.UserService`, cluster `user`.
-    pub user: GrpcService,
-    /// `social.v1.ContentService`, cluster `content`.
-    pub content: GrpcService,
-    /// `social.v1.FeedService`, cluster `feed`.
-    pub feed: GrpcService,
-    /// `social.v1.AuthService`, cluster `auth`.
-    pub auth: GrpcService,
-    /// Plain HTTP/1.1, cluster `web` (every path not under a gRPC service).
-    pub web: HttpServer,
-    /// Envoy with the filter configured as asked.
-    pub envoy: Envoy,
-}
-
-impl TestBed {
-    /// Starts everything; `filter_config` is the filter's JSON.
-    pub async fn start(name: &str, filter_config: &serde_json::Value) -> Result<Self> {
-        let upstreams = Upstreams::start().await?;
-        let envoy = Envoy::start(name, &upstreams.ports(), &filter_config.to_string()).await?;
-        let Upstreams {
-            user,
-            content,
-            feed,
-            auth,
-            web,
-        } = upstreams;
-        Ok(Self {
-            user,
-            content,
-            feed,
-            auth,
-            web,
-            envoy,
-        })
-    }
-
-    fn ports_of(
-        user: &GrpcService,
-        content: &GrpcService,
-        feed: &GrpcService,
-        auth: &GrpcService,
-        web: &HttpServer,
-    ) -> UpstreamPorts {
-        UpstreamPorts {
-            user: user.port(),
-            content: content.port(),
-            feed: feed.port(),
-            auth: auth.port(),
-            web: web.port(),
-        }
-    }
-
-    /// The upstream ports Envoy routes to.
-    pub fn ports(&self) -> UpstreamPorts {
-        Self::ports_of(&self.user, &self.content, &self.feed, &self.auth, &self.web)
-    }
-
-    /// The service of `kind`.
-    pub fn service(&self, kind: ServiceKind) -> &GrpcService {
-        match kind {
-            ServiceKind::User => &self.user,
-            ServiceKind::Content => &self.content,
-            ServiceKind::Feed => &self.feed,
-            ServiceKind::Auth => &self.auth,
-        }
-    }
 }

@@ -13,7 +13,8 @@
 //! Files: `grpc.rs` ([`GrpcService`], one demo service on a port) and `handlers.rs` (what the four
 //! answer); `http.rs` ([`HttpServer`]); `fault.rs` ([`Fault`] and the tower layer that applies it to
 //! gRPC calls); `switch.rs` (the listener both servers share: accepting, going down, coming back on
-//! the same port).
+//! the same port); `upstreams.rs` ([`Upstreams`]: all five started together, for the demo and the
+//! tests).
 
 use std::fmt;
 
@@ -22,12 +23,14 @@ mod grpc;
 mod handlers;
 mod http;
 mod switch;
+mod upstreams;
 
 pub use fault::Fault;
 pub use grpc::GrpcService;
 pub use handlers::MISSING_POST_ID;
 pub use http::HttpServer;
 pub use switch::TrackedStream;
+pub use upstreams::Upstreams;
 
 /// The generated protobuf messages, clients and servers of package `social.v1`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
