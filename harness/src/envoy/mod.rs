@@ -1,28 +1,34 @@
-//! A real Envoy with the built `.wasm` filter in front of the demo services, for the end-to-end tests
-//! and the demo (which start the services with [`crate::services::Upstreams`]).
+//! A real Envoy with the built `.wasm` filter, for the end-to-end tests, the demo (in front of the
+//! services [`crate::services::Upstreams`] starts) and `make bench`.
 //!
-//! - [`Envoy`]: renders a bootstrap template from `envoy/` (`e2e.yaml` unless told otherwise), starts Envoy (`--concurrency 2`, so every behaviour is seen
-//!   across two workers sharing one breaker), waits until it serves, and kills it on drop.
+//! - [`Launch`]: the one way an Envoy is started: renders a bootstrap template from `envoy/`
+//!   (`e2e.yaml` unless told otherwise, see `config.rs`), starts Envoy with the workers, CPU pinning,
+//!   logging and run files asked for (the tests' defaults: two workers, so every behaviour is seen
+//!   across two workers sharing one breaker), and waits until it serves.
+//! - [`Envoy`]: the running process, killed on drop; [`Envoy::start`] and its siblings are the tests'
+//!   shorthands for a [`Launch`].
 //! - helpers to read `/stats/prometheus` ([`Metrics`]), to send plain HTTP requests ([`http_request`]),
 //!   and to open a gRPC channel to the listener.
 //!
 //! Envoy comes from `ENVOY`, else the project virtualenv (`make test` installs it there); the filter from
 //! `CB_WASM`, else `dist/circuit_breaker.wasm` (`make build`).
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::fs;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 mod client;
 mod config;
+mod launch;
 mod metrics;
 
 pub use client::{channel_to, http_request, HttpResponse};
 pub use config::{render_config, render_config_with, UpstreamPorts};
+pub use launch::{Launch, RunFiles};
 pub use metrics::{Metrics, Sample};
 
 /// Why the runner could not do what it was asked, in words a developer can act on.
@@ -49,12 +55,6 @@ pub type Result<T> = std::result::Result<T, Error>;
 fn err<T>(msg: impl Into<String>) -> Result<T> {
     Err(Error(msg.into()))
 }
-
-/// How long Envoy may take to load the filter and open its listener. V8 compiles the `.wasm` once per
-/// worker, which takes seconds on a busy two-core machine, hence the generous bound.
-const START_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long Envoy may take to give up on a configuration it refuses.
-const REFUSE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The workspace root (`harness/..`).
 pub fn workspace_root() -> PathBuf {
@@ -109,77 +109,17 @@ pub fn wasm_path() -> Result<PathBuf> {
     }
 }
 
-/// Directory for Envoy logs and rendered configs: `target/e2e/`.
-fn run_dir() -> Result<PathBuf> {
-    let dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| workspace_root().join("target"), PathBuf::from)
-        .join("e2e");
-    fs::create_dir_all(&dir)?;
-    Ok(dir)
-}
-
-/// Gives every Envoy of this process its own name and base id.
-static NEXT_INSTANCE: AtomicU32 = AtomicU32::new(0);
-
-/// Files of one Envoy run under `target/e2e/`.
-struct RunFiles {
-    config: PathBuf,
-    log: PathBuf,
-    admin_address: PathBuf,
-    base_id: u32,
-}
-
-impl RunFiles {
-    fn new(name: &str) -> Result<Self> {
-        let n = NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed);
-        let pid = std::process::id();
-        let dir = run_dir()?;
-        let stem = format!("{name}-{pid}-{n}");
-        let files = Self {
-            config: dir.join(format!("{stem}.yaml")),
-            log: dir.join(format!("{stem}.log")),
-            admin_address: dir.join(format!("{stem}.admin")),
-            // Distinct per process and instance, so parallel Envoys never share hot-restart memory.
-            base_id: (pid % 40_000) * 100 + n % 100,
-        };
-        // A stale admin address file from an earlier run with the same pid would fool the wait below.
-        let _ = fs::remove_file(&files.admin_address);
-        Ok(files)
-    }
-
-    fn spawn(&self, rendered: &str) -> Result<Child> {
-        fs::write(&self.config, rendered)?;
-        fs::File::create(&self.log)?;
-        // Append mode: Envoy reopens /dev/stderr for the access log (a new file description with its
-        // own offset), and only appending writers keep the two streams from overwriting each other.
-        let log = fs::OpenOptions::new().append(true).open(&self.log)?;
-        let log_err = log.try_clone()?;
-        let child = Command::new(envoy_binary()?)
-            .arg("--config-path")
-            .arg(&self.config)
-            .args(["--concurrency", "2"])
-            .args(["--base-id", &self.base_id.to_string()])
-            .arg("--admin-address-path")
-            .arg(&self.admin_address)
-            .args(["--log-level", "info"])
-            .args(["--component-log-level", "wasm:debug"])
-            // The access log is buffered (10 s by default): flush it often so a test's log is complete.
-            .args(["--file-flush-interval-msec", "100"])
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err)
-            .spawn()
-            .map_err(|e| Error(format!("cannot start Envoy: {e}")))?;
-        Ok(child)
-    }
-}
-
-/// A running Envoy. Killed when dropped; its log stays in `target/e2e/<name>-<pid>-<n>.log`.
+/// A running Envoy, started by a [`Launch`]. Killed when dropped; its log stays (by default in
+/// `target/e2e/<name>-<pid>-<n>.log`).
 pub struct Envoy {
     child: Child,
     admin: SocketAddr,
+    /// The main listener (`ingress` by default); port 0 when the bootstrap has none.
     listener: SocketAddr,
+    /// Every listener's bound port, by name.
+    listeners: BTreeMap<String, u16>,
     log: PathBuf,
+    command: String,
 }
 
 impl Envoy {
@@ -208,104 +148,28 @@ impl Envoy {
         filter_config: &str,
         vars: &[(&str, &str)],
     ) -> Result<Self> {
-        let files = RunFiles::new(name)?;
-        let rendered = render_config_with(template, ports, &wasm_path()?, filter_config, vars)?;
-        let child = files.spawn(&rendered)?;
-        let mut envoy = Self {
-            child,
-            admin: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-            listener: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-            log: files.log.clone(),
-        };
-        envoy.wait_ready(&files).await?;
-        Ok(envoy)
+        let launch = vars.iter().fold(
+            Launch::new(name)
+                .template(template)
+                .ports(*ports)
+                .filter_config(filter_config),
+            |launch, (k, v)| launch.var(k, *v),
+        );
+        launch.start().await
     }
 
-    /// Starts Envoy with a configuration it should refuse, and returns its log once it has exited.
-    /// Fails if Envoy comes up and serves instead.
+    /// Starts Envoy from `envoy/e2e.yaml` with a configuration it should refuse, and returns its log
+    /// once it has exited. Fails if Envoy comes up and serves instead.
     pub async fn start_expecting_failure(
         name: &str,
         ports: &UpstreamPorts,
         filter_config: &str,
     ) -> Result<String> {
-        let files = RunFiles::new(name)?;
-        let rendered = render_config("envoy/e2e.yaml", ports, &wasm_path()?, filter_config)?;
-        let mut child = files.spawn(&rendered)?;
-        let deadline = Instant::now() + REFUSE_TIMEOUT;
-        loop {
-            if let Some(status) = child.try_wait()? {
-                let log = fs::read_to_string(&files.log).unwrap_or_default();
-                return if status.success() {
-                    err(format!(
-                        "Envoy exited successfully instead of refusing the config; log:\n{log}"
-                    ))
-                } else {
-                    Ok(log)
-                };
-            }
-            if let Some(admin) = read_admin_address(&files.admin_address) {
-                if matches!(http_request(admin, "GET", "/ready", &[]).await, Ok(r) if r.status == 200)
-                {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    let log = fs::read_to_string(&files.log).unwrap_or_default();
-                    return err(format!(
-                        "Envoy accepted a config it should refuse; log:\n{log}"
-                    ));
-                }
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return err(format!(
-                    "Envoy neither refused nor accepted the config within {REFUSE_TIMEOUT:?}"
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    async fn wait_ready(&mut self, files: &RunFiles) -> Result<()> {
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                return err(format!(
-                    "Envoy exited during start-up ({status}); log:\n{}",
-                    self.log()
-                ));
-            }
-            if let Some(admin) = read_admin_address(&files.admin_address) {
-                self.admin = admin;
-                if matches!(self.admin_get("/ready").await, Ok(r) if r.status == 200) {
-                    if let Some(listener) = self.listener_address().await {
-                        self.listener = listener;
-                        return Ok(());
-                    }
-                }
-            }
-            if Instant::now() > deadline {
-                return err(format!(
-                    "Envoy not ready after {START_TIMEOUT:?}; log:\n{}",
-                    self.log()
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// The port Envoy bound for the `ingress` listener (it was configured with port 0).
-    async fn listener_address(&self) -> Option<SocketAddr> {
-        let response = self.admin_get("/listeners?format=json").await.ok()?;
-        let json: serde_json::Value = serde_json::from_str(&response.body).ok()?;
-        let listeners = json.get("listener_statuses")?.as_array()?;
-        let ingress = listeners
-            .iter()
-            .find(|l| l.get("name").and_then(|n| n.as_str()) == Some("ingress"))?;
-        let port = ingress
-            .pointer("/local_address/socket_address/port_value")?
-            .as_u64()?;
-        let port = u16::try_from(port).ok().filter(|p| *p != 0)?;
-        Some(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
+        Launch::new(name)
+            .ports(*ports)
+            .filter_config(filter_config)
+            .start_expecting_failure()
+            .await
     }
 
     /// The listener's address.
@@ -316,6 +180,21 @@ impl Envoy {
     /// The admin interface's address.
     pub fn admin(&self) -> SocketAddr {
         self.admin
+    }
+
+    /// The bound port of listener `name`.
+    pub fn port(&self, name: &str) -> Result<u16> {
+        self.listeners.get(name).copied().ok_or_else(|| {
+            Error(format!(
+                "no listener {name:?} (have {:?})",
+                self.listeners.keys().collect::<Vec<_>>()
+            ))
+        })
+    }
+
+    /// The command line Envoy was started with.
+    pub fn command(&self) -> &str {
+        &self.command
     }
 
     /// Envoy's process id (to read its memory from `/proc/<pid>/status`, for instance).
@@ -379,8 +258,9 @@ impl Envoy {
 
 impl Drop for Envoy {
     fn drop(&mut self) {
-        // SIGTERM first: Envoy then shuts down cleanly and flushes the buffered access log, so the log
-        // of a failed test is complete. SIGKILL if it has not gone after a short while.
+        // SIGTERM first: Envoy then shuts down cleanly, flushes the buffered access log (so the log of
+        // a failed test is complete) and removes its shared-memory region. SIGKILL if it has not gone
+        // after a short while.
         let terminated = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .stdout(Stdio::null())
@@ -388,7 +268,7 @@ impl Drop for Envoy {
             .status()
             .is_ok_and(|s| s.success());
         if terminated {
-            let deadline = Instant::now() + Duration::from_secs(2);
+            let deadline = Instant::now() + Duration::from_secs(3);
             while Instant::now() < deadline {
                 if matches!(self.child.try_wait(), Ok(Some(_))) {
                     return;
@@ -399,8 +279,4 @@ impl Drop for Envoy {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn read_admin_address(path: &Path) -> Option<SocketAddr> {
-    fs::read_to_string(path).ok()?.trim().parse().ok()
 }
