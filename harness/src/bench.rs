@@ -6,7 +6,7 @@
 //! noisy machine then shifts both sides of a ratio alike, which is why the report leads with ratios
 //! and gives every figure as a median with its min–max over the rounds.
 //!
-//! 1. Closed-state overhead (`envoy/bench.yaml`, `--concurrency 1`, pinned to one core): gRPC unary
+//! 1. Closed-state overhead (`envoy/bench.yaml`, one worker pinned to one core): gRPC unary
 //!    calls through `ingress` (the filter, enforcing), `filter_disabled` (the filter in `mode:
 //!    disabled`: the wasm floor) and `baseline` (router only), all to a second Envoy that answers every
 //!    call with a trailers-only gRPC OK (`envoy/bench-upstream.yaml`). Saturated throughput, proxy CPU
@@ -21,8 +21,8 @@
 //! 5. Memory: shared-data bytes per upstream (from the codec), the `.wasm` size, Envoy's RSS with 1
 //!    and with 1000 upstream keys (`upstream_key: header:x-tenant`).
 //!
-//! Load comes from h2load (nghttp2); the load generator and the upstream share the cores the proxy
-//! is not pinned to. Every load run is bounded in time (h2load `-D`, or `-n` with a route timeout) and
+//! Every Envoy is started by the one launcher, [`crate::envoy::Launch`]. Load comes from h2load
+//! (nghttp2); the load generator and the upstream share the cores the proxy is not pinned to. Every load run is bounded in time (h2load `-D`, or `-n` with a route timeout) and
 //! killed if it overruns.
 //!
 //! ```text
@@ -42,7 +42,10 @@ use cb_core::breaker::Breaker;
 use cb_core::config::BreakerConfig;
 use cb_core::{codec, registry};
 
-use crate::envoy::{channel_to, envoy_binary, http_request, wasm_path, workspace_root, Metrics};
+use crate::envoy::{
+    channel_to, envoy_binary, http_request, wasm_path, workspace_root, Envoy, Launch, RunFiles,
+    UpstreamPorts,
+};
 use crate::services::pb::content_service_client::ContentServiceClient;
 use crate::services::pb::GetPostRequest;
 use crate::services::{Fault, GrpcService, ServiceKind};
@@ -54,8 +57,6 @@ const GRPC_PATH: &str = "/social.v1.ContentService/GetPost";
 /// Route timeout of the `hanging` listener: what a caller without a breaker waits for (a protobuf
 /// Duration, which takes seconds only).
 const HANG_TIMEOUT: &str = "0.25s";
-/// Envoy start-up bound (V8 compiles the module per worker; slow on a busy machine).
-const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// Extra time an h2load run may take past its nominal length before it is killed.
 const LOAD_GRACE: Duration = Duration::from_secs(30);
 /// Distinct upstream keys of the memory measurement.
@@ -163,6 +164,32 @@ struct Ctx {
     commands: BTreeMap<String, String>,
 }
 
+impl Ctx {
+    /// An Envoy of the bench from `template`: one worker, not pinned, its files under
+    /// `target/bench/<name>.*`, logging nothing per request, no main listener (each template names
+    /// its own listeners).
+    fn launch(&self, name: &str, template: &str) -> Launch {
+        Launch::new(name)
+            .template(template)
+            .concurrency(1)
+            .files(RunFiles::Fixed(self.dir.clone()))
+            .log_args(&["--log-level", "warn"])
+            .main_listener(None)
+    }
+}
+
+/// The ports of a bench template: only the content cluster routes anywhere.
+fn content_at(port: u16) -> UpstreamPorts {
+    UpstreamPorts {
+        content: port,
+        ..UpstreamPorts::default()
+    }
+}
+
+async fn start(launch: Launch) -> Result<Envoy> {
+    launch.start().await.map_err(|e| e.to_string())
+}
+
 async fn run_all(opts: Options) -> Result<()> {
     let dir = workspace_root().join("target/bench");
     fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
@@ -188,18 +215,14 @@ async fn run_all(opts: Options) -> Result<()> {
     );
     let started = Instant::now();
 
-    let upstream = EnvoyProc::start(
-        &ctx,
-        "bench-upstream",
-        "envoy/bench-upstream.yaml",
-        &[],
-        1,
-        ctx.load_cpus.clone().as_deref(),
+    let upstream = start(
+        ctx.launch("bench-upstream", "envoy/bench-upstream.yaml")
+            .cpus(ctx.load_cpus.as_deref()),
     )
     .await?;
-    let upstream_port = upstream.port("grpc_ok")?;
+    let upstream_port = upstream.port("grpc_ok").map_err(|e| e.to_string())?;
     ctx.commands
-        .insert("upstream Envoy".into(), upstream.command.clone());
+        .insert("upstream Envoy".into(), shorten(upstream.command()));
 
     let closed = if opts.runs("closed") {
         Some(closed_phase(&mut ctx, &opts, upstream_port).await?)
@@ -379,224 +402,56 @@ impl Machine {
     }
 }
 
-// ---- Envoy processes -----------------------------------------------------------------------------
+// ---- Envoy processes ----------------------------------------------------------------------------
 
-/// An Envoy started by the bench (optionally pinned with taskset), killed on drop.
-struct EnvoyProc {
-    child: std::process::Child,
-    pid: u32,
-    admin: SocketAddr,
-    listeners: BTreeMap<String, u16>,
-    log: PathBuf,
-    command: String,
+/// utime + stime of the whole process `pid`, in clock ticks.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces): state is field 3, utime 14, stime 15.
+    let (_, rest) = stat.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
 }
 
-impl EnvoyProc {
-    /// Renders `template` (placeholders: ADMIN_PORT and LISTENER_PORT as 0, WASM_PATH, and `vars`)
-    /// and starts Envoy with `concurrency` workers, waiting until every listener is bound.
-    async fn start(
-        ctx: &Ctx,
-        name: &str,
-        template: &str,
-        vars: &[(&str, String)],
-        concurrency: u32,
-        cpus: Option<&str>,
-    ) -> Result<Self> {
-        let path = workspace_root().join(template);
-        let text = fs::read_to_string(&path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let wasm = ctx.wasm.to_str().ok_or("the wasm path is not UTF-8")?;
-        let mut rendered = text
-            .replace("{{ADMIN_PORT}}", "0")
-            .replace("{{LISTENER_PORT}}", "0")
-            .replace("{{WASM_PATH}}", wasm);
-        for (key, value) in vars {
-            rendered = rendered.replace(&format!("{{{{{key}}}}}"), value);
-        }
-        if let Some(at) = rendered.find("{{") {
-            let rest: String = rendered
-                .get(at..)
-                .unwrap_or_default()
-                .chars()
-                .take(40)
-                .collect();
-            return Err(format!("{template}: placeholder left unfilled: {rest}"));
-        }
-        let config = ctx.dir.join(format!("{name}.yaml"));
-        let log = ctx.dir.join(format!("{name}.log"));
-        let admin_file = ctx.dir.join(format!("{name}.admin"));
-        fs::write(&config, rendered).map_err(|e| format!("{}: {e}", config.display()))?;
-        let _ = fs::remove_file(&admin_file);
-        let envoy = ctx.envoy.to_str().ok_or("the Envoy path is not UTF-8")?;
-        let mut argv: Vec<String> = Vec::new();
-        if let Some(cpus) = cpus {
-            argv.extend(["taskset".into(), "-c".into(), cpus.to_string()]);
-        }
-        argv.push(envoy.to_string());
-        argv.extend(
-            [
-                "--config-path",
-                path_str(&config)?,
-                "--concurrency",
-                &concurrency.to_string(),
-                // Never collide with another Envoy on this machine (the e2e suite may be running).
-                "--use-dynamic-base-id",
-                "--admin-address-path",
-                path_str(&admin_file)?,
-                "--log-level",
-                "warn",
-            ]
-            .map(str::to_string),
-        );
-        let log_file = fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
-        let log_err = log_file.try_clone().map_err(|e| e.to_string())?;
-        let (program, args) = argv.split_first().ok_or("empty command")?;
-        let child = std::process::Command::new(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(log_file)
-            .stderr(log_err)
-            .spawn()
-            .map_err(|e| format!("cannot start {program}: {e}"))?;
-        let mut proc = Self {
-            pid: child.id(),
-            child,
-            admin: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-            listeners: BTreeMap::new(),
-            log,
-            command: shorten(&argv.join(" ")),
-        };
-        proc.wait_ready(&admin_file).await?;
-        Ok(proc)
-    }
-
-    async fn wait_ready(&mut self, admin_file: &Path) -> Result<()> {
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Err(format!(
-                    "Envoy exited during start-up ({status}); log {}:\n{}",
-                    self.log.display(),
-                    tail(&self.log, 20)
-                ));
-            }
-            if let Some(admin) = fs::read_to_string(admin_file)
-                .ok()
-                .and_then(|s| s.trim().parse().ok())
-            {
-                self.admin = admin;
-                if matches!(http_request(admin, "GET", "/ready", &[]).await, Ok(r) if r.status == 200)
-                {
-                    if let Some(listeners) = self.read_listeners().await {
-                        self.listeners = listeners;
-                        return Ok(());
-                    }
-                }
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "Envoy not ready after {START_TIMEOUT:?}; log {}:\n{}",
-                    self.log.display(),
-                    tail(&self.log, 20)
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    /// Every listener's bound port, once all are bound.
-    async fn read_listeners(&self) -> Option<BTreeMap<String, u16>> {
-        let r = http_request(self.admin, "GET", "/listeners?format=json", &[])
-            .await
-            .ok()?;
-        let json: serde_json::Value = serde_json::from_str(&r.body).ok()?;
-        let mut out = BTreeMap::new();
-        for l in json.get("listener_statuses")?.as_array()? {
-            let name = l.get("name")?.as_str()?;
-            let port = l
-                .pointer("/local_address/socket_address/port_value")?
-                .as_u64()?;
-            out.insert(
-                name.to_string(),
-                u16::try_from(port).ok().filter(|p| *p != 0)?,
-            );
-        }
-        (!out.is_empty()).then_some(out)
-    }
-
-    fn port(&self, listener: &str) -> Result<u16> {
-        self.listeners
-            .get(listener)
-            .copied()
-            .ok_or_else(|| format!("no listener {listener:?} (have {:?})", self.listeners))
-    }
-
-    /// utime + stime of the whole process, in clock ticks.
-    fn cpu_ticks(&self) -> Option<u64> {
-        let stat = fs::read_to_string(format!("/proc/{}/stat", self.pid)).ok()?;
-        // Fields after the command name (which may hold spaces): state is field 3, utime 14, stime 15.
-        let (_, rest) = stat.rsplit_once(')')?;
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let utime: u64 = fields.get(11)?.parse().ok()?;
-        let stime: u64 = fields.get(12)?.parse().ok()?;
-        Some(utime + stime)
-    }
-
-    /// Resident set size in KiB.
-    fn rss_kib(&self) -> Option<u64> {
-        fs::read_to_string(format!("/proc/{}/status", self.pid))
-            .ok()?
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))?
-            .split_whitespace()
-            .next()?
-            .parse()
-            .ok()
-    }
-
-    /// A counter or gauge by its exact Envoy name (`cluster.guarded.upstream_rq_total`); 0 if absent.
-    async fn stat(&self, name: &str) -> Result<u64> {
-        // `^name$` as a regex, percent-encoded for the query string.
-        let escaped = name.replace('.', "%5C.");
-        let path = format!("/stats?filter=%5E{escaped}%24");
-        let r = http_request(self.admin, "GET", &path, &[])
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(r.body
-            .lines()
-            .find_map(|l| {
-                let (k, v) = l.split_once(": ")?;
-                (k == name).then(|| v.trim().parse().ok())?
-            })
-            .unwrap_or(0))
-    }
-
-    async fn prometheus(&self) -> Result<Metrics> {
-        let r = http_request(self.admin, "GET", "/stats/prometheus", &[])
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(Metrics::parse(&r.body))
-    }
+/// Resident set size of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> Option<u64> {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
-impl Drop for EnvoyProc {
-    fn drop(&mut self) {
-        // SIGTERM first so Envoy removes its shared-memory region; SIGKILL if it lingers.
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &self.pid.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while Instant::now() < deadline {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A counter or gauge of `envoy` by its exact name (`cluster.guarded.upstream_rq_total`); 0 if absent.
+async fn stat(envoy: &Envoy, name: &str) -> Result<u64> {
+    // `^name$` as a regex, percent-encoded for the query string.
+    let escaped = name.replace('.', "%5C.");
+    let path = format!("/stats?filter=%5E{escaped}%24");
+    let r = http_request(envoy.admin(), "GET", &path, &[])
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(r.body
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(": ")?;
+            (k == name).then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0))
+}
+
+/// `/stats/prometheus` of `envoy`.
+async fn prometheus(envoy: &Envoy) -> Result<crate::envoy::Metrics> {
+    envoy.metrics().await.map_err(|e| e.to_string())
+}
+
+/// The bound port of `envoy`'s listener `name`.
+fn port(envoy: &Envoy, name: &str) -> Result<u16> {
+    envoy.port(name).map_err(|e| e.to_string())
 }
 
 fn path_str(p: &Path) -> Result<&str> {
@@ -613,18 +468,6 @@ fn shorten(command: &str) -> String {
     } else {
         command.replace(&format!("{root}/"), "")
     }
-}
-
-fn tail(path: &Path, lines: usize) -> String {
-    let text = fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    // Envoy echoes a refused bootstrap whole, as one line: keep each line short.
-    all.get(all.len().saturating_sub(lines)..)
-        .unwrap_or_default()
-        .iter()
-        .map(|l| l.chars().take(400).collect::<String>())
-        .collect::<Vec<_>>()
-        .join("\n")
 }
 
 // ---- load ----------------------------------------------------------------------------------------
@@ -710,8 +553,8 @@ struct Run {
 
 /// Runs h2load against `listener` of `proxy`, sampling the proxy's CPU and request counter inside the
 /// measured period.
-async fn measure(ctx: &mut Ctx, proxy: &EnvoyProc, listener: &str, spec: &LoadSpec) -> Result<Run> {
-    let port = proxy.port(listener)?;
+async fn measure(ctx: &mut Ctx, proxy: &Envoy, listener: &str, spec: &LoadSpec) -> Result<Run> {
+    let port = port(proxy, listener)?;
     let log = spec.latencies.then(|| ctx.dir.join("latencies.tsv"));
     if let Some(log) = &log {
         let _ = fs::remove_file(log);
@@ -751,14 +594,14 @@ async fn measure(ctx: &mut Ctx, proxy: &EnvoyProc, listener: &str, spec: &LoadSp
         let t1 = started + Duration::from_secs_f64(spec.warmup + spec.secs - margin);
         tokio::time::sleep_until(t0.into()).await;
         let a = (
-            proxy.cpu_ticks(),
-            proxy.stat(&counter).await?,
+            cpu_ticks(proxy.pid()),
+            stat(proxy, &counter).await?,
             Instant::now(),
         );
         tokio::time::sleep_until(t1.into()).await;
         let b = (
-            proxy.cpu_ticks(),
-            proxy.stat(&counter).await?,
+            cpu_ticks(proxy.pid()),
+            stat(proxy, &counter).await?,
             Instant::now(),
         );
         sampled = Some((a, b));
@@ -842,7 +685,7 @@ fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
 /// runs first (or right after the same neighbour). Results per listener, in round order.
 async fn rounds(
     ctx: &mut Ctx,
-    proxy: &EnvoyProc,
+    proxy: &Envoy,
     listeners: &[&str],
     spec: &LoadSpec,
     n: usize,
@@ -870,7 +713,7 @@ struct Variant {
 /// [`rounds`] over variants; results by variant name.
 async fn rounds_of(
     ctx: &mut Ctx,
-    proxy: &EnvoyProc,
+    proxy: &Envoy,
     variants: &[Variant],
     spec: &LoadSpec,
     n: usize,
@@ -902,7 +745,7 @@ async fn rounds_of(
 }
 
 /// A short unrecorded run on each listener: V8's JIT, connection pools and allocators warm up.
-async fn warm_up(ctx: &mut Ctx, proxy: &EnvoyProc, listeners: &[&str]) -> Result<()> {
+async fn warm_up(ctx: &mut Ctx, proxy: &Envoy, listeners: &[&str]) -> Result<()> {
     let spec = LoadSpec {
         clients: 4,
         streams: 16,
@@ -974,20 +817,15 @@ struct Closed {
 
 async fn closed_phase(ctx: &mut Ctx, opts: &Options, upstream_port: u16) -> Result<Closed> {
     let filter_config = "{}".to_string();
-    let proxy = EnvoyProc::start(
-        ctx,
-        "bench-closed",
-        "envoy/bench.yaml",
-        &[
-            ("CONTENT_PORT", upstream_port.to_string()),
-            ("FILTER_CONFIG", yaml_string(&filter_config)),
-        ],
-        1,
-        ctx.proxy_cpus.clone().as_deref(),
+    let proxy = start(
+        ctx.launch("bench-closed", "envoy/bench.yaml")
+            .ports(content_at(upstream_port))
+            .filter_config(&filter_config)
+            .cpus(ctx.proxy_cpus.as_deref()),
     )
     .await?;
     ctx.commands
-        .insert("proxy Envoy (closed)".into(), proxy.command.clone());
+        .insert("proxy Envoy (closed)".into(), shorten(proxy.command()));
     let Loads {
         throughput,
         latency,
@@ -1019,7 +857,7 @@ struct Loads {
 /// phase in the progress lines.
 async fn loads(
     ctx: &mut Ctx,
-    proxy: &EnvoyProc,
+    proxy: &Envoy,
     listeners: &[&str],
     opts: &Options,
     label: &str,
@@ -1076,11 +914,6 @@ fn half_capacity(throughput: &BTreeMap<String, Vec<Run>>) -> f64 {
     }
 }
 
-/// A JSON text as a YAML double-quoted scalar (a JSON string literal is one).
-fn yaml_string(json: &str) -> String {
-    serde_json::Value::String(json.to_string()).to_string()
-}
-
 // ---- phase 2: open -------------------------------------------------------------------------------
 
 const OPEN_LISTENERS: [&str; 2] = ["floor", "rejected"];
@@ -1109,26 +942,21 @@ async fn open_phase(ctx: &mut Ctx, opts: &Options) -> Result<Open> {
         .await
         .map_err(|e| format!("cannot make the upstream hang: {e}"))?;
     let filter_config = r#"{"mode": "forced_open"}"#.to_string();
-    let proxy = EnvoyProc::start(
-        ctx,
-        "bench-open",
-        "envoy/bench-open.yaml",
-        &[
-            ("HANG_PORT", hang.port().to_string()),
-            ("HANG_TIMEOUT", HANG_TIMEOUT.to_string()),
-            ("FILTER_CONFIG", yaml_string(&filter_config)),
-        ],
-        1,
-        ctx.proxy_cpus.clone().as_deref(),
+    let proxy = start(
+        ctx.launch("bench-open", "envoy/bench-open.yaml")
+            .var("HANG_PORT", hang.port().to_string())
+            .var("HANG_TIMEOUT", HANG_TIMEOUT)
+            .filter_config(&filter_config)
+            .cpus(ctx.proxy_cpus.as_deref()),
     )
     .await?;
     ctx.commands
-        .insert("proxy Envoy (open)".into(), proxy.command.clone());
+        .insert("proxy Envoy (open)".into(), shorten(proxy.command()));
 
     // What a client sees from each listener, checked once with a real gRPC client.
     let mut sanity = Vec::new();
     for listener in ["rejected", "floor", "hanging"] {
-        let port = proxy.port(listener)?;
+        let port = port(&proxy, listener)?;
         sanity.push(format!("`{listener}`: {}", grpc_probe(port).await));
     }
 
@@ -1157,10 +985,9 @@ async fn open_phase(ctx: &mut Ctx, opts: &Options) -> Result<Open> {
         "bench: hanging upstream: {:.0} req/s, p50 {:?} µs",
         hanging.rps, hanging.p50_us
     );
-    let guarded_upstream_rq = proxy.stat("cluster.guarded.upstream_rq_total").await?;
-    let hang_upstream_rq = proxy.stat("cluster.hang.upstream_rq_total").await?;
-    let rejected_total = proxy
-        .prometheus()
+    let guarded_upstream_rq = stat(&proxy, "cluster.guarded.upstream_rq_total").await?;
+    let hang_upstream_rq = stat(&proxy, "cluster.hang.upstream_rq_total").await?;
+    let rejected_total = prometheus(&proxy)
         .await?
         .sum("circuit_breaker_rejected_calls_total", &[]) as u64;
     Ok(Open {
@@ -1277,17 +1104,12 @@ async fn hostcalls_phase(
     upstream_port: u16,
     probe: &Path,
 ) -> Result<HostCalls> {
-    let proxy = EnvoyProc::start(
-        ctx,
-        "bench-hostcalls",
-        "envoy/bench-hostcalls.yaml",
-        &[
-            ("CONTENT_PORT", upstream_port.to_string()),
-            ("PROBE_WASM", path_str(probe)?.to_string()),
-            ("PROBE_TIMES", PROBE_TIMES.to_string()),
-        ],
-        1,
-        ctx.proxy_cpus.clone().as_deref(),
+    let proxy = start(
+        ctx.launch("bench-hostcalls", "envoy/bench-hostcalls.yaml")
+            .ports(content_at(upstream_port))
+            .var("PROBE_WASM", path_str(probe)?)
+            .var("PROBE_TIMES", PROBE_TIMES.to_string())
+            .cpus(ctx.proxy_cpus.as_deref()),
     )
     .await?;
     let mut variants = vec![Variant {
@@ -1343,20 +1165,15 @@ async fn contention_phase(
     let mut out = Vec::new();
     for workers in [1u32, 2, 4] {
         // Not pinned: the workers get every core there is (shared with the load generator).
-        let proxy = EnvoyProc::start(
-            ctx,
-            &format!("bench-contention-{workers}"),
-            "envoy/bench.yaml",
-            &[
-                ("CONTENT_PORT", upstream_port.to_string()),
-                ("FILTER_CONFIG", yaml_string("{}")),
-            ],
-            workers,
-            None,
+        let proxy = start(
+            ctx.launch(&format!("bench-contention-{workers}"), "envoy/bench.yaml")
+                .ports(content_at(upstream_port))
+                .filter_config("{}")
+                .concurrency(workers),
         )
         .await?;
         warm_up(ctx, &proxy, &CONTENTION_LISTENERS).await?;
-        let before = proxy.prometheus().await?;
+        let before = prometheus(&proxy).await?;
         // Eight connections, spread over the workers by the listeners' exact balance.
         let throughput = rounds(
             ctx,
@@ -1367,7 +1184,7 @@ async fn contention_phase(
             &format!("contention {workers} workers"),
         )
         .await?;
-        let after = proxy.prometheus().await?;
+        let after = prometheus(&proxy).await?;
         let delta = |name: &str| (after.sum(name, &[]) - before.sum(name, &[])).max(0.0) as u64;
         out.push(Contention {
             workers,
@@ -1414,24 +1231,19 @@ async fn memory_phase(ctx: &mut Ctx, upstream_port: u16) -> Result<Memory> {
         r#"{{"upstream_key": "header:x-tenant", "max_upstreams": {}}}"#,
         MANY_KEYS * 2
     );
-    let proxy = EnvoyProc::start(
-        ctx,
-        "bench-memory",
-        "envoy/bench.yaml",
-        &[
-            ("CONTENT_PORT", upstream_port.to_string()),
-            ("FILTER_CONFIG", yaml_string(&config)),
-        ],
-        workers,
-        None,
+    let proxy = start(
+        ctx.launch("bench-memory", "envoy/bench.yaml")
+            .ports(content_at(upstream_port))
+            .filter_config(&config)
+            .concurrency(workers),
     )
     .await?;
     let settle = Duration::from_millis(1500);
     tokio::time::sleep(settle).await;
-    let rss_idle_kib = proxy.rss_kib();
+    let rss_idle_kib = rss_kib(proxy.pid());
     // One channel per worker (the listener balances connections exactly), so both workers meet every
     // key, as they would under real traffic.
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, proxy.port("ingress")?));
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port(&proxy, "ingress")?));
     let mut clients = Vec::new();
     for _ in 0..workers {
         clients.push(ContentServiceClient::new(
@@ -1446,15 +1258,15 @@ async fn memory_phase(ctx: &mut Ctx, upstream_port: u16) -> Result<Memory> {
         }
     }
     tokio::time::sleep(settle).await;
-    let rss_one_kib = proxy.rss_kib();
+    let rss_one_kib = rss_kib(proxy.pid());
     for client in clients.iter_mut() {
         for key in &keys {
             tenant_call(client, key).await;
         }
     }
     tokio::time::sleep(settle).await;
-    let rss_many_kib = proxy.rss_kib();
-    let metrics = proxy.prometheus().await?;
+    let rss_many_kib = rss_kib(proxy.pid());
+    let metrics = prometheus(&proxy).await?;
     let tracked_keys = metrics
         .samples
         .iter()
@@ -2003,7 +1815,7 @@ impl Report<'_> {
         );
         let _ = writeln!(
             md,
-            "`envoy/bench.yaml` with `--concurrency N`, not pinned (the {} cores are shared with the \
+            "`envoy/bench.yaml` with N workers, not pinned (the {} cores are shared with the \
              load generator and the upstream), 8 connections spread evenly over the workers. Every call \
              goes to one upstream key, so all workers update the same shared-data entry.\n",
             self.machine.nproc
