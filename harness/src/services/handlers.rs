@@ -22,7 +22,7 @@ impl pb::user_service_server::UserService for Users {
     }
 }
 
-/// Post id that [`Content`] answers with `NOT_FOUND`: a client-side status, which the breaker must
+/// Post id that `ContentService` answers with `NOT_FOUND`: a client-side status, which the breaker must
 /// count as a success.
 pub const MISSING_POST_ID: &str = "missing";
 

@@ -54,7 +54,7 @@ impl HttpServer {
         self.switch.control.fault()
     }
 
-    /// Switches the fault; see [`GrpcService::set_fault`].
+    /// Switches the fault; see [`super::GrpcService::set_fault`].
     pub async fn set_fault(&self, fault: Fault) -> io::Result<()> {
         self.switch.set_fault(fault).await
     }
