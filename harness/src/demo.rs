@@ -20,13 +20,13 @@ use std::time::{Duration, Instant};
 use cb_core::breaker::StateKind;
 use tonic::transport::Channel;
 
-use crate::envoy::{workspace_root, Envoy, Upstreams};
+use crate::envoy::{workspace_root, Envoy};
 use crate::services::pb::auth_service_client::AuthServiceClient;
 use crate::services::pb::content_service_client::ContentServiceClient;
 use crate::services::pb::feed_service_client::FeedServiceClient;
 use crate::services::pb::user_service_client::UserServiceClient;
 use crate::services::pb::{CheckRequest, GetFeedRequest, GetPostRequest, GetUserRequest};
-use crate::services::{Fault, ServiceKind};
+use crate::services::{Fault, ServiceKind, Upstreams};
 use crate::svg;
 
 /// The filter configuration of the demo: trips fast, probes after a few seconds.

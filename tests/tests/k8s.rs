@@ -30,8 +30,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use harness::envoy::{self, http_request, Envoy, HttpResponse, UpstreamPorts, Upstreams};
-use harness::services::{pb, Fault, GrpcService, HttpServer, ServiceKind};
+use harness::envoy::{self, http_request, Envoy, HttpResponse, UpstreamPorts};
+use harness::services::{pb, Fault, GrpcService, HttpServer, ServiceKind, Upstreams};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};

@@ -1,0 +1,358 @@
+//! The report's sections, one per phase.
+
+use std::fmt::Write as _;
+
+use super::super::phases::{
+    tenant, CLOSED_LISTENERS, HANG_TIMEOUT, MANY_KEYS, OPEN_LISTENERS, PROBES,
+};
+use super::super::stats::{differences, of, ratios, CORE_FUNCTIONS};
+use super::{f1, f2, f3, num, show, Report};
+
+impl Report<'_> {
+    pub(super) fn closed_section(&self, md: &mut String) {
+        let Some(c) = &self.closed else {
+            return;
+        };
+        let _ = writeln!(md, "### 1. Closed state: what the filter costs a call\n");
+        let _ = writeln!(
+            md,
+            "One Envoy, one worker pinned to one core; three listeners identical but for the filter, \
+             in front of an upstream Envoy answering every call with a trailers-only gRPC OK. Filter \
+             configuration on `ingress`: `{}` (defaults: `upstream_key: cluster`, count window of 100).\n",
+            c.filter_config
+        );
+        let _ = writeln!(
+            md,
+            "| listener | saturated throughput (req/s) | proxy CPU per call (µs) | proxy busy (cores) | p50 at {} req/s (µs) | p99 (µs) | p50, one call at a time (µs) | p99 (µs) |",
+            num(c.rate)
+        );
+        let _ = writeln!(md, "| --- | --- | --- | --- | --- | --- | --- | --- |");
+        for l in CLOSED_LISTENERS {
+            let _ = writeln!(
+                md,
+                "| `{l}` | {} | {} | {} | {} | {} | {} | {} |",
+                show(of(&c.throughput, l, |r| Some(r.rps)), num),
+                show(of(&c.throughput, l, |r| r.cpu_us), f1),
+                show(of(&c.throughput, l, |r| r.busy), f2),
+                show(of(&c.latency, l, |r| r.p50_us), num),
+                show(of(&c.latency, l, |r| r.p99_us), num),
+                show(of(&c.unloaded, l, |r| r.p50_us), num),
+                show(of(&c.unloaded, l, |r| r.p99_us), num),
+            );
+        }
+        let _ = writeln!(md);
+        let _ = writeln!(
+            md,
+            "| ratio (per round, then median) | throughput | CPU per call | p50 | p99 | p50, one at a time | p99, one at a time |"
+        );
+        let _ = writeln!(md, "| --- | --- | --- | --- | --- | --- | --- |");
+        for (a, b) in [
+            ("ingress", "baseline"),
+            ("filter_disabled", "baseline"),
+            ("ingress", "filter_disabled"),
+        ] {
+            let _ = writeln!(
+                md,
+                "| `{a}` / `{b}` | {} | {} | {} | {} | {} | {} |",
+                show(ratios(&c.throughput, a, b, |r| Some(r.rps)), f3),
+                show(ratios(&c.throughput, a, b, |r| r.cpu_us), f2),
+                show(ratios(&c.latency, a, b, |r| r.p50_us), f2),
+                show(ratios(&c.latency, a, b, |r| r.p99_us), f2),
+                show(ratios(&c.unloaded, a, b, |r| r.p50_us), f2),
+                show(ratios(&c.unloaded, a, b, |r| r.p99_us), f2),
+            );
+        }
+        let _ = writeln!(md);
+        let _ = writeln!(
+            md,
+            "Proxy CPU per call, difference per round: the whole filter (`ingress` − `baseline`) {} µs; \
+             the breaker's own work — shared data, core, and the response-side host calls — (`ingress` − \
+             `filter_disabled`) {} µs; a wasm filter that does nothing (`filter_disabled` − `baseline`) {} µs. \
+             At the fixed rate: {} µs, {} µs and {} µs.\n",
+            show(differences(&c.throughput, "ingress", "baseline", |r| r.cpu_us), f1),
+            show(differences(&c.throughput, "ingress", "filter_disabled", |r| r.cpu_us), f1),
+            show(differences(&c.throughput, "filter_disabled", "baseline", |r| r.cpu_us), f1),
+            show(differences(&c.latency, "ingress", "baseline", |r| r.cpu_us), f1),
+            show(differences(&c.latency, "ingress", "filter_disabled", |r| r.cpu_us), f1),
+            show(differences(&c.latency, "filter_disabled", "baseline", |r| r.cpu_us), f1),
+        );
+    }
+
+    pub(super) fn open_section(&self, md: &mut String) {
+        let Some(o) = &self.open else {
+            return;
+        };
+        let _ = writeln!(md, "### 2. Open state: failing fast\n");
+        let _ = writeln!(
+            md,
+            "One Envoy, one worker pinned to one core. `rejected`: the filter (`{}`) in front of a \
+             hanging upstream; `floor`: Envoy's own `direct_response` with the same trailers-only \
+             UNAVAILABLE; `hanging`: no breaker, the hanging upstream, route timeout {HANG_TIMEOUT}.\n",
+            o.filter_config
+        );
+        let _ = writeln!(
+            md,
+            "| listener | saturated throughput (req/s) | proxy CPU per call (µs) | p50 at {} req/s (µs) | p99 (µs) | max (µs) | p50, one call at a time (µs) | p99 (µs) |",
+            num(o.rate)
+        );
+        let _ = writeln!(md, "| --- | --- | --- | --- | --- | --- | --- | --- |");
+        for l in OPEN_LISTENERS {
+            let _ = writeln!(
+                md,
+                "| `{l}` | {} | {} | {} | {} | {} | {} | {} |",
+                show(of(&o.throughput, l, |r| Some(r.rps)), num),
+                show(of(&o.throughput, l, |r| r.cpu_us), f1),
+                show(of(&o.latency, l, |r| r.p50_us), num),
+                show(of(&o.latency, l, |r| r.p99_us), num),
+                show(of(&o.latency, l, |r| r.max_us), num),
+                show(of(&o.unloaded, l, |r| r.p50_us), num),
+                show(of(&o.unloaded, l, |r| r.p99_us), num),
+            );
+        }
+        let h = &o.hanging;
+        let _ = writeln!(
+            md,
+            "| `hanging` (no breaker; {} calls, 100 in flight) | {} | – | {} | {} | {} | – | – |\n",
+            o.hanging_requests,
+            num(h.rps),
+            h.p50_us.map_or("–".into(), num),
+            h.p99_us.map_or("–".into(), num),
+            h.max_us.map_or("–".into(), num),
+        );
+        let _ = writeln!(
+            md,
+            "Ratios per round, `rejected` / `floor`: throughput {}, CPU per call {}, p50 {}, p99 {}. \
+             Without a breaker every call waits for the route timeout: {} of a rejected call's p50.\n",
+            show(ratios(&o.throughput, "rejected", "floor", |r| Some(r.rps)), f3),
+            show(ratios(&o.throughput, "rejected", "floor", |r| r.cpu_us), f2),
+            show(ratios(&o.latency, "rejected", "floor", |r| r.p50_us), f2),
+            show(ratios(&o.latency, "rejected", "floor", |r| r.p99_us), f2),
+            match (h.p50_us, of(&o.latency, "rejected", |r| r.p50_us)) {
+                (Some(hp), Some(rp)) if rp.median > 0.0 => format!("{}×", num(hp / rp.median)),
+                _ => "–".into(),
+            }
+        );
+        let _ = writeln!(
+            md,
+            "Upstream requests: `cluster.guarded.upstream_rq_total` = **{}** after {} rejected calls \
+             (`circuit_breaker_rejected_calls_total`); the unguarded `cluster.hang.upstream_rq_total` = {}.\n",
+            o.guarded_upstream_rq,
+            num(o.rejected_total as f64),
+            o.hang_upstream_rq
+        );
+        let _ = writeln!(md, "What a gRPC client gets (one `GetPost` each):\n");
+        for s in &o.sanity {
+            let _ = writeln!(md, "- {s}");
+        }
+        let _ = writeln!(md);
+    }
+
+    pub(super) fn core_section(&self, md: &mut String) {
+        let _ = writeln!(md, "### 3. Core: admit + record against other breakers\n");
+        if self.core.figures.is_empty() {
+            let _ = writeln!(
+                md,
+                "Not measured: no criterion results under `{}` (`make bench` runs \
+                 `cargo bench -p circuit-breaker-harness --bench breakers` first).\n",
+                self.opts.criterion.display()
+            );
+            return;
+        }
+        let _ = writeln!(
+            md,
+            "`harness/benches/breakers.rs` (criterion; ns per call: median, min–max over its samples). \
+             `core` is one admit + one record of a success through the in-memory store — read, decode, \
+             decide, encode, compare-and-swap — as the filter does per call; `failsafe` and `recloser` \
+             call through their breaker with a closure that succeeds. With 2 threads, both race on one \
+             breaker; the figure is the time per call on each thread.\n"
+        );
+        let _ = writeln!(
+            md,
+            "| | 1 thread (ns/call) | 2 threads racing (ns/call) | vs failsafe, 1 thread |"
+        );
+        let _ = writeln!(md, "| --- | --- | --- | --- |");
+        let failsafe = self.core.get("breakers_1_thread", "failsafe");
+        for f in CORE_FUNCTIONS {
+            let one = self.core.get("breakers_1_thread", f);
+            let _ = writeln!(
+                md,
+                "| `{f}` | {} | {} | {} |",
+                show(one, f1),
+                show(self.core.get("breakers_2_threads", f), f1),
+                match (one, failsafe) {
+                    (Some(a), Some(b)) if b.median > 0.0 => format!("{:.2}×", a.median / b.median),
+                    _ => "–".into(),
+                }
+            );
+        }
+        let _ = writeln!(md);
+    }
+
+    pub(super) fn contention_section(&self, md: &mut String) {
+        let Some(cs) = &self.contention else {
+            return;
+        };
+        let _ = writeln!(
+            md,
+            "### 4. Contention: 1, 2, 4 Envoy workers on one breaker\n"
+        );
+        let _ = writeln!(
+            md,
+            "`envoy/bench.yaml` with N workers, not pinned (the {} cores are shared with the \
+             load generator and the upstream), 8 connections spread evenly over the workers. Every call \
+             goes to one upstream key, so all workers update the same shared-data entry.\n",
+            self.machine.nproc
+        );
+        let _ = writeln!(
+            md,
+            "| workers | `baseline` (req/s) | `ingress` (req/s) | on / off | proxy CPU per call, on (µs) | CAS retries per call | give-ups |"
+        );
+        let _ = writeln!(md, "| --- | --- | --- | --- | --- | --- | --- |");
+        for c in cs {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} ({} in {} calls) | {} |",
+                c.workers,
+                show(of(&c.throughput, "baseline", |r| Some(r.rps)), num),
+                show(of(&c.throughput, "ingress", |r| Some(r.rps)), num),
+                show(
+                    ratios(&c.throughput, "ingress", "baseline", |r| Some(r.rps)),
+                    f3
+                ),
+                show(of(&c.throughput, "ingress", |r| r.cpu_us), f1),
+                if c.calls > 0 {
+                    format!("{:.4}", c.cas_retries as f64 / c.calls as f64)
+                } else {
+                    "–".into()
+                },
+                num(c.cas_retries as f64),
+                num(c.calls as f64),
+                c.give_ups
+            );
+        }
+        let _ = writeln!(md);
+    }
+
+    pub(super) fn memory_section(&self, md: &mut String) {
+        let Some(m) = &self.memory else {
+            return;
+        };
+        let _ = writeln!(md, "### 5. Memory\n");
+        let _ = writeln!(md, "| | |\n| --- | --- |");
+        let _ = writeln!(
+            md,
+            "| `.wasm` size | {} bytes ({:.0} KiB) |",
+            num(m.wasm_bytes as f64),
+            m.wasm_bytes as f64 / 1024.0
+        );
+        let _ = writeln!(
+            md,
+            "| shared data per upstream | one slot: {} bytes (the key `{}`, its times, and the state \
+             of a count window of 100) under a key of at most {} bytes \
+             (`circuit_breaker.v2.<capacity>.<slot>`) |",
+            m.state_bytes,
+            tenant(0),
+            m.state_key_bytes,
+        );
+        let _ = writeln!(
+            md,
+            "| the table | {} bytes per empty slot; {} bytes for the {} slots of this run, created \
+             when a worker is configured |",
+            num(m.index_bytes_1 as f64),
+            num(m.index_bytes_many as f64),
+            num((MANY_KEYS * 2) as f64)
+        );
+        let kib = |v: Option<u64>| v.map_or("–".into(), |k| format!("{} KiB", num(k as f64)));
+        let _ = writeln!(
+            md,
+            "| Envoy RSS ({} workers), idle after start | {} |",
+            m.workers,
+            kib(m.rss_idle_kib)
+        );
+        let _ = writeln!(
+            md,
+            "| … after {} calls with 1 upstream key | {} |",
+            num((MANY_KEYS * m.workers as usize) as f64),
+            kib(m.rss_one_kib)
+        );
+        let _ = writeln!(
+            md,
+            "| … then {} calls over {} keys | {} ({} breakers tracked, {} calls untracked) |",
+            num((MANY_KEYS * m.workers as usize) as f64),
+            num(MANY_KEYS as f64),
+            kib(m.rss_many_kib),
+            num(m.tracked_keys as f64),
+            m.untracked
+        );
+        if let (Some(one), Some(many)) = (m.rss_one_kib, m.rss_many_kib) {
+            let per_key = (many as f64 - one as f64) * 1024.0 / (MANY_KEYS - 1) as f64;
+            let _ = writeln!(
+                md,
+                "| RSS per additional upstream key | ≈ {} bytes (everything: shared data, each worker's \
+                 registry entry and metric ids, Envoy's stats for the key's metrics) |",
+                num(per_key)
+            );
+        }
+        let _ = writeln!(md);
+    }
+
+    pub(super) fn hostcalls_section(&self, md: &mut String) {
+        let Some(h) = &self.hostcalls else {
+            return;
+        };
+        let _ = writeln!(md, "### 6. What bounds the filter: host calls, priced\n");
+        let _ = writeln!(
+            md,
+            "`harness/benches/hostcall-probe`, a proxy-wasm module that makes one kind of host call {} \
+             times per request (chosen by an `x-probe` header), in one Envoy worker pinned to one core \
+             (`envoy/bench-hostcalls.yaml`). A call's price is the proxy CPU per request with it minus \
+             that with `x-probe: none`, divided by {}, per round. The last columns count the calls the \
+             filter makes for one gRPC call through a Closed breaker.\n",
+            h.times, h.times
+        );
+        let _ = writeln!(
+            md,
+            "| call | µs per call (median, min–max) | hands data back | per filtered call | µs per filtered call |"
+        );
+        let _ = writeln!(md, "| --- | --- | --- | --- | --- |");
+        for (kind, what, (fewest, most), data) in PROBES {
+            let price = h.price(kind);
+            let count = if fewest == most {
+                format!("{fewest}")
+            } else {
+                format!("{fewest}–{most}")
+            };
+            let cost = price.map_or("–".into(), |p| {
+                let p = p.median.max(0.0);
+                if fewest == most {
+                    format!("{:.1}", p * fewest)
+                } else {
+                    format!("{:.1}–{:.1}", p * fewest, p * most)
+                }
+            });
+            let _ = writeln!(
+                md,
+                "| {what} | {} | {} | {count} | {cost} |",
+                show(price, f2),
+                if data { "yes" } else { "no" },
+            );
+        }
+        let floor = differences(&h.runs, "none", "baseline", |r| r.cpu_us);
+        let (low, high) = h.estimate(None);
+        let (sd_low, sd_high) = h.shared_data_work();
+        let _ = writeln!(
+            md,
+            "\nA wasm filter that reads one request header and nothing else (`x-probe: none`) costs {} µs \
+             per request over no filter at all (`baseline`): Envoy enters the VM for every callback of \
+             every stream (context create, request headers, request body, response headers, log, done, \
+             delete), and once more for each host call that hands data back, to allocate it. On top of \
+             that floor, the calls above add up to {}–{} µs for one filtered call, of which the \
+             shared-data work (reads, write, and the core's decode, decide, encode) is {}–{} µs.\n",
+            show(floor, f1),
+            low.map_or("–".into(), f1),
+            high.map_or("–".into(), f1),
+            sd_low.map_or("–".into(), f1),
+            sd_high.map_or("–".into(), f1),
+        );
+    }
+}
