@@ -46,6 +46,12 @@ test-wasm: targets wasm-test-runner
 test-e2e: build envoy
 	cargo test -p circuit-breaker-e2e --lib --test e2e --test reliability -- --test-threads 2
 
+## test-docs: every relative link in the tracked Markdown resolves inside the repository (no Envoy)
+.PHONY: test-docs
+test: test-docs
+test-docs:
+	cargo test -p circuit-breaker-e2e --test docs
+
 ## the corruptor fixture (tests/fixtures/corruptor, its own workspace): a second wasm module on the
 ## breaker's vm_id, with which tests/reliability.rs writes foreign bytes into the breaker's shared data
 .PHONY: corruptor

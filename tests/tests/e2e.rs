@@ -1,6 +1,6 @@
 //! End-to-end: the built `.wasm` inside a real Envoy (two workers), in front of the demo services,
 //! driven by a real gRPC client and plain HTTP. Each test starts its own services and Envoy on free
-//! ports and checks one behaviour of the contract (`/work/shared/CONTRACT.md`, sections 2-6).
+//! ports and checks one behaviour of the contract, as the user reference in `docs/` describes it.
 //!
 //! Run with `make test`, or `ENVOY=/path/to/envoy cargo test -p circuit-breaker-e2e` after `make build`.
 
