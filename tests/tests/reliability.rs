@@ -984,7 +984,7 @@ async fn a_flood_of_distinct_keys_stays_bounded() {
     let addr = bed.envoy.listener();
     let pid = bed.envoy.pid();
 
-    // A first batch fills the index and warms everything up (connections, pools, the VMs' heaps).
+    // A first batch fills the table and warms everything up (connections, pools, the VMs' heaps).
     let first = 2_000;
     let started = Instant::now();
     let mut not_ok = flood(addr, 0..first).await;
@@ -1463,6 +1463,35 @@ async fn huge_configs_are_refused_in_a_short_line() {
 
 // ---- 4. corrupt shared data ----------------------------------------------------------------------
 
+/// The shared-data key of `upstream`'s slot in the default table (`max_upstreams` 1024): its home slot,
+/// where the first upstream of a fresh table always lands.
+fn slot_key(upstream: &str) -> String {
+    let table = cb_core::store::SharedData::new(cb_core::store::MemoryStore::new(), 1024);
+    table.slot_key(cb_core::registry::home_slot(upstream, 1024))
+}
+
+/// How many bytes `upstream`'s slot takes with a count window of 100, as the corruptor reports it.
+fn slot_len(upstream: &str) -> String {
+    let slot = cb_core::store::Slot {
+        key: upstream.to_string(),
+        last_call_ms: 0,
+        shaped_ms: 0,
+        breaker: cb_core::breaker::Breaker::new(&cb_core::config::BreakerConfig::default()),
+    };
+    cb_core::codec::encode_slot(Some(&slot)).len().to_string()
+}
+
+/// A slot of `upstream` whose breaker part is `breaker_hex`, as hex.
+fn slot_hex(upstream: &str, breaker_hex: &str) -> String {
+    let mut hex = format!("cb5302{:04x}", (upstream.len() as u16).swap_bytes());
+    for b in upstream.bytes() {
+        hex.push_str(&format!("{b:02x}"));
+    }
+    hex.push_str(&"00".repeat(16));
+    hex.push_str(breaker_hex);
+    hex
+}
+
 /// Overwrites shared-data `key` through the corruptor with `hex` bytes (`repeat` times); returns the
 /// length of what was there before (`none` if nothing).
 async fn corrupt(envoy: &Envoy, key: &str, hex: &str, repeat: usize) -> String {
@@ -1496,7 +1525,7 @@ async fn corrupt_shared_data_fails_open_and_restarts() {
     let bed = LdsBed::start("corrupt", "envoy/lds-listener-corruptor.yaml", &config).await;
     let envoy = &bed.envoy;
     let channel = envoy.channel().await.unwrap();
-    let state_key = "circuit_breaker.v1.state.content";
+    let state_key = slot_key("content");
 
     // content's breaker opens.
     bed.content.set_fault(Fault::Unavailable).await.unwrap();
@@ -1508,14 +1537,20 @@ async fn corrupt_shared_data_fails_open_and_restarts() {
     assert_eq!(bed.content.requests(), 3);
 
     // Foreign bytes under its key. The corruptor, another module with the same vm_id, found the
-    // breaker's own 64-byte state there: Envoy's shared data is per vm_id, not per module.
-    let previous = corrupt(envoy, state_key, "deadbeef", 1).await;
+    // breaker's own slot there: Envoy's shared data is per vm_id, not per module.
+    let previous = corrupt(envoy, &state_key, "deadbeef", 1).await;
     assert_eq!(
-        previous, "64",
+        previous,
+        slot_len("content"),
         "the corruptor does not see the breaker's data"
     );
-    // The health endpoint leaves an undecodable breaker out.
-    let (_, body) = health(envoy, "/health").await;
+    // The health endpoint cannot tell that breaker's state, so it claims nothing: 503, unknown.
+    let (code, body) = health(envoy, "/health").await;
+    assert_eq!(
+        (code, body["status"].as_str()),
+        (503, Some("unknown")),
+        "{body}"
+    );
     assert!(breaker_of(&body, "content").is_none(), "{body}");
 
     // The next call fails open (it reaches the upstream although the breaker was open), the breaker
@@ -1550,18 +1585,17 @@ async fn corrupt_shared_data_fails_open_and_restarts() {
     bed.content.set_fault(Fault::Ok).await.unwrap();
 
     // Other foreign bytes: each fails open once, is counted, and names what was wrong.
-    let zeros = "00".repeat(62);
     let cases = [
-        ("truncated", "cb01".to_string(), 1, "bad length or magic"),
+        ("truncated", "cb53".to_string(), 1, "bad length or magic"),
         (
             "other version",
-            format!("cb02{zeros}"),
+            format!("cb5303{}", "00".repeat(90)),
             1,
-            "unknown version 2",
+            "unknown version 3",
         ),
         (
             "impossible state",
-            format!("cb0109{}", "00".repeat(61)),
+            slot_hex("content", &format!("cb0109{}", "00".repeat(61))),
             1,
             "impossible breaker state",
         ),
@@ -1569,7 +1603,7 @@ async fn corrupt_shared_data_fails_open_and_restarts() {
     ];
     // (Zero bytes are the subject of `empty_bytes_under_a_breaker_key_are_corrupt_state`.)
     for (n, (name, hex, repeat, why)) in cases.iter().enumerate() {
-        corrupt(envoy, state_key, hex, *repeat).await;
+        corrupt(envoy, &state_key, hex, *repeat).await;
         let before = bed.content.requests();
         get_post(&channel, &[])
             .await
@@ -1585,13 +1619,29 @@ async fn corrupt_shared_data_fails_open_and_restarts() {
         );
     }
 
-    // A corrupt index: the listing restarts, breakers stay enforced through their own keys.
-    let previous = corrupt(envoy, "circuit_breaker.v1.index", "0badc0de", 1).await;
-    assert_ne!(previous, "none");
+    // A corrupt slot that no upstream holds: health cannot vouch for it and says unknown, while the
+    // breakers stay enforced through their own slots, and a new upstream gets a breaker.
+    let other = {
+        let table = cb_core::store::SharedData::new(cb_core::store::MemoryStore::new(), 1024);
+        let home = cb_core::registry::home_slot("content", 1024);
+        table.slot_key((home + 512) % 1024)
+    };
+    let previous = corrupt(envoy, &other, "0badc0de", 1).await;
+    assert_ne!(
+        previous, "none",
+        "the table is created when a worker is configured"
+    );
     let (code, body) = health(envoy, "/health").await;
     assert_eq!(
-        (code, body["circuit_breakers"].as_array().unwrap().len()),
-        (200, 0),
+        (code, body["status"].as_str()),
+        (503, Some("unknown")),
+        "{body}"
+    );
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("1 breaker states"),
         "{body}"
     );
     get_user(&channel).await.unwrap();
@@ -1607,7 +1657,7 @@ async fn corrupt_shared_data_fails_open_and_restarts() {
     let m = envoy.metrics().await.unwrap();
     assert_eq!(global(&m, "circuit_breaker_cas_give_ups_total"), 0.0);
     println!(
-        "corruption: {} corrupt states detected and restarted, index rebuilt; {}",
+        "corruption: {} corrupt states detected and restarted; {}",
         global(&m, "circuit_breaker_corrupt_state_total"),
         m.dump("circuit_breaker_corrupt")
     );
@@ -1638,8 +1688,8 @@ async fn empty_bytes_under_a_breaker_key_are_corrupt_state() {
     assert!(is_rejection(&status, "content"), "{status:?}");
 
     assert_eq!(
-        corrupt(envoy, "circuit_breaker.v1.state.content", "", 1).await,
-        "64"
+        corrupt(envoy, &slot_key("content"), "", 1).await,
+        slot_len("content")
     );
     bed.content.set_fault(Fault::Ok).await.unwrap();
     get_post(&channel, &[]).await.unwrap();

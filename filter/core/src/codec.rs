@@ -51,8 +51,13 @@ const HEADER_LEN: usize = 32;
 pub enum CodecError {
     /// Too short, too long, or not starting with the magic byte.
     Malformed,
-    /// Written by another layout version.
-    Version(u8),
+    /// Written by another layout version: the one found, and the one this build reads.
+    Version {
+        /// The version in the bytes.
+        found: u8,
+        /// The version this build reads.
+        reads: u8,
+    },
     /// The fields are individually readable but describe an impossible breaker.
     Invalid(&'static str),
 }
@@ -61,9 +66,9 @@ impl fmt::Display for CodecError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             CodecError::Malformed => write!(f, "not a breaker state (bad length or magic)"),
-            CodecError::Version(v) => write!(
+            CodecError::Version { found, reads } => write!(
                 f,
-                "breaker state of unknown version {v} (this build reads {VERSION})"
+                "breaker state of unknown version {found} (this build reads {reads})"
             ),
             CodecError::Invalid(why) => write!(f, "impossible breaker state: {why}"),
         }
@@ -183,7 +188,10 @@ pub fn decode(bytes: &[u8]) -> Result<Breaker, CodecError> {
     }
     let version = r.u8()?;
     if version != VERSION {
-        return Err(CodecError::Version(version));
+        return Err(CodecError::Version {
+            found: version,
+            reads: VERSION,
+        });
     }
     let tag = r.u8()?;
     let window_tag = r.u8()?;
@@ -287,7 +295,10 @@ pub fn decode_slot(bytes: &[u8]) -> Result<Option<Slot>, CodecError> {
         return Err(CodecError::Malformed);
     }
     if version != SLOT_VERSION {
-        return Err(CodecError::Version(version));
+        return Err(CodecError::Version {
+            found: version,
+            reads: SLOT_VERSION,
+        });
     }
     let key_len = usize::from(r.u16()?);
     if key_len == 0 {
@@ -459,7 +470,7 @@ mod tests {
         assert_eq!(decode(&longer), Err(CodecError::Malformed));
         let mut v2 = good.clone();
         v2[1] = 2;
-        assert_eq!(decode(&v2), Err(CodecError::Version(2)));
+        assert_eq!(decode(&v2), Err(CodecError::Version { found: 2, reads: 1 }));
         let mut bad_state = good.clone();
         bad_state[2] = 9;
         assert!(matches!(decode(&bad_state), Err(CodecError::Invalid(_))));
@@ -494,7 +505,10 @@ mod tests {
         );
         let mut v3 = bytes.clone();
         v3[2] = 3;
-        assert_eq!(decode_slot(&v3), Err(CodecError::Version(3)));
+        assert_eq!(
+            decode_slot(&v3),
+            Err(CodecError::Version { found: 3, reads: 2 })
+        );
         assert_eq!(
             decode_slot(&bytes[..bytes.len() - 1]),
             Err(CodecError::Malformed)

@@ -63,22 +63,18 @@ pub struct Admitted {
     pub transition: Option<Transition>,
     /// The stored state after it.
     pub state: StateKind,
-    /// Lost compare-and-swap races.
-    pub retries: u32,
-    /// The slot's bytes did not decode.
-    pub corrupt: Option<CodecError>,
 }
 
-/// What recording an outcome did.
+/// An operation on a slot: its result, or `None` when the slot no longer holds the key (an idle
+/// breaker evicted meanwhile, or corrupt bytes), and what the store went through.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Recorded {
-    /// A state change the outcome caused.
-    pub transition: Option<Transition>,
+pub struct OnSlot<T> {
+    /// The result, when the slot is the key's.
+    pub value: Option<T>,
     /// Lost compare-and-swap races.
     pub retries: u32,
-    /// The slot no longer belongs to the key (an idle breaker evicted meanwhile, or corrupt bytes):
-    /// the outcome went nowhere.
-    pub lost: bool,
+    /// The slot's bytes did not decode (they were replaced by an empty slot).
+    pub corrupt: Option<CodecError>,
 }
 
 /// One breaker as the health endpoint reports it.
@@ -223,8 +219,7 @@ fn conform(slot: &mut Slot, cfg: &BreakerConfig, shaped_ms: u64) -> bool {
     true
 }
 
-/// Decides on a new call of `key` in slot `i`. `None` when the slot no longer holds the key (the
-/// caller looks it up again).
+/// Decides on a new call of `key` in slot `i`.
 pub fn admit<S: BreakerStore>(
     store: &mut S,
     i: u32,
@@ -233,7 +228,7 @@ pub fn admit<S: BreakerStore>(
     now_ms: u64,
     idle_timeout_ms: u64,
     shaped_ms: u64,
-) -> Result<Option<Admitted>, UpdateError> {
+) -> Result<OnSlot<Admitted>, UpdateError> {
     let u = store.update(i, Read::Fresh, |content| {
         let Some(slot) = content.as_mut().filter(|s| s.key == key) else {
             return (None, false);
@@ -252,21 +247,22 @@ pub fn admit<S: BreakerStore>(
         if touched {
             slot.last_call_ms = now_ms;
         }
-        (
-            Some((decision, transition, state)),
-            conformed || moved || touched,
-        )
+        let admitted = Admitted {
+            decision,
+            transition,
+            state,
+        };
+        (Some(admitted), conformed || moved || touched)
     })?;
-    Ok(u.value.map(|(decision, transition, state)| Admitted {
-        decision,
-        transition,
-        state,
+    Ok(OnSlot {
+        value: u.value,
         retries: u.retries,
         corrupt: u.corrupt,
-    }))
+    })
 }
 
-/// Records the outcome of a call of `key` admitted with `ticket` into slot `i`.
+/// Records the outcome of a call of `key` admitted with `ticket` into slot `i`: the state change it
+/// caused, if any.
 #[allow(clippy::too_many_arguments)]
 pub fn record<S: BreakerStore>(
     store: &mut S,
@@ -277,7 +273,7 @@ pub fn record<S: BreakerStore>(
     now_ms: u64,
     outcome: Classification,
     shaped_ms: u64,
-) -> Result<Recorded, UpdateError> {
+) -> Result<OnSlot<Option<Transition>>, UpdateError> {
     let u = store.update(i, Read::Reuse, |content| {
         let Some(slot) = content.as_mut().filter(|s| s.key == key) else {
             return (None, false);
@@ -289,10 +285,10 @@ pub fn record<S: BreakerStore>(
             true,
         )
     })?;
-    Ok(Recorded {
-        lost: u.value.is_none(),
-        transition: u.value.flatten(),
+    Ok(OnSlot {
+        value: u.value,
         retries: u.retries,
+        corrupt: u.corrupt,
     })
 }
 

@@ -19,9 +19,10 @@ use crate::reply::{self, LocalReply};
 use crate::store::{BreakerStore, UpdateError};
 use crate::telemetry::{Event, StoreEvent, Telemetry};
 
-/// Most upstream keys a worker remembers. Past this the memory is cleared and rebuilt as calls come:
-/// hostile keys can make a worker forget, never grow without bound.
-const MAX_REMEMBERED_KEYS: usize = 4 * 65_536;
+/// Fewest upstream keys a worker remembers; it remembers twice `max_upstreams` when that is more. Past
+/// the bound the memory is cleared and rebuilt as calls come: hostile keys can make a worker forget,
+/// never grow beyond what its real upstreams need.
+const MIN_REMEMBERED_KEYS: usize = 1024;
 /// Most outcomes waiting for a retry after losing every compare-and-swap.
 const MAX_RETRIES_QUEUED: usize = 256;
 /// How many times a queued outcome is retried before it is given up as lost.
@@ -99,6 +100,7 @@ pub struct Worker<S> {
     configured_ms: u64,
     store: S,
     keys: HashMap<String, KeyEntry>,
+    max_keys: usize,
     /// Calls let through and still waiting, per slot, oldest first.
     in_flight: HashMap<u32, VecDeque<InFlight>>,
     next_call: u64,
@@ -110,6 +112,7 @@ impl<S: BreakerStore> Worker<S> {
     /// [`Worker::prepare`] before traffic.
     pub fn new(config: Arc<FilterConfig>, configured_ms: u64, store: S) -> Self {
         Self {
+            max_keys: (2 * config.max_upstreams as usize).max(MIN_REMEMBERED_KEYS),
             config,
             configured_ms,
             store,
@@ -152,7 +155,7 @@ impl<S: BreakerStore> Worker<S> {
     }
 
     fn entry(&mut self, key: &str) -> &mut KeyEntry {
-        if self.keys.len() >= MAX_REMEMBERED_KEYS && !self.keys.contains_key(key) {
+        if self.keys.len() >= self.max_keys && !self.keys.contains_key(key) {
             self.keys.clear();
         }
         let config = &self.config;
@@ -183,14 +186,18 @@ impl<S: BreakerStore> Worker<S> {
             self.check_stuck_slot(slot, now_ms, t);
             let cfg = self.config.breaker(breaker);
             let (idle, shaped) = (self.config.idle_timeout_ms, self.configured_ms);
-            match registry::admit(&mut self.store, slot, key, cfg, now_ms, idle, shaped) {
-                Err(e) => {
-                    t.event(key, &Event::Untracked(Untracked::Store(e)));
-                    return Admission::Untracked;
-                }
-                Ok(None) => self.forget_slot(key),
-                Ok(Some(a)) => {
-                    store_events(key, a.retries, a.corrupt, t);
+            let on_slot =
+                match registry::admit(&mut self.store, slot, key, cfg, now_ms, idle, shaped) {
+                    Ok(on_slot) => on_slot,
+                    Err(e) => {
+                        t.event(key, &Event::Untracked(Untracked::Store(e)));
+                        return Admission::Untracked;
+                    }
+                };
+            store_events(key, on_slot.retries, on_slot.corrupt, t);
+            match on_slot.value {
+                None => self.forget_slot(key),
+                Some(a) => {
                     self.state_seen(key, a.state, a.transition, t);
                     return self.decided(key, slot, breaker, a.decision, now_ms, t);
                 }
@@ -425,29 +432,24 @@ impl<S: BreakerStore> Worker<S> {
             r.outcome,
             shaped,
         );
-        match recorded {
-            Ok(rec) if rec.lost => {
-                store_events(&r.key, rec.retries, None, t);
-                t.event(
-                    &r.key,
-                    &Event::Store(StoreEvent::OutcomeLost(
-                        "its breaker's slot went to another upstream",
-                    )),
-                );
-            }
-            Ok(rec) => {
-                store_events(&r.key, rec.retries, None, t);
-                let event = Event::Recorded {
-                    outcome: r.outcome.outcome,
-                    slow: r.outcome.slow,
-                    stuck: r.stuck,
-                };
-                t.event(&r.key, &event);
-                if let Some(tr) = rec.transition {
-                    self.state_seen(&r.key, tr.to, Some(tr), t);
-                }
-            }
-            Err(e) => self.queue_retry(r, e, t),
+        let on_slot = match recorded {
+            Ok(on_slot) => on_slot,
+            Err(e) => return self.queue_retry(r, e, t),
+        };
+        store_events(&r.key, on_slot.retries, on_slot.corrupt, t);
+        let Some(transition) = on_slot.value else {
+            let lost = StoreEvent::OutcomeLost("its breaker's slot went to another upstream");
+            t.event(&r.key, &Event::Store(lost));
+            return;
+        };
+        let event = Event::Recorded {
+            outcome: r.outcome.outcome,
+            slow: r.outcome.slow,
+            stuck: r.stuck,
+        };
+        t.event(&r.key, &event);
+        if let Some(tr) = transition {
+            self.state_seen(&r.key, tr.to, Some(tr), t);
         }
     }
 

@@ -21,11 +21,12 @@
     clippy::indexing_slicing
 )]
 
+use cb_core::breaker::Transition;
 use cb_core::breaker::{Breaker, BreakerState, Decision, Ticket};
 use cb_core::classify::{Classification, Outcome};
 use cb_core::codec;
 use cb_core::config::{BreakerConfig, FilterConfig, Mode, WindowConfig};
-use cb_core::registry::{self, Admitted, Recorded};
+use cb_core::registry::{self, Admitted};
 use cb_core::store::{BreakerStore, MemoryStore, SharedData, SharedStore, SlotRead};
 use cb_core::window::TIME_BUCKETS;
 use proptest::prelude::*;
@@ -187,8 +188,12 @@ fn world<'a>(store: &'a MemoryStore, workers: usize, cfg: &BreakerConfig) -> (Ve
 fn admit(t: &mut Table<'_>, slot: u32, cfg: &BreakerConfig, now: u64) -> Admitted {
     registry::admit(t, slot, KEY, cfg, now, IDLE, 0)
         .unwrap()
+        .value
         .unwrap()
 }
+
+/// What a record did: `Err(())` when the slot was no longer the key's.
+type Recorded = Result<Option<Transition>, ()>;
 
 fn record(
     t: &mut Table<'_>,
@@ -198,7 +203,10 @@ fn record(
     now: u64,
     c: Classification,
 ) -> Recorded {
-    registry::record(t, slot, KEY, cfg, ticket, now, c, 0).unwrap()
+    registry::record(t, slot, KEY, cfg, ticket, now, c, 0)
+        .unwrap()
+        .value
+        .ok_or(())
 }
 
 /// A call that ended with nothing to judge: its probe permit goes back.
@@ -347,13 +355,13 @@ proptest! {
                     now += dt;
                     if let Some(t) = take(&mut tickets, pick) {
                         let rec = record(&mut workers[pick % 4], slot, &cfg, t, now, outcome);
-                        prop_assert!(!rec.lost);
+                        prop_assert!(rec.is_ok());
                     }
                 }
                 Op::Release { pick, dt } => {
                     now += dt;
                     if let Some(t) = take(&mut tickets, pick) {
-                        record(&mut workers[pick % 4], slot, &cfg, t, now, IGNORED);
+                        prop_assert!(record(&mut workers[pick % 4], slot, &cfg, t, now, IGNORED).is_ok());
                     }
                 }
             }
@@ -397,7 +405,7 @@ proptest! {
         let mut run = 0u32;
         let mut record = |t: Ticket, c: Classification, now: u64, w: &mut Table<'_>| {
             let rec = record(w, slot, &cfg, t, now, c);
-            assert_eq!((rec.lost, rec.transition), (false, None));
+            assert_eq!(rec, Ok(None));
             if c.outcome != Outcome::Ignored {
                 model.push((now, c.outcome == Outcome::Failure, c.slow));
                 run = if c.outcome == Outcome::Failure { run + 1 } else { 0 };
@@ -490,13 +498,13 @@ proptest! {
                 Op::Record { pick, outcome, dt } => {
                     now += dt;
                     if let Some(t) = take(&mut tickets, pick) {
-                        record(&mut workers[pick % 3], slot, &cfg, t, now, outcome);
+                        prop_assert!(record(&mut workers[pick % 3], slot, &cfg, t, now, outcome).is_ok());
                     }
                 }
                 Op::Release { pick, dt } => {
                     now += dt;
                     if let Some(t) = take(&mut tickets, pick) {
-                        record(&mut workers[pick % 3], slot, &cfg, t, now, IGNORED);
+                        prop_assert!(record(&mut workers[pick % 3], slot, &cfg, t, now, IGNORED).is_ok());
                     }
                 }
             }
@@ -506,9 +514,9 @@ proptest! {
             for stale in seen.iter().filter(|t| t.generation != b.generation).take(8) {
                 let bad = Classification { outcome: Outcome::Failure, slow: true };
                 let rec = record(&mut workers[0], slot, &cfg, *stale, now, bad);
-                prop_assert_eq!(rec.transition, None);
+                prop_assert_eq!(rec, Ok(None));
                 prop_assert_eq!(breaker(&store, slot), Some(b.clone()), "a stale outcome changed the breaker");
-                record(&mut workers[1], slot, &cfg, *stale, now, IGNORED);
+                prop_assert!(record(&mut workers[1], slot, &cfg, *stale, now, IGNORED).is_ok());
                 prop_assert_eq!(breaker(&store, slot), Some(b.clone()), "a stale release changed the breaker");
             }
         }

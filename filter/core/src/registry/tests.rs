@@ -34,6 +34,7 @@ fn allow<S: BreakerStore>(t: &mut S, key: &str, now: u64) -> (u32, Ticket) {
     let slot = locate(t, key, &cfg(), now, IDLE, 0).unwrap().slot;
     match admit(t, slot, key, &cfg(), now, IDLE, 0)
         .unwrap()
+        .value
         .unwrap()
         .decision
     {
@@ -51,9 +52,10 @@ fn two_workers_share_one_breaker() {
     let (slot2, t) = allow(&mut w2, "content", 0);
     assert_eq!(slot, slot2);
     let r = record(&mut w2, slot, "content", &cfg(), t, 0, FAIL, 0).unwrap();
-    assert_eq!(r.transition.unwrap().to, StateKind::Open);
+    assert_eq!(r.value.flatten().unwrap().to, StateKind::Open);
     let a = admit(&mut w1, slot, "content", &cfg(), 1, IDLE, 0)
         .unwrap()
+        .value
         .unwrap();
     assert!(matches!(a.decision, Decision::Reject(_)));
     let h = health(&mut w1, Some(1)).unwrap();
@@ -162,9 +164,14 @@ fn a_slot_that_went_to_another_key_answers_none_and_loses_the_outcome_visibly() 
     let (slot, ticket) = allow(&mut t, "a", 0);
     let b = locate(&mut t, "b", &cfg(), IDLE, IDLE, 0).unwrap();
     assert_eq!((b.slot, b.evicted), (slot, true));
-    assert_eq!(admit(&mut t, slot, "a", &cfg(), IDLE, IDLE, 0), Ok(None));
+    assert_eq!(
+        admit(&mut t, slot, "a", &cfg(), IDLE, IDLE, 0)
+            .unwrap()
+            .value,
+        None
+    );
     let r = record(&mut t, slot, "a", &cfg(), ticket, IDLE, FAIL, 0).unwrap();
-    assert!(r.lost);
+    assert_eq!(r.value, None, "the outcome went nowhere");
 }
 
 #[test]
@@ -203,4 +210,17 @@ fn the_home_slot_is_stable() {
     assert_eq!(home_slot("content", 1024), home_slot("content", 1024));
     assert_eq!(home_slot("", 7), (0xcbf2_9ce4_8422_2325_u64 % 7) as u32);
     assert!(home_slot("anything", 1) == 0);
+}
+
+#[test]
+fn an_admission_on_a_corrupt_slot_says_so_and_leaves_it_empty_for_a_fresh_claim() {
+    let store = Arc::new(MemoryStore::new());
+    let mut t = table(&store, 4);
+    let (slot, _) = allow(&mut t, "a", 0);
+    store.put_raw(&t.slot_key(slot), b"");
+    let on = admit(&mut t, slot, "a", &cfg(), 1, IDLE, 0).unwrap();
+    assert_eq!((on.value, on.corrupt), (None, Some(CodecError::Malformed)));
+    assert_eq!(t.read(slot).unwrap(), SlotRead::Empty);
+    let again = locate(&mut t, "a", &cfg(), 1, IDLE, 0).unwrap();
+    assert_eq!((again.slot, again.corrupt), (slot, None));
 }

@@ -270,10 +270,12 @@ fn resolved_settings_are_kept_per_key_and_the_memory_is_bounded() {
     let mut w = worker(r#"{"upstreams": {"a*": {"failure_threshold": 1}}}"#, &store);
     assert_eq!(w.settings("abc").1.failure_threshold, 1);
     assert_eq!(w.settings("xyz").1.failure_threshold, 5);
-    for i in 0..(MAX_REMEMBERED_KEYS + 10) {
+    // 2 × max_upstreams (1024) keys at most.
+    assert_eq!(w.max_keys, 2_048);
+    for i in 0..5_000 {
         w.settings(&format!("junk-{i}"));
     }
-    assert!(w.keys.len() <= MAX_REMEMBERED_KEYS);
+    assert!(w.keys.len() <= 2_048);
     assert_eq!(w.settings("abc").1.failure_threshold, 1);
 }
 
