@@ -117,13 +117,19 @@ apt_install = if [ "$$(id -u)" = 0 ]; then \
 		sudo apt-get update && sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(1); \
 	else echo "$(2): install the Debian package $(1) (apt-get install $(1), as root)" >&2; exit 1; fi
 
-.PHONY: image test-k8s k8s-tools k8s-models
+.PHONY: image image-native test-k8s k8s-tools k8s-models
 
 ## image: dist/oci/circuit-breaker, the filter as an OCI image layout (Istio's Wasm "compat" image:
 ## one layer holding plugin.wasm), written without a container engine; prints the digest for the
 ## WasmPlugin's sha256. Push it with oras, crane or skopeo (k8s/README.md).
 image: build
 	python3 k8s/image/oci-image.py --wasm $(WASM) --out $(OCI_LAYOUT) --tag $(IMAGE_TAG)
+
+## image-native: dist/oci/circuit-breaker-native, an OCI image whose one layer holds
+## libcircuit_breaker.so, for the image volumes of the native forms in k8s/ (k8s/README.md)
+image-native: build
+	python3 k8s/image/oci-image.py --native $(ROOT)/dist/libcircuit_breaker.so \
+		--out $(ROOT)/dist/oci/circuit-breaker-native --tag $(IMAGE_TAG)
 
 ## test-k8s: k8s/ validated: every kustomization rendered and checked against the published models
 ## (k8s/validate) and k8s/schemas, the overlays' filter configs loaded into an Istio-like and an

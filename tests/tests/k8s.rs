@@ -21,7 +21,8 @@
 //! - `promtool check rules` and `promtool test rules` pass, and the PrometheusRule carries the same
 //!   groups as `rules.yaml`.
 //! - `k8s/image/oci-image.py` (`make image`) writes a valid OCI image layout: digests and sizes match
-//!   the blobs, the layer holds exactly `plugin.wasm`, and the output is reproducible.
+//!   the blobs, the layer holds exactly `plugin.wasm` (or, `--native`, `libcircuit_breaker.so`), and
+//!   the output is reproducible.
 //!
 //! Needs kubectl, the published models in `.venv` (`make k8s-tools` installs both, and Prometheus and
 //! promtool), the built filter (`make build`; the native tests need `dist/libcircuit_breaker.so` or
@@ -1470,12 +1471,11 @@ fn blob(layout: &Path, descriptor: &Value) -> Vec<u8> {
     bytes
 }
 
-fn write_image(out: &Path) -> String {
-    let wasm = envoy::wasm_path().unwrap_or_else(|e| panic!("{e}"));
+fn write_image(module_flag: &str, module: &Path, out: &Path) -> String {
     let output = Command::new(which("python3", "k8s/image/oci-image.py needs Python 3"))
         .arg(k8s("image/oci-image.py"))
-        .arg("--wasm")
-        .arg(&wasm)
+        .arg(module_flag)
+        .arg(module)
         .arg("--out")
         .arg(out)
         .args(["--tag", "0.1.0"])
@@ -1489,11 +1489,9 @@ fn write_image(out: &Path) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-#[test]
-fn make_image_writes_a_valid_oci_layout() {
-    let tmp = tempfile::tempdir().unwrap();
-    let layout = tmp.path().join("circuit-breaker");
-    let printed = write_image(&layout);
+/// An OCI image layout of one manifest, checked: its index descriptor, its config, and the files of
+/// its single layer.
+fn read_image(layout: &Path) -> (Value, Value, BTreeMap<String, Vec<u8>>) {
     let read_json = |name: &str| -> Value {
         serde_json::from_str(&fs::read_to_string(layout.join(name)).unwrap())
             .unwrap_or_else(|e| panic!("{name}: {e}"))
@@ -1510,7 +1508,7 @@ fn make_image_writes_a_valid_oci_layout() {
     );
     let manifests = index["manifests"].as_array().unwrap();
     assert_eq!(manifests.len(), 1);
-    let descriptor = &manifests[0];
+    let descriptor = manifests[0].clone();
     assert_eq!(
         descriptor["mediaType"],
         "application/vnd.oci.image.manifest.v1+json"
@@ -1520,22 +1518,22 @@ fn make_image_writes_a_valid_oci_layout() {
         "0.1.0"
     );
 
-    let manifest: Value = serde_json::from_slice(&blob(&layout, descriptor)).unwrap();
+    let manifest: Value = serde_json::from_slice(&blob(layout, &descriptor)).unwrap();
     assert_eq!(manifest["schemaVersion"], 2);
     assert_eq!(manifest["mediaType"], descriptor["mediaType"]);
     assert_eq!(
         manifest["config"]["mediaType"],
         "application/vnd.oci.image.config.v1+json"
     );
-    let config: Value = serde_json::from_slice(&blob(&layout, &manifest["config"])).unwrap();
-    // Istio's compat variant: one layer, a gzip'd tar holding plugin.wasm.
+    let config: Value = serde_json::from_slice(&blob(layout, &manifest["config"])).unwrap();
+    // One layer, a gzip'd tar (Istio's compat variant for the wasm image).
     let layers = manifest["layers"].as_array().unwrap();
     assert_eq!(layers.len(), 1, "{manifest}");
     assert_eq!(
         layers[0]["mediaType"],
         "application/vnd.oci.image.layer.v1.tar+gzip"
     );
-    let compressed = blob(&layout, &layers[0]);
+    let compressed = blob(layout, &layers[0]);
     let mut tar_bytes = Vec::new();
     flate2::read::GzDecoder::new(compressed.as_slice())
         .read_to_end(&mut tar_bytes)
@@ -1554,7 +1552,17 @@ fn make_image_writes_a_valid_oci_layout() {
         entry.read_to_end(&mut content).unwrap();
         files.insert(path, content);
     }
-    let wasm = fs::read(envoy::wasm_path().unwrap()).unwrap();
+    (descriptor, config, files)
+}
+
+#[test]
+fn make_image_writes_a_valid_oci_layout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = tmp.path().join("circuit-breaker");
+    let wasm_path = envoy::wasm_path().unwrap_or_else(|e| panic!("{e}"));
+    let printed = write_image("--wasm", &wasm_path, &layout);
+    let (descriptor, _, files) = read_image(&layout);
+    let wasm = fs::read(&wasm_path).unwrap();
     assert_eq!(
         files.keys().collect::<Vec<_>>(),
         vec!["plugin.wasm"],
@@ -1572,10 +1580,55 @@ fn make_image_writes_a_valid_oci_layout() {
         "{printed}"
     );
     let again = tmp.path().join("again");
-    write_image(&again);
+    write_image("--wasm", &wasm_path, &again);
     assert_eq!(
         fs::read(again.join("index.json")).unwrap(),
         fs::read(layout.join("index.json")).unwrap(),
         "the image is reproducible"
+    );
+}
+
+/// `make image-native`: the image the native forms mount as a volume holds the module at its root,
+/// as `libcircuit_breaker.so`, for linux/amd64. The script packs the file's bytes as they are, so a
+/// stand-in ELF file shows it without the built module.
+#[test]
+fn make_image_native_writes_an_image_with_the_module_at_its_root() {
+    let tmp = tempfile::tempdir().unwrap();
+    let module = tmp.path().join("module.so");
+    let bytes = b"\x7fELF a stand-in for libcircuit_breaker.so".to_vec();
+    fs::write(&module, &bytes).unwrap();
+    let layout = tmp.path().join("circuit-breaker-native");
+    let printed = write_image("--native", &module, &layout);
+    let (descriptor, config, files) = read_image(&layout);
+    assert_eq!(
+        files.keys().collect::<Vec<_>>(),
+        vec!["libcircuit_breaker.so"],
+        "the layer holds the module only, at the root the volume is mounted from"
+    );
+    assert!(
+        files["libcircuit_breaker.so"] == bytes,
+        "the module, unchanged"
+    );
+    assert_eq!(
+        (&config["os"], &config["architecture"]),
+        (&json!("linux"), &json!("amd64"))
+    );
+    assert!(
+        printed.contains(descriptor["digest"].as_str().unwrap()),
+        "{printed}"
+    );
+    // Not a shared object: refused.
+    let output = Command::new(which("python3", "k8s/image/oci-image.py needs Python 3"))
+        .arg(k8s("image/oci-image.py"))
+        .args(["--native"])
+        .arg(envoy::wasm_path().unwrap_or_else(|e| panic!("{e}")))
+        .arg("--out")
+        .arg(tmp.path().join("refused"))
+        .args(["--tag", "0.1.0"])
+        .output()
+        .unwrap();
+    assert!(
+        !output.status.success(),
+        "a wasm module packed as the native one"
     );
 }
