@@ -111,6 +111,24 @@ pub fn wasm_path() -> Result<PathBuf> {
     }
 }
 
+/// The native module: `CB_NATIVE`, else `dist/libcircuit_breaker.so`. Envoy looks for
+/// `libcircuit_breaker.so` in the directory `ENVOY_DYNAMIC_MODULES_SEARCH_PATH` names, which every
+/// Envoy started here gets when the module is there (only the `*-native.yaml` bootstraps load it).
+pub fn native_path() -> Result<PathBuf> {
+    let path = match std::env::var_os("CB_NATIVE").filter(|p| !p.is_empty()) {
+        Some(p) => PathBuf::from(p),
+        None => workspace_root().join("dist/libcircuit_breaker.so"),
+    };
+    if path.is_file() {
+        Ok(path)
+    } else {
+        err(format!(
+            "no native module at {}: run `make build` (or set CB_NATIVE)",
+            path.display()
+        ))
+    }
+}
+
 /// Directory for Envoy logs and rendered configs: `target/e2e/`.
 fn run_dir() -> Result<PathBuf> {
     let dir = std::env::var_os("CARGO_TARGET_DIR")
@@ -238,6 +256,10 @@ impl RunFiles {
             .args(["--component-log-level", "wasm:debug"])
             // The access log is buffered (10 s by default): flush it often so a test's log is complete.
             .args(["--file-flush-interval-msec", "100"])
+            .envs(native_path().ok().and_then(|p| {
+                let dir = p.parent()?.to_path_buf();
+                Some(("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", dir))
+            }))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)
