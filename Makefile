@@ -131,7 +131,7 @@ k8s-tools:
 ## ---- Fuzzing (fuzz/; not part of `make test`) ------------------------------------------------------
 
 FUZZ_SECONDS ?= 120
-FUZZ_TARGETS := config state_decode classify
+FUZZ_TARGETS := config state_decode classify native_config
 
 .PHONY: fuzz fuzz-tools
 
