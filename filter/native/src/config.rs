@@ -1,6 +1,7 @@
 //! One filter configuration (`config_new`, on Envoy's main thread): the JSON validated by the core,
 //! refused whole with the same line as the wasm build, and the metrics defined, since Envoy lets a
 //! module define metrics nowhere else.
+#![deny(unsafe_code)]
 
 use cb_core::config::{ConfigError, FilterConfig};
 use cb_core::telemetry::Level;
@@ -65,7 +66,7 @@ pub fn config_new(envoy: abi::ConfigEnvoyPtr, name: &[u8], bytes: &[u8]) -> Opti
             return None;
         }
     };
-    host::log(Level::Info, &configured_line(&filter));
+    host::log_with(Level::Info, || configured_line(&filter));
     let envoy = ConfigEnvoy::new(envoy);
     Some(ModuleConfig {
         filter,

@@ -3,6 +3,7 @@
 //!
 //! Phase A passes every stream through. The core's `Session` plugs in at the four methods marked
 //! "Session:" below; each gets the stream's [`NativeHost`] and answers the host's [`Action`].
+#![deny(unsafe_code)]
 
 use cb_core::host::Action;
 

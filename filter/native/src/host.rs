@@ -131,6 +131,14 @@ pub fn log(level: Level, message: &str) {
     }
 }
 
+/// Writes the line `message` makes, only if Envoy writes lines at `level`: no formatting otherwise.
+#[track_caller]
+pub fn log_with(level: Level, message: impl FnOnce() -> String) {
+    if log_enabled(level) {
+        log(level, &message());
+    }
+}
+
 /// The number of worker threads. Main thread only (`config_new`).
 pub fn concurrency() -> u32 {
     // SAFETY: called from `config_new`, which runs on the main thread as the callback requires.

@@ -19,6 +19,8 @@
 //! (`panic = "unwind"`); under the workspace's `panic = "abort"` nothing could be caught.
 #![deny(unsafe_op_in_unsafe_fn)]
 
+// Unsafe code lives in `abi` (the declarations, and the test stubs) and `host` (the only caller); the
+// other modules deny it, and this file has none but the `#[no_mangle]` of the hooks.
 pub mod abi;
 pub mod config;
 pub mod filter;
@@ -66,7 +68,12 @@ pub fn guard<T>(
         .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a panic with no message".into());
-    host::log(Level::Critical, &format!("circuit breaker: hook {hook} panicked ({what}); failing open: the stream goes on without the breaker"));
+    // Dropping the payload runs code of whoever panicked, which could panic again, outside any guard:
+    // it is leaked instead (a few bytes, once per panic).
+    std::mem::forget(payload);
+    host::log_with(Level::Critical, || {
+        format!("circuit breaker: hook {hook} panicked ({what}); failing open: the stream goes on without the breaker")
+    });
     if let Some(config) = config {
         ConfigTelemetry::new(config).add(&Series::global(Metric::Panics), 1);
     }
@@ -154,13 +161,12 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
         if cfg!(panic = "abort") {
             host::log(Level::Warn, "circuit breaker: this build aborts on a panic (build it with `--profile release-native`)");
         }
-        host::log(
-            Level::Info,
-            &format!(
+        host::log_with(Level::Info, || {
+            format!(
                 "circuit breaker: native module, dynamic-module ABI {}",
                 abi::ABI_VERSION.to_string_lossy()
-            ),
-        );
+            )
+        });
         match config::config_new(envoy, host::lent(name), host::lent(config)) {
             Some(c) => host::config_into_ptr(Box::new(c)),
             None => std::ptr::null(),

@@ -1,5 +1,6 @@
 //! The hooks over the stub Envoy (`abi::stubs`): the panic guard, the stream objects' lifetime, the
 //! metric ids.
+#![deny(unsafe_code)]
 
 use std::sync::Once;
 
@@ -33,10 +34,11 @@ fn panics_counted(recorded: &stubs::Recorded) -> u64 {
 
 #[test]
 fn program_init_returns_the_abi_version() {
-    let v = envoy_dynamic_module_on_program_init();
-    // SAFETY: the hook returns a pointer to a static C string.
-    let v = unsafe { std::ffi::CStr::from_ptr(v) };
-    assert_eq!(v.to_str().unwrap(), "v0.2.0");
+    assert_eq!(
+        envoy_dynamic_module_on_program_init(),
+        abi::ABI_VERSION.as_ptr()
+    );
+    assert_eq!(abi::ABI_VERSION.to_str().unwrap(), "v0.2.0");
 }
 
 #[test]
@@ -175,4 +177,168 @@ fn metric_ids_are_indexed_in_the_order_of_metric_all() {
     for (i, m) in Metric::ALL.iter().enumerate() {
         assert_eq!(*m as usize, i, "{m:?}");
     }
+}
+
+// ---- NativeHost over the stub stream -------------------------------------------------------------
+
+use cb_core::breaker::{Rejection, StateKind};
+use cb_core::host::Host;
+use cb_core::reply;
+
+use crate::abi::stubs::StubStream;
+use crate::abi::{AttributeId, HeaderType};
+
+fn header(kind: HeaderType, name: &str, value: &[u8]) -> (HeaderType, Vec<u8>, Vec<u8>) {
+    (kind, name.as_bytes().to_vec(), value.to_vec())
+}
+
+#[test]
+fn header_values_come_back_as_bytes_whatever_they_hold() {
+    let config = module_config();
+    let huge = vec![b'x'; 1 << 20];
+    stubs::set_stream(StubStream {
+        headers: vec![
+            header(HeaderType::RequestHeader, "x-tenant", &[0xff, 0xfe, b'a']),
+            header(HeaderType::RequestHeader, "x-huge", &huge),
+            header(HeaderType::RequestHeader, "x-empty", b""),
+        ],
+        ..StubStream::default()
+    });
+    let mut host = NativeHost::new(stubs::fake_envoy_ptr(), &config);
+    assert_eq!(
+        host.request_header("x-tenant"),
+        Some(vec![0xff, 0xfe, b'a']),
+        "not UTF-8: as is"
+    );
+    assert_eq!(host.request_header("x-huge"), Some(huge));
+    assert_eq!(
+        host.request_header("x-empty"),
+        Some(Vec::new()),
+        "empty is not absent"
+    );
+    assert_eq!(host.request_header("x-missing"), None);
+}
+
+#[test]
+fn each_header_map_is_read_where_it_is() {
+    let config = module_config();
+    stubs::set_stream(StubStream {
+        headers: vec![
+            header(HeaderType::ResponseHeader, "grpc-status", b"14"),
+            header(HeaderType::ResponseTrailer, "grpc-status", b"4"),
+        ],
+        ..StubStream::default()
+    });
+    let mut host = NativeHost::new(stubs::fake_envoy_ptr(), &config);
+    assert_eq!(host.response_header("grpc-status"), Some(b"14".to_vec()));
+    assert_eq!(host.response_trailer("grpc-status"), Some(b"4".to_vec()));
+    assert_eq!(
+        host.request_header("grpc-status"),
+        None,
+        "a client's header is not the response's"
+    );
+}
+
+#[test]
+fn cluster_code_and_flags_come_from_envoy_and_none_when_it_has_none() {
+    let config = module_config();
+    stubs::set_stream(StubStream::default());
+    let mut host = NativeHost::new(stubs::fake_envoy_ptr(), &config);
+    assert_eq!(
+        (
+            host.cluster_name(),
+            host.response_code(),
+            host.response_flags()
+        ),
+        (None, None, None)
+    );
+    stubs::set_stream(StubStream {
+        cluster: Some(b"content".to_vec()),
+        attributes: vec![
+            (AttributeId::ResponseCode, 503),
+            (AttributeId::ResponseFlags, 0x10),
+        ],
+        ..StubStream::default()
+    });
+    assert_eq!(host.cluster_name(), Some(b"content".to_vec()));
+    assert_eq!(host.response_code(), Some(503));
+    assert_eq!(host.response_flags(), Some(0x10));
+    stubs::set_stream(StubStream {
+        attributes: vec![(AttributeId::ResponseCode, 70_000)],
+        ..StubStream::default()
+    });
+    assert_eq!(host.response_code(), None, "not an HTTP status");
+}
+
+#[test]
+fn headers_are_set_on_the_request_and_added_to_the_response() {
+    let config = module_config();
+    let mut host = NativeHost::new(stubs::fake_envoy_ptr(), &config);
+    host.set_request_header("x-envoy-upstream-rq-timeout-ms", "250");
+    host.add_response_header("x-circuit-breaker-dry-run", "open");
+    let written = stubs::take().written;
+    assert_eq!(
+        written,
+        vec![
+            (
+                HeaderType::RequestHeader,
+                "x-envoy-upstream-rq-timeout-ms".into(),
+                "250".into(),
+                false
+            ),
+            (
+                HeaderType::ResponseHeader,
+                "x-circuit-breaker-dry-run".into(),
+                "open".into(),
+                true
+            ),
+        ]
+    );
+}
+
+#[test]
+fn a_grpc_rejection_goes_to_envoy_with_grpc_status_14_and_no_body() {
+    let config = module_config();
+    let mut host = NativeHost::new(stubs::fake_envoy_ptr(), &config);
+    let rejection = Rejection {
+        state: StateKind::Open,
+        retry_after_ms: Some(1500),
+    };
+    let answer = reply::rejection(true, "content", &rejection, None);
+    assert!(host.send_reply(&answer));
+    let replies = stubs::take().replies;
+    let sent = replies.first().unwrap();
+    assert_eq!((sent.status, sent.body.as_slice()), (200, &b""[..]));
+    assert_eq!(sent.details, "circuit_breaker");
+    let grpc_status = ("grpc-status".to_string(), "14".to_string());
+    assert!(sent.headers.contains(&grpc_status), "{:?}", sent.headers);
+    assert_eq!(sent.headers, answer.headers);
+}
+
+#[test]
+fn labelled_series_reach_envoy_with_their_values_in_label_order() {
+    let config = module_config();
+    let id = |m: Metric| Metric::ALL.iter().position(|x| *x == m).unwrap();
+    let labels = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let mut host = NativeHost::new(stubs::fake_envoy_ptr(), &config);
+    let calls = Series {
+        metric: Metric::Calls,
+        upstream: "content",
+        extra: ["failure", ""],
+    };
+    host.add(&calls, 2);
+    host.set(&Series::of(Metric::State, "content"), 1);
+    ConfigTelemetry::new(&config).add(&Series::of(Metric::StuckCalls, "feed"), 1);
+    let recorded = stubs::take();
+    let calls = (id(Metric::Calls), labels(&["content", "failure"]), 2);
+    assert_eq!(recorded.counted[0], calls);
+    assert_eq!(
+        recorded.gauges,
+        vec![(id(Metric::State), labels(&["content"]), 1)]
+    );
+    let stuck = (id(Metric::StuckCalls), labels(&["feed"]), 1);
+    assert_eq!(
+        recorded.counted[1], stuck,
+        "outside a stream, through the config's callbacks"
+    );
 }

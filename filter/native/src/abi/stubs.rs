@@ -1,6 +1,7 @@
 //! Stand-ins for Envoy's callbacks, for binaries that link this crate without Envoy: the unit tests
-//! and the fuzz target (feature `stubs`). They answer as an Envoy with an empty stream would, and record
-//! what the module logged and counted, per thread, so a test can assert on it.
+//! and the fuzz target (feature `stubs`). They answer from a stream a test describes ([`set_stream`];
+//! by default an empty one), and record what the module logged, counted, wrote and replied, per thread,
+//! so a test can assert on it.
 //!
 //! Never part of the module Envoy loads: there, these names must resolve to Envoy's own functions
 //! (`tests/exports.rs` checks that the built `.so` defines none of them).
@@ -22,10 +23,59 @@ pub struct Recorded {
     pub defined: Vec<(String, Vec<String>)>,
     /// Counter increments: id, label values, amount.
     pub counted: Vec<(usize, Vec<String>, u64)>,
+    /// Gauges set: id, label values, value.
+    pub gauges: Vec<(usize, Vec<String>, u64)>,
+    /// Headers written: where, name, value, and whether added (else set).
+    pub written: Vec<(HeaderType, String, String, bool)>,
+    /// Local replies.
+    pub replies: Vec<Reply>,
+}
+
+/// A local reply the module sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// HTTP status.
+    pub status: u32,
+    /// Headers, in order.
+    pub headers: Vec<(String, String)>,
+    /// Body.
+    pub body: Vec<u8>,
+    /// `details` (Envoy's response code details).
+    pub details: String,
+}
+
+/// The stream the stubs answer for.
+#[derive(Debug, Default, Clone)]
+pub struct StubStream {
+    /// Headers and trailers: where, name, value.
+    pub headers: Vec<(HeaderType, Vec<u8>, Vec<u8>)>,
+    /// The routed cluster.
+    pub cluster: Option<Vec<u8>>,
+    /// Integer attributes.
+    pub attributes: Vec<(AttributeId, u64)>,
 }
 
 thread_local! {
     static RECORDED: RefCell<Recorded> = RefCell::new(Recorded::default());
+    static STREAM: RefCell<StubStream> = RefCell::new(StubStream::default());
+}
+
+/// Makes the stubs answer for `stream` on this thread.
+pub fn set_stream(stream: StubStream) {
+    STREAM.with(|s| *s.borrow_mut() = stream);
+}
+
+/// Writes `bytes` (owned by the thread's [`StubStream`], which outlives the module's read) as Envoy does.
+fn lend(bytes: &[u8], out: *mut EnvoyBuffer) {
+    if !out.is_null() {
+        // SAFETY: the module passes a pointer to its own buffer for the answer.
+        unsafe {
+            *out = EnvoyBuffer {
+                ptr: bytes.as_ptr().cast(),
+                length: bytes.len(),
+            }
+        };
+    }
 }
 
 /// Everything recorded on this thread so far, and a fresh start.
@@ -40,6 +90,10 @@ fn text(b: ModuleBuffer) -> String {
     // SAFETY: the module passes buffers that point at `length` live bytes for the call.
     let bytes = unsafe { std::slice::from_raw_parts(b.ptr.cast::<u8>(), b.length) };
     String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn record(f: impl FnOnce(&mut Recorded)) {
+    RECORDED.with(|r| f(&mut r.borrow_mut()));
 }
 
 fn texts(ptr: *const ModuleBuffer, n: usize) -> Vec<String> {
@@ -69,68 +123,129 @@ fn define(
 }
 
 fn count(id: usize, labels: *const ModuleBuffer, n: usize, value: u64) -> MetricsResult {
-    RECORDED.with(|r| r.borrow_mut().counted.push((id, texts(labels, n), value)));
+    record(|r| r.counted.push((id, texts(labels, n), value)));
+    METRICS_SUCCESS
+}
+
+fn gauge(id: usize, labels: *const ModuleBuffer, n: usize, value: u64) -> MetricsResult {
+    record(|r| r.gauges.push((id, texts(labels, n), value)));
     METRICS_SUCCESS
 }
 
 #[no_mangle]
 extern "C" fn envoy_dynamic_module_callback_http_get_header(
     _: FilterEnvoyPtr,
-    _: HeaderType,
-    _: ModuleBuffer,
-    _: *mut EnvoyBuffer,
-    _: usize,
-    _: *mut usize,
+    kind: HeaderType,
+    key: ModuleBuffer,
+    out: *mut EnvoyBuffer,
+    index: usize,
+    count: *mut usize,
 ) -> bool {
-    false
+    let key = text(key);
+    STREAM.with(|s| {
+        let s = s.borrow();
+        let values: Vec<&Vec<u8>> = s
+            .headers
+            .iter()
+            .filter(|(k, n, _)| *k == kind && n.eq_ignore_ascii_case(key.as_bytes()))
+            .map(|(_, _, v)| v)
+            .collect();
+        if !count.is_null() {
+            // SAFETY: the module passes a pointer to its own `usize` for the count.
+            unsafe { *count = values.len() };
+        }
+        values.get(index).map(|v| lend(v, out)).is_some()
+    })
+}
+
+fn write(kind: HeaderType, key: ModuleBuffer, value: ModuleBuffer, added: bool) -> bool {
+    record(|r| r.written.push((kind, text(key), text(value), added)));
+    true
 }
 
 #[no_mangle]
 extern "C" fn envoy_dynamic_module_callback_http_set_header(
     _: FilterEnvoyPtr,
-    _: HeaderType,
-    _: ModuleBuffer,
-    _: ModuleBuffer,
+    kind: HeaderType,
+    key: ModuleBuffer,
+    value: ModuleBuffer,
 ) -> bool {
-    false
+    write(kind, key, value, false)
 }
 
 #[no_mangle]
 extern "C" fn envoy_dynamic_module_callback_http_add_header(
     _: FilterEnvoyPtr,
-    _: HeaderType,
-    _: ModuleBuffer,
-    _: ModuleBuffer,
+    kind: HeaderType,
+    key: ModuleBuffer,
+    value: ModuleBuffer,
 ) -> bool {
-    false
+    write(kind, key, value, true)
 }
 
 #[no_mangle]
 extern "C" fn envoy_dynamic_module_callback_http_get_cluster_name(
     _: FilterEnvoyPtr,
-    _: *mut EnvoyBuffer,
+    out: *mut EnvoyBuffer,
 ) -> bool {
-    false
+    STREAM.with(|s| s.borrow().cluster.as_ref().map(|c| lend(c, out)).is_some())
 }
 
 #[no_mangle]
 extern "C" fn envoy_dynamic_module_callback_http_filter_get_attribute_int(
     _: FilterEnvoyPtr,
-    _: AttributeId,
-    _: *mut u64,
+    id: AttributeId,
+    out: *mut u64,
 ) -> bool {
-    false
+    let value = STREAM.with(|s| {
+        s.borrow()
+            .attributes
+            .iter()
+            .find(|(a, _)| *a == id)
+            .map(|(_, v)| *v)
+    });
+    match value {
+        Some(v) if !out.is_null() => {
+            // SAFETY: the module passes a pointer to its own `u64` for the answer.
+            unsafe { *out = v };
+            true
+        }
+        _ => false,
+    }
 }
 
 #[no_mangle]
 extern "C" fn envoy_dynamic_module_callback_http_send_response(
     _: FilterEnvoyPtr,
-    _: u32,
-    _: *const ModuleHttpHeader,
-    _: usize,
-    _: ModuleBuffer,
-    _: ModuleBuffer,
+    status: u32,
+    headers: *const ModuleHttpHeader,
+    n: usize,
+    body: ModuleBuffer,
+    details: ModuleBuffer,
 ) {
+    let headers = if headers.is_null() || n == 0 {
+        &[][..]
+    } else {
+        // SAFETY: the module passes an array of `n` headers, live for the call.
+        unsafe { std::slice::from_raw_parts(headers, n) }
+    };
+    let field = |ptr, length| text(ModuleBuffer { ptr, length });
+    let headers = headers
+        .iter()
+        .map(|h| {
+            (
+                field(h.key_ptr, h.key_length),
+                field(h.value_ptr, h.value_length),
+            )
+        })
+        .collect();
+    let reply = Reply {
+        status,
+        headers,
+        body: text(body).into_bytes(),
+        details: text(details),
+    };
+    record(|r| r.replies.push(reply));
 }
 
 #[no_mangle]
@@ -174,12 +289,12 @@ extern "C" fn envoy_dynamic_module_callback_http_filter_increment_counter(
 #[no_mangle]
 extern "C" fn envoy_dynamic_module_callback_http_filter_set_gauge(
     _: FilterEnvoyPtr,
-    _: usize,
-    _: *const ModuleBuffer,
-    _: usize,
-    _: u64,
+    id: usize,
+    labels: *const ModuleBuffer,
+    n: usize,
+    value: u64,
 ) -> MetricsResult {
-    METRICS_SUCCESS
+    gauge(id, labels, n, value)
 }
 
 #[no_mangle]
@@ -196,12 +311,12 @@ extern "C" fn envoy_dynamic_module_callback_http_filter_config_increment_counter
 #[no_mangle]
 extern "C" fn envoy_dynamic_module_callback_http_filter_config_set_gauge(
     _: ConfigEnvoyPtr,
-    _: usize,
-    _: *const ModuleBuffer,
-    _: usize,
-    _: u64,
+    id: usize,
+    labels: *const ModuleBuffer,
+    n: usize,
+    value: u64,
 ) -> MetricsResult {
-    METRICS_SUCCESS
+    gauge(id, labels, n, value)
 }
 
 #[no_mangle]
@@ -216,7 +331,7 @@ extern "C" fn envoy_dynamic_module_callback_log_v2(
     _: ModuleBuffer,
     _: u32,
 ) {
-    RECORDED.with(|r| r.borrow_mut().logs.push((level, text(message))));
+    record(|r| r.logs.push((level, text(message))));
 }
 
 #[no_mangle]
