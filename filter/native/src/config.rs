@@ -25,6 +25,12 @@ pub struct ModuleConfig {
     pub(crate) envoy: ConfigEnvoy,
 }
 
+// Streams on every worker read one configuration at once, and it may be dropped on any of them.
+const _: fn() = || {
+    fn shared_across_workers<T: Send + Sync>() {}
+    shared_across_workers::<ModuleConfig>();
+};
+
 /// Parses and validates the configuration bytes (the `filter_config` StringValue, or a Struct as
 /// JSON). Safe and free of Envoy calls, so it can be fuzzed.
 pub fn config_from_bytes(bytes: &[u8]) -> Result<FilterConfig, ConfigError> {

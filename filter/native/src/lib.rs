@@ -99,7 +99,7 @@ fn install_panic_hook() {
 
 /// Runs a stream hook: the stream's own object and a host for it, behind [`guard`]. A stream whose
 /// earlier hook panicked, or the pass-through object, gets `fail_open` without running anything.
-fn on_stream<T: Copy>(
+fn on_stream<T>(
     hook: &str,
     envoy: FilterEnvoyPtr,
     module: ModulePtr,
