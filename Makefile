@@ -11,28 +11,38 @@ ENVOY_VERSION := 1.40.0
 VENV          := $(ROOT)/.venv
 TOOLS         := $(ROOT)/.tools
 WASM          := $(ROOT)/dist/circuit_breaker.wasm
+NATIVE        := $(ROOT)/dist/libcircuit_breaker.so
 # `ENVOY=/path/to/envoy make test` uses another Envoy binary; otherwise the pinned one is installed.
 ENVOY         ?= $(TOOLS)/envoy
 export ENVOY
 export CB_WASM := $(WASM)
+export CB_NATIVE := $(NATIVE)
 
 WASM_BINDGEN_VERSION = $(shell sed -n '/^name = "wasm-bindgen"$$/{n;s/version = "\(.*\)"/\1/p}' Cargo.lock)
 WASM_TEST_RUNNER     = $(TOOLS)/bin/wasm-bindgen-test-runner
 
-.PHONY: build test test-core test-wasm test-harness test-e2e lint demo bench targets envoy wasm-test-runner clean
+.PHONY: build test test-core test-wasm test-native test-harness test-e2e lint demo bench targets envoy wasm-test-runner clean
 
-## build: dist/circuit_breaker.wasm (wasm32-wasip1, release)
+## build: dist/circuit_breaker.wasm (wasm32-wasip1, release) and dist/libcircuit_breaker.so (the native
+## dynamic module for this host, linux x86-64; profile release-native: release with panic = "unwind",
+## so that a panic in a hook is caught and fails open instead of aborting Envoy)
 build: targets
 	cargo build -p circuit-breaker-wasm --target wasm32-wasip1 --release
+	cargo build -p circuit-breaker-native --profile release-native
 	mkdir -p dist
 	cp target/wasm32-wasip1/release/circuit_breaker_wasm.wasm $(WASM)
-	@ls -l $(WASM)
+	cp target/release-native/libcircuit_breaker.so $(NATIVE)
+	@ls -l $(WASM) $(NATIVE)
 
 ## test: every layer: core unit + property tests, harness scenarios, core tests in wasm, e2e in Envoy
-test: test-core test-harness test-wasm test-k8s test-e2e
+test: test-core test-native test-harness test-wasm test-k8s test-e2e
 
 test-core:
 	cargo test -p circuit-breaker-core
+
+## test-native: the module's hooks over stub callbacks, and the built .so's symbols against Envoy's
+test-native: build envoy
+	cargo test -p circuit-breaker-native
 
 test-harness:
 	cargo test -p circuit-breaker-harness
@@ -41,10 +51,13 @@ test-wasm: targets wasm-test-runner
 	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=$(WASM_TEST_RUNNER) \
 		cargo test -p circuit-breaker-core --lib --target wasm32-unknown-unknown
 
-## test-e2e: the contract's behaviours (tests/e2e.rs) and reliability (tests/reliability.rs) in Envoy;
-## the crate's k8s tests run in test-k8s, which installs their tools.
+## test-e2e: the contract's behaviours (tests/e2e.rs) and reliability (tests/reliability.rs) in Envoy,
+## once per build: the wasm filter, then the native module (CB_BUILD picks the bootstraps); the crate's
+## k8s tests run in test-k8s, which installs their tools.
 test-e2e: build envoy
-	cargo test -p circuit-breaker-e2e --lib --test e2e --test reliability -- --test-threads 2
+	cargo test -p circuit-breaker-e2e --lib --test native_smoke -- --test-threads 2
+	CB_BUILD=wasm cargo test -p circuit-breaker-e2e --test e2e --test reliability --test unanswered -- --test-threads 2
+	CB_BUILD=native cargo test -p circuit-breaker-e2e --test e2e --test reliability --test unanswered -- --test-threads 2
 
 ## test-docs: every relative link in the tracked Markdown resolves inside the repository (no Envoy)
 .PHONY: test-docs
@@ -70,6 +83,7 @@ demo: build envoy
 lint: targets
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
+	cargo clippy -p circuit-breaker-native --all-targets --features stubs -- -D warnings
 	cargo clippy -p circuit-breaker-core -p circuit-breaker-wasm --target wasm32-wasip1 -- -D warnings
 
 targets:
@@ -163,7 +177,7 @@ k8s-tools: k8s-models
 ## ---- Fuzzing (fuzz/; not part of `make test`) ------------------------------------------------------
 
 FUZZ_SECONDS ?= 120
-FUZZ_TARGETS := config state_decode classify
+FUZZ_TARGETS := config state_decode classify native_config
 
 .PHONY: fuzz fuzz-tools
 

@@ -19,8 +19,10 @@ use tonic::codegen::{http, Bytes, Service};
 use tonic::transport::Channel;
 
 mod bed;
+mod dead;
 
 pub use bed::TestBed;
+pub use dead::DeadHost;
 pub use harness::envoy::*;
 pub use harness::services::{
     pb, Fault, GrpcService, HttpServer, ServiceKind, Upstreams, MISSING_POST_ID,

@@ -89,7 +89,7 @@ impl RootContext for Root {
 
 impl Root {
     fn start(&mut self, config: FilterConfig) {
-        host::log(Level::Info, &configured_line(&config));
+        host::log(Level::Info, &config.configured_line());
         let stuck = config.tracks_stuck_calls();
         let capacity = config.max_upstreams;
         let now = host::now_ms().unwrap_or(0);
@@ -109,15 +109,4 @@ impl Root {
             metrics: RefCell::new(Metrics::default()),
         }));
     }
-}
-
-/// The line logged when a configuration is accepted (the native module logs the same).
-pub fn configured_line(config: &FilterConfig) -> String {
-    format!(
-        "circuit breaker configured: upstream_key={} mode={} overrides={} max_upstreams={}",
-        config.upstream_key,
-        config.defaults().mode.as_str(),
-        config.override_count(),
-        config.max_upstreams
-    )
 }

@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use super::{
-    envoy_binary, err, http_request, render_config_with, wasm_path, workspace_root, Envoy, Error,
-    Result, UpstreamPorts,
+    envoy_binary, err, http_request, native_path, render_config_with, wasm_path, workspace_root,
+    Envoy, Error, Result, UpstreamPorts,
 };
 
 /// How long Envoy may take to load the filter and open its listeners. V8 compiles the `.wasm` once
@@ -218,6 +218,10 @@ impl Launch {
             .ok_or_else(|| Error("empty command".into()))?;
         let child = Command::new(program)
             .args(args)
+            .envs(native_path().ok().and_then(|p| {
+                let dir = p.parent()?.to_path_buf();
+                Some(("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", dir))
+            }))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)

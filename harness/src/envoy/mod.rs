@@ -93,6 +93,64 @@ pub fn envoy_binary() -> Result<PathBuf> {
     )
 }
 
+/// Which build of the filter an Envoy started here runs: `CB_BUILD=native` for the dynamic module,
+/// anything else (or nothing) for the wasm filter. The end-to-end and reliability suites run once per
+/// build (`make test-e2e`); each bootstrap template has a native twin, `envoy/<name>-native.yaml`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Build {
+    /// `dist/circuit_breaker.wasm` in Envoy's V8.
+    Wasm,
+    /// `dist/libcircuit_breaker.so`, a dynamic module.
+    Native,
+}
+
+impl Build {
+    /// The build `CB_BUILD` names.
+    pub fn from_env() -> Self {
+        match std::env::var("CB_BUILD").as_deref() {
+            Ok("native") => Build::Native,
+            _ => Build::Wasm,
+        }
+    }
+
+    /// `wasm` or `native`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Build::Wasm => "wasm",
+            Build::Native => "native",
+        }
+    }
+
+    /// The bootstrap (or listener) template for this build: `template` itself for wasm, its
+    /// `-native.yaml` twin for the native module.
+    pub fn template(self, template: &str) -> String {
+        match (self, template.strip_suffix(".yaml")) {
+            (Build::Native, Some(stem)) if !stem.ends_with("-native") => {
+                format!("{stem}-native.yaml")
+            }
+            _ => template.to_string(),
+        }
+    }
+}
+
+/// The native module: `CB_NATIVE`, else `dist/libcircuit_breaker.so`. Envoy looks for
+/// `libcircuit_breaker.so` in the directory `ENVOY_DYNAMIC_MODULES_SEARCH_PATH` names, which every
+/// Envoy started here gets when the module is there (only the `*-native.yaml` bootstraps load it).
+pub fn native_path() -> Result<PathBuf> {
+    let path = match std::env::var_os("CB_NATIVE").filter(|p| !p.is_empty()) {
+        Some(p) => PathBuf::from(p),
+        None => workspace_root().join("dist/libcircuit_breaker.so"),
+    };
+    if path.is_file() {
+        Ok(path)
+    } else {
+        err(format!(
+            "no native module at {}: run `make build` (or set CB_NATIVE)",
+            path.display()
+        ))
+    }
+}
+
 /// The filter: `CB_WASM`, else `dist/circuit_breaker.wasm`.
 pub fn wasm_path() -> Result<PathBuf> {
     let path = match std::env::var_os("CB_WASM").filter(|p| !p.is_empty()) {
@@ -126,7 +184,8 @@ impl Envoy {
     /// Starts Envoy with `filter_config` (the plugin's JSON) routing to `ports`, and waits until its
     /// listener serves. `name` names the log file.
     pub async fn start(name: &str, ports: &UpstreamPorts, filter_config: &str) -> Result<Self> {
-        Self::start_from(name, "envoy/e2e.yaml", ports, filter_config).await
+        let template = Build::from_env().template("envoy/e2e.yaml");
+        Self::start_from(name, &template, ports, filter_config).await
     }
 
     /// Like [`Envoy::start`], from another bootstrap template (e.g. `envoy/demo.yaml`).

@@ -1,5 +1,10 @@
 //! What the four demo services answer when no fault is set.
 
+use std::pin::Pin;
+use std::time::Duration;
+
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use super::pb;
@@ -40,6 +45,33 @@ fn post(post_id: String, author_id: String) -> pb::Post {
 
 #[tonic::async_trait]
 impl pb::content_service_server::ContentService for Content {
+    type WatchPostsStream = Pin<Box<dyn Stream<Item = Result<pb::Post, Status>> + Send>>;
+
+    async fn watch_posts(
+        &self,
+        request: Request<pb::WatchPostsRequest>,
+    ) -> Result<Response<Self::WatchPostsStream>, Status> {
+        let request = request.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        // Bounded: at most 1,000 posts, at most 10 s apart; a client that goes away ends it.
+        let interval = Duration::from_millis(u64::from(request.interval_ms.min(10_000)));
+        tokio::spawn(async move {
+            for i in 0..request.count.min(1_000) {
+                if i > 0 {
+                    tokio::time::sleep(interval).await;
+                }
+                let item = post(
+                    format!("{}-{i}", request.author_id),
+                    request.author_id.clone(),
+                );
+                if tx.send(Ok(item)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
     async fn get_post(
         &self,
         request: Request<pb::GetPostRequest>,

@@ -35,8 +35,22 @@ impl ConfigError {
     }
 }
 
-/// `s`, cut to [`MAX_ERROR_PART`] bytes at a character boundary, with `...` when cut.
-fn cut(mut s: String) -> String {
+/// `s`, cut to [`MAX_ERROR_PART`] bytes at a character boundary, with `...` when cut, and with line
+/// breaks and other control characters escaped: the error is one log line, whatever a value held.
+fn cut(s: String) -> String {
+    let mut s = if s.chars().any(char::is_control) {
+        s.chars()
+            .map(|c| match c {
+                '\n' => "\\n".to_string(),
+                '\r' => "\\r".to_string(),
+                '\t' => "\\t".to_string(),
+                c if c.is_control() => format!("\\u{{{:04x}}}", u32::from(c)),
+                c => c.to_string(),
+            })
+            .collect()
+    } else {
+        s
+    };
     if s.len() > MAX_ERROR_PART {
         let mut end = MAX_ERROR_PART;
         while !s.is_char_boundary(end) {
@@ -63,6 +77,13 @@ impl fmt::Display for ConfigError {
 }
 
 impl std::error::Error for ConfigError {}
+
+impl ConfigError {
+    /// The line every host logs when it refuses a configuration.
+    pub fn rejected_line(&self) -> String {
+        format!("circuit breaker configuration rejected: {self}")
+    }
+}
 
 /// Removes serde_json's " at line 1 column 7" suffix, meaningless once the value came through a `Value`.
 pub(crate) fn strip_position(msg: &str) -> String {

@@ -235,6 +235,17 @@ impl FilterConfig {
         self.overrides.len()
     }
 
+    /// The line every host logs when it accepts this configuration.
+    pub fn configured_line(&self) -> String {
+        format!(
+            "circuit breaker configured: upstream_key={} mode={} overrides={} max_upstreams={}",
+            self.upstream_key,
+            self.defaults().mode.as_str(),
+            self.override_count(),
+            self.max_upstreams
+        )
+    }
+
     /// Whether any breaker tracks stuck calls (the host then runs the periodic check).
     pub fn tracks_stuck_calls(&self) -> bool {
         self.breakers

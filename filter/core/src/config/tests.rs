@@ -357,3 +357,22 @@ fn resolving_once_gives_the_same_settings_as_a_lookup() {
         "an unknown id falls back"
     );
 }
+
+#[test]
+fn a_refusal_is_one_line_whatever_the_value_held() {
+    let e = err("{\"mode\": \"a\\nb\\r\\u0007c\"}");
+    assert!(
+        !e.contains('\n') && !e.contains('\r') && !e.contains('\u{7}'),
+        "{e:?}"
+    );
+    assert!(e.contains("a\\nb\\r\\u{0007}c"), "{e}");
+    let refused = parse(r#"{"window_size": 0}"#).unwrap_err();
+    assert_eq!(
+        refused.rejected_line(),
+        "circuit breaker configuration rejected: window_size must be an integer from 1 to 1024, got 0"
+    );
+    assert_eq!(
+        parse("{}").unwrap().configured_line(),
+        "circuit breaker configured: upstream_key=cluster mode=enforce overrides=0 max_upstreams=1024"
+    );
+}

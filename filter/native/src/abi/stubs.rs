@@ -1,0 +1,365 @@
+//! Stand-ins for Envoy's callbacks, for binaries that link this crate without Envoy: the unit tests
+//! and the fuzz target (feature `stubs`). They answer from a stream a test describes ([`set_stream`];
+//! by default an empty one), and record what the module logged, counted, wrote and replied, per thread,
+//! so a test can assert on it.
+//!
+//! Never part of the module Envoy loads: there, these names must resolve to Envoy's own functions
+//! (`tests/exports.rs` checks that the built `.so` defines none of them).
+
+use std::cell::RefCell;
+use std::ffi::c_void;
+
+use super::{
+    AttributeId, ConfigEnvoyPtr, EnvoyBuffer, FilterEnvoyPtr, HeaderType, LogLevel, MetricsResult,
+    ModuleBuffer, ModuleHttpHeader, METRICS_SUCCESS,
+};
+
+/// What the module did through the stubs on this thread.
+#[derive(Debug, Default, Clone)]
+pub struct Recorded {
+    /// Log lines, with their level.
+    pub logs: Vec<(LogLevel, String)>,
+    /// Metrics defined: name and label names, in definition order (the index is the id).
+    pub defined: Vec<(String, Vec<String>)>,
+    /// Counter increments: id, label values, amount.
+    pub counted: Vec<(usize, Vec<String>, u64)>,
+    /// Gauges set: id, label values, value.
+    pub gauges: Vec<(usize, Vec<String>, u64)>,
+    /// Headers written: where, name, value, and whether added (else set).
+    pub written: Vec<(HeaderType, String, String, bool)>,
+    /// Local replies.
+    pub replies: Vec<Reply>,
+    /// Events committed to a configuration's scheduler (from any thread: read with care).
+    pub scheduled: Vec<u64>,
+}
+
+/// A local reply the module sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// HTTP status.
+    pub status: u32,
+    /// Headers, in order.
+    pub headers: Vec<(String, String)>,
+    /// Body.
+    pub body: Vec<u8>,
+    /// `details` (Envoy's response code details).
+    pub details: String,
+}
+
+/// The stream the stubs answer for.
+#[derive(Debug, Default, Clone)]
+pub struct StubStream {
+    /// Headers and trailers: where, name, value.
+    pub headers: Vec<(HeaderType, Vec<u8>, Vec<u8>)>,
+    /// The routed cluster.
+    pub cluster: Option<Vec<u8>>,
+    /// Integer attributes.
+    pub attributes: Vec<(AttributeId, u64)>,
+}
+
+thread_local! {
+    static RECORDED: RefCell<Recorded> = RefCell::new(Recorded::default());
+    static STREAM: RefCell<StubStream> = RefCell::new(StubStream::default());
+}
+
+/// Makes the stubs answer for `stream` on this thread.
+pub fn set_stream(stream: StubStream) {
+    STREAM.with(|s| *s.borrow_mut() = stream);
+}
+
+/// Writes `bytes` (owned by the thread's [`StubStream`], which outlives the module's read) as Envoy does.
+fn lend(bytes: &[u8], out: *mut EnvoyBuffer) {
+    if !out.is_null() {
+        // SAFETY: the module passes a pointer to its own buffer for the answer.
+        unsafe {
+            *out = EnvoyBuffer {
+                ptr: bytes.as_ptr().cast(),
+                length: bytes.len(),
+            }
+        };
+    }
+}
+
+/// Everything recorded on this thread so far, and a fresh start.
+pub fn take() -> Recorded {
+    RECORDED.with(|r| std::mem::take(&mut *r.borrow_mut()))
+}
+
+fn text(b: ModuleBuffer) -> String {
+    if b.ptr.is_null() || b.length == 0 {
+        return String::new();
+    }
+    // SAFETY: the module passes buffers that point at `length` live bytes for the call.
+    let bytes = unsafe { std::slice::from_raw_parts(b.ptr.cast::<u8>(), b.length) };
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn record(f: impl FnOnce(&mut Recorded)) {
+    RECORDED.with(|r| f(&mut r.borrow_mut()));
+}
+
+fn texts(ptr: *const ModuleBuffer, n: usize) -> Vec<String> {
+    if ptr.is_null() || n == 0 {
+        return Vec::new();
+    }
+    // SAFETY: the module passes an array of `n` buffers, live for the call.
+    let all = unsafe { std::slice::from_raw_parts(ptr, n) };
+    all.iter().map(|b| text(*b)).collect()
+}
+
+fn define(
+    name: ModuleBuffer,
+    labels: *const ModuleBuffer,
+    n: usize,
+    id: *mut usize,
+) -> MetricsResult {
+    RECORDED.with(|r| {
+        let mut r = r.borrow_mut();
+        if !id.is_null() {
+            // SAFETY: the module passes a pointer to its own `usize` for the id.
+            unsafe { *id = r.defined.len() };
+        }
+        r.defined.push((text(name), texts(labels, n)));
+    });
+    METRICS_SUCCESS
+}
+
+fn count(id: usize, labels: *const ModuleBuffer, n: usize, value: u64) -> MetricsResult {
+    record(|r| r.counted.push((id, texts(labels, n), value)));
+    METRICS_SUCCESS
+}
+
+fn gauge(id: usize, labels: *const ModuleBuffer, n: usize, value: u64) -> MetricsResult {
+    record(|r| r.gauges.push((id, texts(labels, n), value)));
+    METRICS_SUCCESS
+}
+
+#[no_mangle]
+extern "C" fn envoy_dynamic_module_callback_http_get_header(
+    _: FilterEnvoyPtr,
+    kind: HeaderType,
+    key: ModuleBuffer,
+    out: *mut EnvoyBuffer,
+    index: usize,
+    count: *mut usize,
+) -> bool {
+    let key = text(key);
+    STREAM.with(|s| {
+        let s = s.borrow();
+        let values: Vec<&Vec<u8>> = s
+            .headers
+            .iter()
+            .filter(|(k, n, _)| *k == kind && n.eq_ignore_ascii_case(key.as_bytes()))
+            .map(|(_, _, v)| v)
+            .collect();
+        if !count.is_null() {
+            // SAFETY: the module passes a pointer to its own `usize` for the count.
+            unsafe { *count = values.len() };
+        }
+        values.get(index).map(|v| lend(v, out)).is_some()
+    })
+}
+
+fn write(kind: HeaderType, key: ModuleBuffer, value: ModuleBuffer, added: bool) -> bool {
+    record(|r| r.written.push((kind, text(key), text(value), added)));
+    true
+}
+
+#[no_mangle]
+extern "C" fn envoy_dynamic_module_callback_http_set_header(
+    _: FilterEnvoyPtr,
+    kind: HeaderType,
+    key: ModuleBuffer,
+    value: ModuleBuffer,
+) -> bool {
+    write(kind, key, value, false)
+}
+
+#[no_mangle]
+extern "C" fn envoy_dynamic_module_callback_http_add_header(
+    _: FilterEnvoyPtr,
+    kind: HeaderType,
+    key: ModuleBuffer,
+    value: ModuleBuffer,
+) -> bool {
+    write(kind, key, value, true)
+}
+
+#[no_mangle]
+extern "C" fn envoy_dynamic_module_callback_http_get_cluster_name(
+    _: FilterEnvoyPtr,
+    out: *mut EnvoyBuffer,
+) -> bool {
+    STREAM.with(|s| s.borrow().cluster.as_ref().map(|c| lend(c, out)).is_some())
+}
+
+#[no_mangle]
+extern "C" fn envoy_dynamic_module_callback_http_filter_get_attribute_int(
+    _: FilterEnvoyPtr,
+    id: AttributeId,
+    out: *mut u64,
+) -> bool {
+    let value = STREAM.with(|s| {
+        s.borrow()
+            .attributes
+            .iter()
+            .find(|(a, _)| *a == id)
+            .map(|(_, v)| *v)
+    });
+    match value {
+        Some(v) if !out.is_null() => {
+            // SAFETY: the module passes a pointer to its own `u64` for the answer.
+            unsafe { *out = v };
+            true
+        }
+        _ => false,
+    }
+}
+
+#[no_mangle]
+extern "C" fn envoy_dynamic_module_callback_http_send_response(
+    _: FilterEnvoyPtr,
+    status: u32,
+    headers: *const ModuleHttpHeader,
+    n: usize,
+    body: ModuleBuffer,
+    details: ModuleBuffer,
+) {
+    let headers = if headers.is_null() || n == 0 {
+        &[][..]
+    } else {
+        // SAFETY: the module passes an array of `n` headers, live for the call.
+        unsafe { std::slice::from_raw_parts(headers, n) }
+    };
+    let field = |ptr, length| text(ModuleBuffer { ptr, length });
+    let headers = headers
+        .iter()
+        .map(|h| {
+            (
+                field(h.key_ptr, h.key_length),
+                field(h.value_ptr, h.value_length),
+            )
+        })
+        .collect();
+    let reply = Reply {
+        status,
+        headers,
+        body: text(body).into_bytes(),
+        details: text(details),
+    };
+    record(|r| r.replies.push(reply));
+}
+
+#[no_mangle]
+extern "C" fn envoy_dynamic_module_callback_http_filter_get_worker_index(_: FilterEnvoyPtr) -> u32 {
+    0
+}
+
+#[no_mangle]
+extern "C" fn envoy_dynamic_module_callback_http_filter_config_define_counter(
+    _: ConfigEnvoyPtr,
+    name: ModuleBuffer,
+    labels: *const ModuleBuffer,
+    n: usize,
+    id: *mut usize,
+) -> MetricsResult {
+    define(name, labels, n, id)
+}
+
+#[no_mangle]
+extern "C" fn envoy_dynamic_module_callback_http_filter_config_define_gauge(
+    _: ConfigEnvoyPtr,
+    name: ModuleBuffer,
+    labels: *const ModuleBuffer,
+    n: usize,
+    id: *mut usize,
+) -> MetricsResult {
+    define(name, labels, n, id)
+}
+
+#[no_mangle]
+extern "C" fn envoy_dynamic_module_callback_http_filter_increment_counter(
+    _: FilterEnvoyPtr,
+    id: usize,
+    labels: *const ModuleBuffer,
+    n: usize,
+    value: u64,
+) -> MetricsResult {
+    count(id, labels, n, value)
+}
+
+#[no_mangle]
+extern "C" fn envoy_dynamic_module_callback_http_filter_set_gauge(
+    _: FilterEnvoyPtr,
+    id: usize,
+    labels: *const ModuleBuffer,
+    n: usize,
+    value: u64,
+) -> MetricsResult {
+    gauge(id, labels, n, value)
+}
+
+#[no_mangle]
+extern "C" fn envoy_dynamic_module_callback_http_filter_config_increment_counter(
+    _: ConfigEnvoyPtr,
+    id: usize,
+    labels: *const ModuleBuffer,
+    n: usize,
+    value: u64,
+) -> MetricsResult {
+    count(id, labels, n, value)
+}
+
+#[no_mangle]
+extern "C" fn envoy_dynamic_module_callback_http_filter_config_set_gauge(
+    _: ConfigEnvoyPtr,
+    id: usize,
+    labels: *const ModuleBuffer,
+    n: usize,
+    value: u64,
+) -> MetricsResult {
+    gauge(id, labels, n, value)
+}
+
+#[no_mangle]
+extern "C" fn envoy_dynamic_module_callback_get_concurrency() -> u32 {
+    2
+}
+
+#[no_mangle]
+extern "C" fn envoy_dynamic_module_callback_log_v2(
+    level: LogLevel,
+    message: ModuleBuffer,
+    _: ModuleBuffer,
+    _: u32,
+) {
+    record(|r| r.logs.push((level, text(message))));
+}
+
+#[no_mangle]
+extern "C" fn envoy_dynamic_module_callback_log_enabled(_: LogLevel) -> bool {
+    true
+}
+
+#[no_mangle]
+extern "C" fn envoy_dynamic_module_callback_http_filter_config_scheduler_new(
+    _: ConfigEnvoyPtr,
+) -> *mut c_void {
+    fake_envoy_ptr()
+}
+
+#[no_mangle]
+extern "C" fn envoy_dynamic_module_callback_http_filter_config_scheduler_commit(
+    _: *mut c_void,
+    event_id: u64,
+) {
+    record(|r| r.scheduled.push(event_id));
+}
+
+#[no_mangle]
+extern "C" fn envoy_dynamic_module_callback_http_filter_config_scheduler_delete(_: *mut c_void) {}
+
+/// An Envoy object address for tests: never dereferenced by the stubs.
+pub fn fake_envoy_ptr() -> *mut c_void {
+    std::ptr::NonNull::<u8>::dangling().as_ptr().cast()
+}
