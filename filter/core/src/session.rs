@@ -30,9 +30,7 @@ use crate::worker::{Admission, Call, Worker};
 struct Tracked {
     call: Call,
     grpc: bool,
-    /// From the request's `grpc-timeout`, in µs.
-    deadline_us: Option<u64>,
-    /// `:status` of the response headers, kept for the trailers (or the end) that settle a gRPC call.
+    /// `:status` of an HTTP response, or Envoy's response code at the end of the stream.
     http_status: Option<u16>,
 }
 
@@ -111,14 +109,9 @@ impl Session {
                 if let Some(ms) = call_timeout_ms {
                     host.set_request_header("x-envoy-upstream-rq-timeout-ms", &ms.to_string());
                 }
-                let deadline_us = grpc
-                    .then(|| host.request_header("grpc-timeout"))
-                    .flatten()
-                    .and_then(|raw| parse_grpc_timeout(&raw));
                 self.call = Some(Tracked {
                     call,
                     grpc,
-                    deadline_us,
                     http_status: None,
                 });
                 Action::Continue
@@ -154,14 +147,16 @@ impl Session {
         if let Some(state) = self.dry_run.take() {
             host.add_response_header("x-circuit-breaker-dry-run", state.as_str());
         }
-        let Some(tracked) = self.call.as_mut() else {
+        let Some(tracked) = self.call.as_ref() else {
             return Action::Continue;
         };
-        let status = host
-            .response_header(":status")
-            .and_then(|s| parse_status(&s));
-        tracked.http_status = status;
         if !tracked.grpc {
+            let status = host
+                .response_header(":status")
+                .and_then(|s| parse_status(&s));
+            if let Some(t) = self.call.as_mut() {
+                t.http_status = status;
+            }
             self.settle(w, host, CallFacts::default());
         } else if end_of_stream {
             // Trailers-only gRPC: the status is in the headers.
@@ -193,7 +188,8 @@ impl Session {
     }
 
     /// The stream ended (wasm `on_log`, native `stream_complete`). A call still unsettled is judged
-    /// from Envoy's account of the stream.
+    /// from Envoy's account of the stream, and from the call's deadline: read only now, since only a
+    /// call that ends this way needs it.
     pub fn on_end<S: BreakerStore, H: Host>(&mut self, w: &mut Worker<S>, host: &mut H) {
         let Some(tracked) = self.call.as_mut() else {
             return;
@@ -201,6 +197,12 @@ impl Session {
         if let Some(code) = host.response_code().filter(|c| *c != 0) {
             tracked.http_status = Some(code);
         }
+        let deadline_us = if tracked.grpc {
+            host.request_header("grpc-timeout")
+                .and_then(|raw| parse_grpc_timeout(&raw))
+        } else {
+            None
+        };
         let grpc_status = host
             .response_trailer("grpc-status")
             .or_else(|| host.response_header("grpc-status"));
@@ -208,6 +210,7 @@ impl Session {
             grpc_status: grpc_status.as_deref(),
             flags: ResponseFlags(host.response_flags().unwrap_or(0)),
             ended_early: true,
+            deadline_us,
             ..CallFacts::default()
         };
         self.settle(w, host, facts);
@@ -226,17 +229,34 @@ impl Session {
         let now = host.now_ms().unwrap_or(tracked.call.start_ms);
         facts.grpc = tracked.grpc;
         facts.http_status = tracked.http_status;
-        facts.deadline_us = tracked.deadline_us;
+        if facts.grpc && facts.grpc_status.is_none() && facts.http_status.is_none() {
+            // A gRPC response without grpc-status: what the client makes of it depends on :status,
+            // which is read only then.
+            facts.http_status = host
+                .response_header(":status")
+                .and_then(|s| parse_status(&s));
+        }
         facts.duration_ms = Some(now.saturating_sub(tracked.call.start_ms));
         let (_, cfg) = w.settings(&tracked.call.key);
         let mut verdict = classify(cfg, &facts);
-        // Flags can only make an outcome a failure. On a complete response whose statuses already do,
-        // reading them (a host call) would change nothing.
-        if !facts.ended_early && verdict.outcome != Outcome::Failure {
+        // Flags can only make an outcome a failure, and only Envoy's own replies (never OK) carry the
+        // ones that do on a complete response: on a failure already, or on an upstream's OK, reading
+        // them (a host call) would change nothing.
+        if !facts.ended_early && verdict.outcome != Outcome::Failure && !clean_ok(&facts) {
             facts.flags = ResponseFlags(host.response_flags().unwrap_or(0));
             verdict = classify(cfg, &facts);
         }
         w.record(tracked.call, verdict, now, host);
+    }
+}
+
+/// A complete response that only an upstream gives: gRPC `OK`, or HTTP below 400. Envoy's local
+/// replies (connect failure, timeout, overflow) are never that, so their flags need no reading.
+fn clean_ok(facts: &CallFacts<'_>) -> bool {
+    if facts.grpc {
+        facts.grpc_status == Some(b"0")
+    } else {
+        facts.http_status.is_some_and(|s| (100..400).contains(&s))
     }
 }
 

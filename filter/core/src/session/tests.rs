@@ -94,6 +94,13 @@ fn response_flags_are_read_only_when_they_could_change_the_outcome() {
     h.resp(":status", "200").resp("grpc-status", "14");
     s.on_response_headers(&mut w, &mut h, true);
     assert_eq!((h.counter(FAILURES), h.flag_reads), (1, 1));
+    // An upstream's OK: nothing Envoy-made, the flags are not read either.
+    let mut h = FakeHost::grpc(0);
+    let mut s = Session::new();
+    s.on_request(&mut w, &mut h);
+    h.resp(":status", "200").resp("grpc-status", "0");
+    s.on_response_headers(&mut w, &mut h, true);
+    assert_eq!((h.counter(SUCCESSES), h.flag_reads), (1, 0));
     // Already a failure by its status: the flags are not read.
     let mut h = FakeHost::grpc(0);
     let mut s = Session::new();

@@ -298,3 +298,59 @@ fn forced_open_rejects_and_reports_the_forced_opening_once() {
         3
     );
 }
+
+/// Counts reads, to see which ones the open-until memory spares.
+struct Reads {
+    inner: MemoryStore,
+    gets: Cell<u32>,
+}
+
+impl SharedStore for Reads {
+    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, CasToken)>, StoreError> {
+        self.gets.set(self.gets.get() + 1);
+        self.inner.get(key)
+    }
+    fn set(&self, key: &str, value: &[u8], cas: Option<CasToken>) -> Result<(), StoreError> {
+        self.inner.set(key, value, cas)
+    }
+}
+
+#[test]
+fn while_open_a_worker_rejects_without_reading_the_store_until_the_open_time_is_up() {
+    let store = Reads {
+        inner: MemoryStore::new(),
+        gets: Cell::new(0),
+    };
+    let config =
+        FilterConfig::from_json(br#"{"failure_threshold": 1, "open_timeout": "1s"}"#).unwrap();
+    let mut w = Worker::new(Arc::new(config), 0, SharedData::new(&store, 1024));
+    w.prepare().unwrap();
+    let (mut s, mut h) = start(&mut w, 0);
+    answer(&mut w, &mut s, &mut h, "14");
+    let mut first = FakeHost::grpc(10);
+    assert_eq!(Session::new().on_request(&mut w, &mut first), Action::Stop);
+    let reads = store.gets.get();
+    let mut t = FakeHost::default();
+    for now in [20, 500, 999] {
+        let mut h = FakeHost::grpc(now);
+        assert_eq!(Session::new().on_request(&mut w, &mut h), Action::Stop);
+        let pushback = h.replies[0]
+            .headers
+            .iter()
+            .find(|(k, _)| k == "grpc-retry-pushback-ms")
+            .map(|(_, v)| v.clone());
+        assert_eq!(pushback, Some((1_000 - now).to_string()));
+        t.absorb(h);
+    }
+    assert_eq!(store.gets.get(), reads, "no read while the open time runs");
+    assert_eq!(
+        t.counter("circuit_breaker_rejected_calls_total{upstream=content}"),
+        3
+    );
+    // At the open time, the store decides again: the probe goes through.
+    let mut h = FakeHost::grpc(1_000);
+    let mut probe = Session::new();
+    assert_eq!(probe.on_request(&mut w, &mut h), Action::Continue);
+    assert!(probe.holds_probe());
+    assert!(store.gets.get() > reads);
+}
