@@ -2,54 +2,50 @@
 //!
 //! On loopback it starts the four services of a small social app (user, content, feed, auth), one Envoy
 //! with the filter in front of them, and a client playing the API gateway: a steady stream of concurrent
-//! gRPC calls to all four. Then content-service hangs (the worst kind of outage: every call to it holds
-//! its caller for the full route timeout), and later comes back. A line a second shows calls, upstream
-//! failures, rejections, each breaker's state (from the health endpoint) and the latency callers see.
+//! gRPC calls to all four, each with a 2 s deadline, as gateways set them. Then content-service becomes a
+//! dead host: it takes every call and never answers. Envoy's route timeout is long (10 s, like Envoy's
+//! own default of 15 s), so only the callers' deadlines end those calls. Later the service comes back.
+//! A line a second shows calls, upstream failures, calls the gateway gave up on, rejections, each
+//! breaker's state (from the health endpoint) and the latency callers see.
 //!
 //! The same outage is then replayed with the filter in `disabled` mode, and a side-by-side table shows
 //! what the breaker saved: the total time callers spent waiting, the calls that reached the dead
-//! service, p99 latency. The timeline of the first run is written as an SVG.
+//! service, p99 latency, how soon the breaker opened and the longest the gateway went without any
+//! answer. `target/demo/timeline.svg` draws the two runs against each other.
+//!
+//! Files: `load.rs` (the gateway's workers and how a call ended), `run.rs` (one run and what it
+//! measured), `report.rs` (the lines and the table), `picture.rs` (the SVG).
+//!
+//! `--native` runs the native build of the filter (`dist/libcircuit_breaker.so`, loaded by Envoy's
+//! dynamic modules from `envoy/demo-native.yaml`) instead of the `.wasm` one.
 
-use std::collections::HashMap;
-use std::fmt::Write as _;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::path::{Path, PathBuf};
 
-use cb_core::breaker::StateKind;
-use tonic::transport::Channel;
-
-use crate::envoy::{workspace_root, Envoy};
-use crate::services::pb::auth_service_client::AuthServiceClient;
-use crate::services::pb::content_service_client::ContentServiceClient;
-use crate::services::pb::feed_service_client::FeedServiceClient;
-use crate::services::pb::user_service_client::UserServiceClient;
-use crate::services::pb::{CheckRequest, GetFeedRequest, GetPostRequest, GetUserRequest};
-use crate::services::{Fault, ServiceKind, Upstreams};
+use crate::envoy::workspace_root;
 use crate::svg;
 
-/// The filter configuration of the demo: trips fast, probes after a few seconds.
+mod load;
+mod picture;
+mod report;
+mod run;
+
+/// The filter configuration of the demo: trips fast, probes after a few seconds, and counts a call
+/// still unanswered after 500 ms as failed (the demo's calls take a few milliseconds when healthy), so
+/// the breaker learns about the dead host while the first calls to it still hang.
 const DEMO_CONFIG: &str = r#"{
   "failure_threshold": 5,
   "error_rate_threshold": 0.5,
   "window_size": 20,
   "minimum_requests": 10,
+  "stuck_call_duration": "500ms",
   "open_timeout": "3s",
   "success_threshold": 2,
   "half_open_max_requests": 1,
   "health_path": "/health/circuit-breakers"
 }"#;
 
-/// Concurrent gateway workers: enough that a hanging service ties most of them up without a breaker.
-const WORKERS: usize = 12;
-/// Pause between two calls of one worker: about 12 × 20 calls a second in all when healthy.
-const THINK_TIME: Duration = Duration::from_millis(50);
-/// The gateway's own deadline on a call; Envoy's route timeout (2s in envoy/demo.yaml) fires first.
-const CLIENT_DEADLINE: Duration = Duration::from_secs(5);
-
 /// Phases of one run, in seconds.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Phases {
     healthy: u64,
     outage: u64,
@@ -62,39 +58,73 @@ impl Phases {
     }
 }
 
-/// How one call ended, as the gateway sees it.
+/// Which build of the filter Envoy loads, and so which bootstrap template renders it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Ending {
-    Ok,
-    /// The upstream (or Envoy on its behalf: timeout, reset) failed the call.
-    UpstreamFailure,
-    /// The breaker answered at once.
-    Rejected,
+enum FilterBuild {
+    /// `dist/circuit_breaker.wasm` (`make build`), from `envoy/demo.yaml`.
+    Wasm,
+    /// `dist/libcircuit_breaker.so`, an Envoy dynamic module, from `envoy/demo-native.yaml`.
+    Native,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct CallRecord {
-    /// When the call ended, since the start of the run: a call is counted in the second its caller got
-    /// the answer, which is when a hanging upstream hurts.
-    at_ms: u64,
-    service: ServiceKind,
-    latency_ms: f64,
-    ending: Ending,
+/// The native module's file name, which Envoy finds in `ENVOY_DYNAMIC_MODULES_SEARCH_PATH`.
+const NATIVE_MODULE: &str = "libcircuit_breaker.so";
+
+impl FilterBuild {
+    fn template(self) -> &'static str {
+        match self {
+            FilterBuild::Wasm => "envoy/demo.yaml",
+            FilterBuild::Native => "envoy/demo-native.yaml",
+        }
+    }
+
+    /// Checks that this build can run, and points Envoy at it. Must run before any thread starts: it
+    /// sets the environment the Envoy processes inherit.
+    fn prepare(self) -> Result<(), String> {
+        if let Some(dir) = self.check()? {
+            // Envoy looks dynamic modules up by name in this directory.
+            std::env::set_var("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", dir);
+        }
+        Ok(())
+    }
+
+    /// Checks that this build's files are there; for the native build, returns the directory Envoy
+    /// must search for the module.
+    fn check(self) -> Result<Option<PathBuf>, String> {
+        let root = workspace_root();
+        let template = root.join(self.template());
+        if !template.is_file() {
+            return Err(format!(
+                "demo: {} not found: the {self:?} build needs its bootstrap template",
+                display_path(&template)
+            ));
+        }
+        if self == FilterBuild::Native {
+            let dist = root.join("dist");
+            let module = dist.join(NATIVE_MODULE);
+            if !module.is_file() {
+                return Err(format!(
+                    "demo: no native filter at {}: build the native module first",
+                    display_path(&module)
+                ));
+            }
+            return Ok(Some(dist));
+        }
+        Ok(None)
+    }
 }
 
-/// What one run measured.
-#[derive(Debug, Default)]
-struct RunReport {
-    calls: Vec<CallRecord>,
-    /// Per second, the state of each breaker as the health endpoint told it.
-    states: Vec<(u64, HashMap<String, StateKind>)>,
-    /// Requests content-service received during the outage.
-    reached_dead_service: u64,
+/// The parsed command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Options {
+    phases: Phases,
+    build: FilterBuild,
 }
 
-/// Runs the subcommand: `harness demo [--healthy S] [--outage S] [--recovery S]`.
+/// Runs the subcommand: `harness demo [--healthy S] [--outage S] [--recovery S] [--native]`.
 pub fn run(args: &[String]) -> Result<(), String> {
-    let phases = parse_args(args)?;
+    let options = parse_args(args)?;
+    options.build.prepare()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -102,7 +132,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         .map_err(|e| format!("demo: cannot start the async runtime: {e}"))?;
     runtime.block_on(async {
         tokio::select! {
-            result = demo(phases) => result,
+            result = demo(options) => result,
             _ = tokio::signal::ctrl_c() => {
                 // Dropping the demo future drops Envoy and the services, which stops them.
                 eprintln!("\ninterrupted: stopping Envoy and the services");
@@ -112,21 +142,26 @@ pub fn run(args: &[String]) -> Result<(), String> {
     })
 }
 
-fn parse_args(args: &[String]) -> Result<Phases, String> {
+fn parse_args(args: &[String]) -> Result<Options, String> {
     let mut phases = Phases {
         healthy: 6,
         outage: 16,
         recovery: 12,
     };
+    let mut build = FilterBuild::Wasm;
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         let slot = match flag.as_str() {
             "--healthy" => &mut phases.healthy,
             "--outage" => &mut phases.outage,
             "--recovery" => &mut phases.recovery,
+            "--native" => {
+                build = FilterBuild::Native;
+                continue;
+            }
             other => {
                 return Err(format!(
-                "demo: unknown option {other:?} (allowed: --healthy S, --outage S, --recovery S)"
+                "demo: unknown option {other:?} (allowed: --healthy S, --outage S, --recovery S, --native)"
             ))
             }
         };
@@ -136,389 +171,53 @@ fn parse_args(args: &[String]) -> Result<Phases, String> {
             .filter(|v| (1..=300).contains(v))
             .ok_or_else(|| format!("demo: {flag} takes a number of seconds from 1 to 300"))?;
     }
-    Ok(phases)
+    Ok(Options { phases, build })
 }
 
-async fn demo(phases: Phases) -> Result<(), String> {
+async fn demo(options: Options) -> Result<(), String> {
+    let Options { phases, build } = options;
     println!("circuit breaker demo: a social app's API gateway calling four gRPC services through Envoy.");
     println!(
-        "content-service will hang from t={}s to t={}s. First with the breaker (enforce), then without (disabled).\n",
+        "The gateway gives every call a {}s deadline; Envoy's route timeout is 10s. content-service will \
+         take calls and never answer from t={}s to t={}s.",
+        load::CLIENT_DEADLINE.as_secs(),
         phases.healthy,
         phases.healthy + phases.outage
     );
-    let with = one_run("with breaker", DEMO_CONFIG, phases).await?;
-    let without = one_run("without breaker", r#"{"mode": "disabled"}"#, phases).await?;
+    println!(
+        "First with the breaker ({:?} build, enforce), then without (disabled).\n",
+        build
+    );
+    let with = run::one_run("with breaker", "with-breaker", DEMO_CONFIG, phases, build).await?;
+    let without = run::one_run(
+        "without breaker",
+        "without-breaker",
+        r#"{"mode": "disabled"}"#,
+        phases,
+        build,
+    )
+    .await?;
 
-    let out_dir = workspace_root().join("target/demo");
+    let out_dir = output_dir();
     std::fs::create_dir_all(&out_dir)
         .map_err(|e| format!("demo: cannot create {}: {e}", out_dir.display()))?;
     let svg_path = out_dir.join("timeline.svg");
-    std::fs::write(&svg_path, svg::render(&timeline(&with, phases)))
+    let drawing = picture::picture(&with, &without, phases);
+    std::fs::write(&svg_path, svg::render_comparison(&drawing))
         .map_err(|e| format!("demo: cannot write {}: {e}", svg_path.display()))?;
 
-    println!("\n{}", summary_table(&with, &without));
+    println!("\n{}", report::summary_table(&with, &without));
     println!("timeline: {}", display_path(&svg_path));
     Ok(())
 }
 
-fn display_path(p: &std::path::Path) -> String {
+fn display_path(p: &Path) -> String {
     let root = workspace_root();
     p.strip_prefix(&root)
         .map_or_else(|_| p.display().to_string(), |r| r.display().to_string())
 }
 
-/// One run: services, Envoy with `config`, the gateway's load, the outage, the live timeline.
-async fn one_run(label: &str, config: &str, phases: Phases) -> Result<RunReport, String> {
-    let upstreams = Upstreams::start()
-        .await
-        .map_err(|e| format!("demo: cannot start the services: {e}"))?;
-    let envoy = Envoy::start_from("demo", "envoy/demo.yaml", &upstreams.ports(), config)
-        .await
-        .map_err(|e| format!("demo: {e}"))?;
-    let channel = envoy.channel().await.map_err(|e| format!("demo: {e}"))?;
-    let content = &upstreams.content;
-
-    println!(
-        "== {label}: Envoy on {} (log: {})",
-        envoy.listener(),
-        display_path(envoy.log_path())
-    );
-    println!("{}", header_line());
-
-    let start = Instant::now();
-    let calls = Arc::new(Mutex::new(Vec::new()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let workers: Vec<_> = (0..WORKERS)
-        .map(|w| {
-            tokio::spawn(gateway_worker(
-                w,
-                channel.clone(),
-                start,
-                calls.clone(),
-                stop.clone(),
-            ))
-        })
-        .collect();
-
-    let mut report = RunReport::default();
-    let mut reached_before = 0;
-    for second in 1..=phases.total() {
-        tokio::time::sleep_until(tokio::time::Instant::from_std(
-            start + Duration::from_secs(second),
-        ))
-        .await;
-        if second == phases.healthy {
-            reached_before = content.requests();
-            content
-                .set_fault(Fault::Hang)
-                .await
-                .map_err(|e| format!("demo: {e}"))?;
-            println!("-- t={second}s: content-service hangs");
-        }
-        if second == phases.healthy + phases.outage {
-            report.reached_dead_service = content.requests().saturating_sub(reached_before);
-            content
-                .set_fault(Fault::Ok)
-                .await
-                .map_err(|e| format!("demo: {e}"))?;
-            println!("-- t={second}s: content-service is back");
-        }
-        let states = breaker_states(&envoy).await;
-        let snapshot: Vec<CallRecord> = lock(&calls).clone();
-        println!("{}", second_line(second, &snapshot, &states));
-        report.states.push((second * 1000, states));
-    }
-    stop.store(true, Ordering::Relaxed);
-    for w in workers {
-        let _ = tokio::time::timeout(CLIENT_DEADLINE, w).await;
-    }
-    report.calls = lock(&calls).clone();
-    Ok(report)
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// One gateway worker: calls the four services in turn until told to stop.
-async fn gateway_worker(
-    worker: usize,
-    channel: Channel,
-    start: Instant,
-    calls: Arc<Mutex<Vec<CallRecord>>>,
-    stop: Arc<AtomicBool>,
-) {
-    let mut n = worker;
-    while !stop.load(Ordering::Relaxed) {
-        let service = ServiceKind::ALL
-            .get(n % 4)
-            .copied()
-            .unwrap_or(ServiceKind::User);
-        n += 1;
-        let began = Instant::now();
-        let ending = call(&channel, service, n).await;
-        let record = CallRecord {
-            at_ms: start.elapsed().as_millis() as u64,
-            service,
-            latency_ms: began.elapsed().as_secs_f64() * 1000.0,
-            ending,
-        };
-        lock(&calls).push(record);
-        tokio::time::sleep(THINK_TIME).await;
-    }
-}
-
-async fn call(channel: &Channel, service: ServiceKind, n: usize) -> Ending {
-    let id = format!("{}", n % 100);
-    let result = match service {
-        ServiceKind::User => UserServiceClient::new(channel.clone())
-            .get_user(request(GetUserRequest { user_id: id }))
-            .await
-            .map(|_| ()),
-        ServiceKind::Content => ContentServiceClient::new(channel.clone())
-            .get_post(request(GetPostRequest { post_id: id }))
-            .await
-            .map(|_| ()),
-        ServiceKind::Feed => FeedServiceClient::new(channel.clone())
-            .get_feed(request(GetFeedRequest {
-                user_id: id,
-                ..Default::default()
-            }))
-            .await
-            .map(|_| ()),
-        ServiceKind::Auth => AuthServiceClient::new(channel.clone())
-            .check(request(CheckRequest { token: id }))
-            .await
-            .map(|_| ()),
-    };
-    match result {
-        Ok(()) => Ending::Ok,
-        Err(status) if status.metadata().get("x-circuit-breaker").is_some() => Ending::Rejected,
-        Err(_) => Ending::UpstreamFailure,
-    }
-}
-
-fn request<T>(message: T) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(message);
-    r.set_timeout(CLIENT_DEADLINE);
-    r
-}
-
-/// Breaker states from the health endpoint (empty when the filter is disabled).
-async fn breaker_states(envoy: &Envoy) -> HashMap<String, StateKind> {
-    let Ok(response) = envoy.get("/health/circuit-breakers").await else {
-        return HashMap::new();
-    };
-    let Ok(json) = response.json() else {
-        return HashMap::new();
-    };
-    let breakers = json
-        .get("circuit_breakers")
-        .and_then(|b| b.as_array())
-        .cloned()
-        .unwrap_or_default();
-    breakers
-        .iter()
-        .filter_map(|b| {
-            let name = b.get("upstream")?.as_str()?.to_string();
-            let state = match b.get("state")?.as_str()? {
-                "open" => StateKind::Open,
-                "half_open" => StateKind::HalfOpen,
-                _ => StateKind::Closed,
-            };
-            Some((name, state))
-        })
-        .collect()
-}
-
-fn header_line() -> String {
-    format!(
-        "{:>4}  {:>5} {:>5} {:>6} {:>6}  {:>7} {:>7}  {:<9} {:<9} {:<9} {:<9}",
-        "t",
-        "calls",
-        "ok",
-        "failed",
-        "reject",
-        "p50 ms",
-        "p99 ms",
-        "user",
-        "content",
-        "feed",
-        "auth"
-    )
-}
-
-/// The timeline line for the second that just ended.
-fn second_line(second: u64, calls: &[CallRecord], states: &HashMap<String, StateKind>) -> String {
-    let lo = (second - 1) * 1000;
-    let hi = second * 1000;
-    let window: Vec<&CallRecord> = calls
-        .iter()
-        .filter(|c| c.at_ms >= lo && c.at_ms < hi)
-        .collect();
-    let count = |e: Ending| window.iter().filter(|c| c.ending == e).count();
-    let mut latencies: Vec<f64> = window.iter().map(|c| c.latency_ms).collect();
-    let mut line = format!(
-        "{:>3}s  {:>5} {:>5} {:>6} {:>6}  {:>7.1} {:>7.1} ",
-        second,
-        window.len(),
-        count(Ending::Ok),
-        count(Ending::UpstreamFailure),
-        count(Ending::Rejected),
-        percentile(&mut latencies, 0.50),
-        percentile(&mut latencies, 0.99),
-    );
-    for kind in ServiceKind::ALL {
-        let state = states.get(kind.cluster()).map_or("-", |s| match s {
-            StateKind::Closed => "closed",
-            StateKind::Open => "OPEN",
-            StateKind::HalfOpen => "half-open",
-        });
-        let _ = write!(line, " {state:<9}");
-    }
-    line
-}
-
-fn percentile(values: &mut [f64], q: f64) -> f64 {
-    if values.is_empty() {
-        return 0.0;
-    }
-    values.sort_by(f64::total_cmp);
-    let rank = ((values.len() as f64 * q).ceil() as usize).clamp(1, values.len());
-    values.get(rank - 1).copied().unwrap_or(0.0)
-}
-
-fn summary_table(with: &RunReport, without: &RunReport) -> String {
-    let waited = |r: &RunReport| r.calls.iter().map(|c| c.latency_ms).sum::<f64>() / 1000.0;
-    let p99 = |r: &RunReport| {
-        percentile(
-            &mut r.calls.iter().map(|c| c.latency_ms).collect::<Vec<_>>(),
-            0.99,
-        )
-    };
-    let ok = |r: &RunReport| r.calls.iter().filter(|c| c.ending == Ending::Ok).count();
-    let others_p99 = |r: &RunReport| {
-        percentile(
-            &mut r
-                .calls
-                .iter()
-                .filter(|c| c.service != ServiceKind::Content)
-                .map(|c| c.latency_ms)
-                .collect::<Vec<_>>(),
-            0.99,
-        )
-    };
-    let others_ok = |r: &RunReport| {
-        r.calls
-            .iter()
-            .filter(|c| c.service != ServiceKind::Content && c.ending == Ending::Ok)
-            .count()
-    };
-    let rows = [
-        (
-            "calls made",
-            r(with.calls.len() as f64, 0),
-            r(without.calls.len() as f64, 0),
-        ),
-        (
-            "calls to the healthy services answered",
-            r(others_ok(with) as f64, 0),
-            r(others_ok(without) as f64, 0),
-        ),
-        (
-            "calls answered OK",
-            r(ok(with) as f64, 0),
-            r(ok(without) as f64, 0),
-        ),
-        (
-            "total time callers waited (s)",
-            r(waited(with), 1),
-            r(waited(without), 1),
-        ),
-        (
-            "calls that reached the dead service",
-            r(with.reached_dead_service as f64, 0),
-            r(without.reached_dead_service as f64, 0),
-        ),
-        (
-            "p99 latency, all calls (ms)",
-            r(p99(with), 1),
-            r(p99(without), 1),
-        ),
-        (
-            "p99 latency, other services (ms)",
-            r(others_p99(with), 1),
-            r(others_p99(without), 1),
-        ),
-    ];
-    let mut out = format!(
-        "| {:<40} | {:>14} | {:>17} |\n",
-        "", "with breaker", "without breaker"
-    );
-    let _ = writeln!(out, "|{:-<42}|{:->16}|{:->19}|", "", "", "");
-    for (name, a, b) in rows {
-        let _ = writeln!(out, "| {name:<40} | {a:>14} | {b:>17} |");
-    }
-    out
-}
-
-fn r(x: f64, decimals: usize) -> String {
-    format!("{x:.decimals$}")
-}
-
-/// The first run as an SVG timeline: state bands, error rate, p99 latency per service and second.
-fn timeline(report: &RunReport, phases: Phases) -> svg::Timeline {
-    let end_ms = phases.total() * 1000;
-    let series = ServiceKind::ALL
-        .iter()
-        .map(|&kind| {
-            let mut states = vec![(0, StateKind::Closed)];
-            for (at, s) in &report.states {
-                let state = s.get(kind.cluster()).copied().unwrap_or(StateKind::Closed);
-                if states.last().map(|(_, last)| *last) != Some(state) {
-                    // The health endpoint was read at the end of the second: the change happened in it.
-                    states.push((at.saturating_sub(1000), state));
-                }
-            }
-            let mut error_rate = Vec::new();
-            let mut latency_ms = Vec::new();
-            for second in 0..phases.total() {
-                let mut lat: Vec<f64> = Vec::new();
-                let mut bad = 0usize;
-                for c in report
-                    .calls
-                    .iter()
-                    .filter(|c| c.service == kind && c.at_ms / 1000 == second)
-                {
-                    lat.push(c.latency_ms);
-                    bad += usize::from(c.ending != Ending::Ok);
-                }
-                if !lat.is_empty() {
-                    error_rate.push((second * 1000 + 500, bad as f64 / lat.len() as f64));
-                    latency_ms.push((second * 1000 + 500, percentile(&mut lat, 0.99)));
-                }
-            }
-            svg::Series {
-                name: format!("{kind}-service"),
-                states,
-                error_rate,
-                latency_ms,
-            }
-        })
-        .collect();
-    svg::Timeline {
-        title: format!(
-            "circuit breaker demo: content-service hangs from {}s to {}s",
-            phases.healthy,
-            phases.healthy + phases.outage
-        ),
-        start_ms: 0,
-        end_ms,
-        series,
-    }
-}
-
-/// Where the demo writes its files (for tests and the README).
+/// Where the demo writes its files (Envoy's logs and bootstraps, the picture).
 pub fn output_dir() -> PathBuf {
     workspace_root().join("target/demo")
 }
@@ -528,18 +227,36 @@ mod tests {
     use super::*;
 
     #[test]
-    fn percentiles() {
-        let mut v = vec![5.0, 1.0, 3.0, 2.0, 4.0];
-        assert_eq!(percentile(&mut v, 0.5), 3.0);
-        assert_eq!(percentile(&mut v, 0.99), 5.0);
-        assert_eq!(percentile(&mut [], 0.99), 0.0);
+    fn options() {
+        let args: Vec<String> = ["--outage", "5"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(parse_args(&args).map(|o| o.phases.outage), Ok(5));
+        assert_eq!(parse_args(&args).map(|o| o.build), Ok(FilterBuild::Wasm));
+        assert!(parse_args(&["--outage".to_string(), "0".to_string()]).is_err());
+        assert!(parse_args(&["--bogus".to_string()]).is_err());
+        let native = parse_args(&["--native".to_string(), "--healthy".into(), "3".into()]).unwrap();
+        assert_eq!(
+            (native.build, native.phases.healthy),
+            (FilterBuild::Native, 3)
+        );
     }
 
     #[test]
-    fn options() {
-        let args: Vec<String> = ["--outage", "5"].iter().map(|s| s.to_string()).collect();
-        assert_eq!(parse_args(&args).map(|p| p.outage), Ok(5));
-        assert!(parse_args(&["--outage".to_string(), "0".to_string()]).is_err());
-        assert!(parse_args(&["--bogus".to_string()]).is_err());
+    fn each_build_has_its_bootstrap() {
+        assert_eq!(FilterBuild::Wasm.template(), "envoy/demo.yaml");
+        assert_eq!(FilterBuild::Native.template(), "envoy/demo-native.yaml");
+        assert_eq!(FilterBuild::Wasm.check(), Ok(None), "envoy/demo.yaml ships");
+        // The native build's files may not be there yet; then the error names what is missing.
+        if let Err(e) = FilterBuild::Native.check() {
+            assert!(
+                e.contains("demo-native.yaml") || e.contains(NATIVE_MODULE),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_demo_config_is_one_the_filter_accepts() {
+        let config = cb_core::config::FilterConfig::from_json(DEMO_CONFIG.as_bytes());
+        assert!(config.is_ok_and(|c| c.tracks_stuck_calls()));
     }
 }
