@@ -15,8 +15,8 @@ use super::Phases;
 use crate::services::ServiceKind;
 use crate::svg;
 
-/// Width of the buckets the panels count in: fine enough to show a silence of a second or two.
-const BUCKET_MS: u64 = 500;
+/// Width of the buckets the panels count in: one second, as the lines the demo prints.
+const BUCKET_MS: u64 = 1000;
 const WITH: &str = "#1e88e5";
 const WITHOUT: &str = "#d81b60";
 const OPENED: &str = "#e53935";
@@ -80,7 +80,7 @@ pub(super) fn picture(with: &RunReport, without: &RunReport, phases: Phases) -> 
                 lines: lines(&|r| healthy_answered(r, end_ms)),
             },
             svg::Panel {
-                title: "the gateway's p99 latency, all calls (log scale; a gap: no call ended)"
+                title: "the gateway's p99 latency per second, all calls (log scale; no point: no call ended that second)"
                     .to_string(),
                 unit: "ms".to_string(),
                 log_scale: true,
@@ -132,19 +132,11 @@ fn p99(r: &RunReport, end_ms: u64) -> Vec<(u64, f64)> {
         .collect()
 }
 
-/// One run per service: state bands, error rate and p99 per second.
+/// One row per service: state bands, error rate and p99 per second.
 fn service_rows(report: &RunReport, end_ms: u64) -> Vec<svg::Series> {
     ServiceKind::ALL
         .iter()
         .map(|&kind| {
-            let mut states = vec![(0, StateKind::Closed)];
-            for (at, s) in &report.states {
-                let state = s.get(kind.cluster()).copied().unwrap_or(StateKind::Closed);
-                if states.last().map(|(_, last)| *last) != Some(state) {
-                    // The health endpoint was read at the end of the second: the change happened in it.
-                    states.push((at.saturating_sub(1000), state));
-                }
-            }
             let mut error_rate = Vec::new();
             let mut latency_ms = Vec::new();
             for second in 0..end_ms / 1000 {
@@ -165,12 +157,35 @@ fn service_rows(report: &RunReport, end_ms: u64) -> Vec<svg::Series> {
             }
             svg::Series {
                 name: format!("{kind}-service"),
-                states,
+                states: state_changes(report, kind),
                 error_rate,
                 latency_ms,
             }
         })
         .collect()
+}
+
+/// A breaker's state changes, from the health endpoint read once a second: a change is drawn at the
+/// start of the second in which it was seen, except content's first opening, whose time was measured.
+fn state_changes(report: &RunReport, kind: ServiceKind) -> Vec<(u64, StateKind)> {
+    let mut states = vec![(0, StateKind::Closed)];
+    let mut opened = report.opened_ms.filter(|_| kind == ServiceKind::Content);
+    for (at, s) in &report.states {
+        let state = s.get(kind.cluster()).copied().unwrap_or(StateKind::Closed);
+        if states.last().map(|(_, last)| *last) == Some(state) {
+            continue;
+        }
+        let from = at.saturating_sub(1000);
+        let when = match opened {
+            Some(o) if state == StateKind::Open && (from..=*at).contains(&o) => {
+                opened = None;
+                o
+            }
+            _ => from,
+        };
+        states.push((when, state));
+    }
+    states
 }
 
 #[cfg(test)]
@@ -231,9 +246,10 @@ mod tests {
             } else {
                 StateKind::Closed
             };
-            if at_ms % 1_000 == 0 {
+            // Read at whole seconds, as a run reads the health endpoint.
+            if at_ms % 1_000 == 0 && at_ms > 0 {
                 let states = HashMap::from([("content".to_string(), content)]);
-                with.states.push((at_ms + 1_000, states));
+                with.states.push((at_ms, states));
             }
         }
         (with, without)
@@ -246,21 +262,26 @@ mod tests {
         assert_eq!(c.panels.len(), 2);
         let answered = &c.panels[0].lines;
         // Healthy services: 3 calls per 50 ms, 60 a second, in both runs before the hang; without the
-        // breaker, only one bucket in four has any during it.
-        assert_eq!(answered[0].points[0], (250, 60.0));
-        assert_eq!(answered[1].points[6], (3_250, 0.0));
-        assert_eq!(answered[0].points[6], (3_250, 60.0));
+        // breaker, only every other second has any during it.
+        assert_eq!(answered[0].points[0], (500, 60.0));
+        assert_eq!(answered[1].points[3], (3_500, 0.0));
+        assert_eq!(answered[0].points[3], (3_500, 60.0));
         let p99 = &c.panels[1].lines;
-        assert!(p99[1].points[6].1.is_nan(), "no call ended: no point");
-        assert_eq!(p99[0].points[4].1, 2_000.0, "the calls stuck at the hang");
+        assert!(p99[1].points[3].1.is_nan(), "no call ended: no point");
+        assert_eq!(p99[0].points[2].1, 2_000.0, "the calls stuck at the hang");
         assert_eq!(c.markers.len(), 1);
         assert!(c.markers[0].label.contains("0.54s"), "{:?}", c.markers);
         assert_eq!(c.spans[0].from_ms, 2_000);
         let content = &c.rows[1];
         assert_eq!(
-            content.states[1],
-            (3_000, StateKind::Open),
-            "read at 4 s, so in the second before"
+            content.states,
+            vec![
+                (0, StateKind::Closed),
+                (2_540, StateKind::Open),
+                // Closed again at 5 s: seen at the read of 5 s, so drawn from 4 s.
+                (4_000, StateKind::Closed)
+            ],
+            "the measured opening; the others in the second before they were seen"
         );
         let svg = svg::render_comparison(&c);
         assert!(svg.contains("without breaker") && svg.contains("content-service"));

@@ -73,11 +73,15 @@ pub(super) fn percentile(values: &mut [f64], q: f64) -> f64 {
     values.get(rank - 1).copied().unwrap_or(0.0)
 }
 
-/// The longest stretch of the run in which the gateway got no answer at all: no call ended with a
-/// response of any kind (success or failure, fast or slow, from the service or from the breaker); a
-/// call the gateway gave up on at its deadline is not an answer. Returns `(from_ms, to_ms)`, within the
-/// run's load, `[0, report.end_ms]`.
-pub(super) fn longest_silence(report: &RunReport) -> (u64, u64) {
+/// A stretch at least this long with no answer counts as the gateway going silent: healthy, it gets
+/// about 200 answers a second, one every 5 ms.
+const SILENCE_MS: u64 = 500;
+
+/// The stretches of the run in which the gateway got no answer at all: no call ended with a response
+/// of any kind (success or failure, fast or slow, from the service or from the breaker); a call the
+/// gateway gave up on at its deadline is not an answer. Every gap between two answers, as
+/// `(from_ms, to_ms)`, within the run's load, `[0, report.end_ms]`.
+fn silences(report: &RunReport) -> Vec<(u64, u64)> {
     let mut answers: Vec<u64> = report
         .calls
         .iter()
@@ -85,15 +89,33 @@ pub(super) fn longest_silence(report: &RunReport) -> (u64, u64) {
         .map(|c| c.at_ms)
         .collect();
     answers.sort_unstable();
-    let mut best = (0, 0);
+    let mut gaps = Vec::with_capacity(answers.len() + 1);
     let mut previous = 0;
     for at in answers.into_iter().chain([report.end_ms]) {
-        if at - previous > best.1 - best.0 {
-            best = (previous, at);
-        }
+        gaps.push((previous, at));
         previous = at;
     }
-    best
+    gaps
+}
+
+/// The longest of the [`silences`].
+pub(super) fn longest_silence(report: &RunReport) -> (u64, u64) {
+    silences(report).into_iter().fold((0, 0), |best, gap| {
+        if gap.1 - gap.0 > best.1 - best.0 {
+            gap
+        } else {
+            best
+        }
+    })
+}
+
+/// The time spent in [`silences`] of at least [`SILENCE_MS`], in ms.
+fn silent_ms(report: &RunReport) -> u64 {
+    silences(report)
+        .into_iter()
+        .map(|(from, to)| to - from)
+        .filter(|gap| *gap >= SILENCE_MS)
+        .sum()
 }
 
 /// The time from the hang's start to the breaker opening, in seconds; "never" when it did not open.
@@ -156,6 +178,10 @@ pub(super) fn summary_table(with: &RunReport, without: &RunReport) -> String {
             both(&time_to_open),
         ),
         ("longest stretch with no answer at all (s)", both(&silence)),
+        (
+            "time in such stretches of 0.5 s or more (s)",
+            both(&|r| seconds(silent_ms(r))),
+        ),
     ];
     let mut out = format!(
         "| {:<42} | {:>14} | {:>17} |\n",
@@ -228,10 +254,13 @@ mod tests {
             ..RunReport::default()
         };
         assert_eq!(longest_silence(&nothing), (0, 500));
+        // 300 to 2_500 and 2_600 to 10_000 are long enough to count; the 100 ms gaps are not.
+        assert_eq!(silent_ms(&report), 2_200);
+        assert_eq!(silent_ms(&quiet_end), 2_200 + 7_400);
     }
 
     #[test]
-    fn the_table_has_the_two_measures_of_the_hang() {
+    fn the_table_measures_the_hang() {
         // An answer every 100 ms up to 6.1 s, then none until 8 s.
         let mut calls: Vec<CallRecord> = (1..=61).map(|i| call(i * 100, Ending::Ok)).collect();
         calls.extend([call(8_000, Ending::Rejected), call(8_900, Ending::Ok)]);
@@ -256,6 +285,8 @@ mod tests {
         };
         assert_eq!(row("breaker opened")[2..4], ["0.56", "never"]);
         assert_eq!(row("no answer at all")[2..4], ["1.90", "1.90"]);
+        // 6.1 s to 8 s, and 8 s to 8.9 s.
+        assert_eq!(row("such stretches")[2..4], ["2.80", "2.80"]);
         assert!(table.contains("from t=6.10s to t=8.00s"), "{table}");
     }
 }

@@ -335,7 +335,7 @@ fn line_run(
     if let [(t, v)] = run {
         let _ = writeln!(
             out,
-            r#"<circle cx="{}" cy="{}" r="2.5" fill="{colour}"><title>{}</title></circle>"#,
+            r#"<circle cx="{}" cy="{}" r="3.5" fill="{colour}"><title>{}</title></circle>"#,
             fmt1(scale.x(*t)),
             fmt1(y(*v)),
             escape(label)
