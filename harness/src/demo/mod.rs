@@ -71,6 +71,13 @@ enum FilterBuild {
 const NATIVE_MODULE: &str = "libcircuit_breaker.so";
 
 impl FilterBuild {
+    fn name(self) -> &'static str {
+        match self {
+            FilterBuild::Wasm => "wasm",
+            FilterBuild::Native => "native",
+        }
+    }
+
     fn template(self) -> &'static str {
         match self {
             FilterBuild::Wasm => "envoy/demo.yaml",
@@ -95,8 +102,9 @@ impl FilterBuild {
         let template = root.join(self.template());
         if !template.is_file() {
             return Err(format!(
-                "demo: {} not found: the {self:?} build needs its bootstrap template",
-                display_path(&template)
+                "demo: {} not found: the {} build of the filter needs it as its bootstrap template",
+                display_path(&template),
+                self.name()
             ));
         }
         if self == FilterBuild::Native {
@@ -185,8 +193,8 @@ async fn demo(options: Options) -> Result<(), String> {
         phases.healthy + phases.outage
     );
     println!(
-        "First with the breaker ({:?} build, enforce), then without (disabled).\n",
-        build
+        "First with the breaker (the {} build, enforce), then without (disabled).\n",
+        build.name()
     );
     let with = run::one_run("with breaker", "with-breaker", DEMO_CONFIG, phases, build).await?;
     let without = run::one_run(

@@ -179,17 +179,17 @@ pub(super) fn summary_table(with: &RunReport, without: &RunReport) -> String {
         ),
         ("longest stretch with no answer at all (s)", both(&silence)),
         (
-            "time in such stretches of 0.5 s or more (s)",
+            "time with no answer, in stretches >= 0.5 s (s)",
             both(&|r| seconds(silent_ms(r))),
         ),
     ];
     let mut out = format!(
-        "| {:<42} | {:>14} | {:>17} |\n",
+        "| {:<46} | {:>14} | {:>17} |\n",
         "", "with breaker", "without breaker"
     );
-    let _ = writeln!(out, "|{:-<44}|{:->16}|{:->19}|", "", "", "");
+    let _ = writeln!(out, "|{:-<48}|{:->16}|{:->19}|", "", "", "");
     for (name, (a, b)) in rows {
-        let _ = writeln!(out, "| {name:<42} | {a:>14} | {b:>17} |");
+        let _ = writeln!(out, "| {name:<46} | {a:>14} | {b:>17} |");
     }
     for (label, r) in [("with breaker", with), ("without breaker", without)] {
         let (from, to) = longest_silence(r);
@@ -286,7 +286,7 @@ mod tests {
         assert_eq!(row("breaker opened")[2..4], ["0.56", "never"]);
         assert_eq!(row("no answer at all")[2..4], ["1.90", "1.90"]);
         // 6.1 s to 8 s, and 8 s to 8.9 s.
-        assert_eq!(row("such stretches")[2..4], ["2.80", "2.80"]);
+        assert_eq!(row("in stretches")[2..4], ["2.80", "2.80"]);
         assert!(table.contains("from t=6.10s to t=8.00s"), "{table}");
     }
 }

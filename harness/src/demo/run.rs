@@ -145,17 +145,25 @@ fn ms_since(start: Instant) -> u64 {
 }
 
 /// `circuit_breaker_open_total{upstream="content"}` summed over its reasons; 0 when Envoy has no such
-/// counter yet (or the filter is disabled, or the admin interface did not answer).
+/// counter yet (or the filter is disabled, or the admin interface did not answer). A name with a
+/// prefix Envoy kept (`envoy_dynamicmodulescustom_...` when a bootstrap does not strip it) counts too.
 async fn opened_total(admin: SocketAddr) -> f64 {
-    // `filter` keeps Envoy from rendering every stat it has, twenty times a second.
+    // `filter` keeps Envoy from rendering every stat it has, fifty times a second.
     let path = "/stats/prometheus?filter=circuit_breaker_open_total";
-    match http_request(admin, "GET", path, &[]).await {
-        Ok(r) if r.status == 200 => Metrics::parse(&r.body).sum(
-            "circuit_breaker_open_total",
-            &[("upstream", ServiceKind::Content.cluster())],
-        ),
-        _ => 0.0,
+    let Ok(response) = http_request(admin, "GET", path, &[]).await else {
+        return 0.0;
+    };
+    if response.status != 200 {
+        return 0.0;
     }
+    let content = ServiceKind::Content.cluster();
+    Metrics::parse(&response.body)
+        .samples
+        .iter()
+        .filter(|s| s.name.ends_with("circuit_breaker_open_total"))
+        .filter(|s| s.labels.get("upstream").map(String::as_str) == Some(content))
+        .map(|s| s.value)
+        .sum()
 }
 
 /// Polls until the content breaker has opened once more than `before`, or until `until`. Returns when
