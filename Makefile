@@ -44,8 +44,14 @@ test-core:
 test-native: build envoy
 	cargo test -p circuit-breaker-native
 
-test-harness:
+test-harness: svg-tools
 	cargo test -p circuit-breaker-harness
+
+## svg-tools: rsvg-convert (Debian's librsvg2-bin) when missing: a harness test renders the demo's picture
+.PHONY: svg-tools
+svg-tools:
+	@command -v rsvg-convert >/dev/null || { apt-get update && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends librsvg2-bin; }
 
 test-wasm: targets wasm-test-runner
 	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=$(WASM_TEST_RUNNER) \

@@ -1,11 +1,16 @@
 //! A small, dependency-free SVG timeline of breaker states, shared by `harness simulate --svg` and the
 //! demo.
 //!
-//! One row per upstream: a band coloured by the breaker state (closed green, open red, half-open amber),
-//! and under it a plot of the error rate (0 to 100 %) and, when there is data, the p99 latency (scaled
-//! to the row's own maximum, labelled on the right). A shared time axis in seconds runs along the
-//! bottom, and a legend along the top. The output is a standalone document (XML declaration-free, with
-//! the SVG namespace and a `viewBox`), so a browser opens it directly and it scales to the window.
+//! [`Timeline`] ([`render`]): one row per upstream: a band coloured by the breaker state (closed green,
+//! open red, half-open amber), and under it a plot of the error rate (0 to 100 %) and, when there is
+//! data, the p99 latency (scaled to the row's own maximum, labelled on the right). A shared time axis in
+//! seconds runs along the bottom, and a legend along the top. The output is a standalone document (XML
+//! declaration-free, with the SVG namespace and a `viewBox`), so a browser opens it directly and it
+//! scales to the window.
+//!
+//! [`Comparison`] ([`render_comparison`], in `compare.rs`): several runs drawn against each other on
+//! one time axis (line panels), above one run's rows as [`Timeline`] draws them. The demo draws the run
+//! without the breaker beside the run with it this way.
 //!
 //! Everything is computed in floating point and written with one decimal: the files stay small and
 //! diff-able, and sub-pixel precision would not be visible anyway.
@@ -13,6 +18,10 @@
 use std::fmt::Write as _;
 
 use cb_core::breaker::StateKind;
+
+mod compare;
+
+pub use compare::{render_comparison, Comparison, Line, Marker, Panel, Span};
 
 /// What to draw: a time range and one row per upstream.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -84,10 +93,10 @@ pub fn render(t: &Timeline) -> String {
         r#"<text x="{LEFT}" y="26" font-size="16" font-weight="bold">{}</text>"#,
         escape(&t.title)
     );
-    legend(&mut out);
+    legend(&mut out, 46.0);
 
     let plot_bottom = TOP + rows * ROW_H - ROW_GAP;
-    axis(&mut out, &scale, plot_bottom);
+    axis(&mut out, &scale, TOP, plot_bottom);
     for (i, s) in t.series.iter().enumerate() {
         row(&mut out, &scale, s, TOP + i as f64 * ROW_H);
     }
@@ -119,8 +128,8 @@ impl Scale {
     }
 }
 
-fn legend(out: &mut String) {
-    let y = 46.0;
+/// The state colours and the two line styles of a row, on one line at `y`.
+fn legend(out: &mut String, y: f64) {
     let mut x = LEFT;
     for (label, colour) in [("closed", CLOSED), ("open", OPEN), ("half-open", HALF_OPEN)] {
         let _ = writeln!(
@@ -155,8 +164,8 @@ fn legend(out: &mut String) {
     }
 }
 
-/// Vertical grid lines through every row and second labels along the bottom.
-fn axis(out: &mut String, scale: &Scale, plot_bottom: f64) {
+/// Vertical grid lines from `top` through every row, and second labels along the bottom.
+fn axis(out: &mut String, scale: &Scale, top: f64, plot_bottom: f64) {
     let span_s = scale.span_ms / 1000.0;
     let step_s = tick_step_s(span_s);
     let _ = writeln!(
@@ -175,7 +184,7 @@ fn axis(out: &mut String, scale: &Scale, plot_bottom: f64) {
         let _ = writeln!(
             out,
             r##"<line x1="{x}" y1="{top}" x2="{x}" y2="{b}" stroke="#e0e0e0"/><line x1="{x}" y1="{b}" x2="{x}" y2="{b5}" stroke="#616161"/><text x="{x}" y="{ty}" text-anchor="middle">{s}s</text>"##,
-            top = fmt1(TOP),
+            top = fmt1(top),
             b = fmt1(plot_bottom),
             b5 = fmt1(plot_bottom + 5.0),
             ty = fmt1(plot_bottom + 18.0),

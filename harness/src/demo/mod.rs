@@ -1,0 +1,270 @@
+//! `harness demo`, what `make demo` runs: the story this project exists for, told live.
+//!
+//! On loopback it starts the four services of a small social app (user, content, feed, auth), one Envoy
+//! with the filter in front of them, and a client playing the API gateway: a steady stream of concurrent
+//! gRPC calls to all four, each with a 2 s deadline, as gateways set them. Then content-service becomes a
+//! dead host: it takes every call and never answers. Envoy's route timeout is long (10 s, like Envoy's
+//! own default of 15 s), so only the callers' deadlines end those calls. Later the service comes back.
+//! A line a second shows calls, upstream failures, calls the gateway gave up on, rejections, each
+//! breaker's state (from the health endpoint) and the latency callers see.
+//!
+//! The same outage is then replayed with the filter in `disabled` mode, and a side-by-side table shows
+//! what the breaker saved: the total time callers spent waiting, the calls that reached the dead
+//! service, p99 latency, how soon the breaker opened and the longest the gateway went without any
+//! answer. `target/demo/timeline.svg` draws the two runs against each other.
+//!
+//! Files: `load.rs` (the gateway's workers and how a call ended), `run.rs` (one run and what it
+//! measured), `report.rs` (the lines and the table), `picture.rs` (the SVG).
+//!
+//! `--native` runs the native build of the filter (`dist/libcircuit_breaker.so`, loaded by Envoy's
+//! dynamic modules from `envoy/demo-native.yaml`) instead of the `.wasm` one.
+
+use std::path::{Path, PathBuf};
+
+use crate::envoy::workspace_root;
+use crate::svg;
+
+mod load;
+mod picture;
+mod report;
+mod run;
+
+/// The filter configuration of the demo: trips fast, probes after a few seconds, and counts a call
+/// still unanswered after 500 ms as failed (the demo's calls take a few milliseconds when healthy), so
+/// the breaker learns about the dead host while the first calls to it still hang.
+const DEMO_CONFIG: &str = r#"{
+  "failure_threshold": 5,
+  "error_rate_threshold": 0.5,
+  "window_size": 20,
+  "minimum_requests": 10,
+  "stuck_call_duration": "500ms",
+  "open_timeout": "3s",
+  "success_threshold": 2,
+  "half_open_max_requests": 1,
+  "health_path": "/health/circuit-breakers"
+}"#;
+
+/// Phases of one run, in seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Phases {
+    healthy: u64,
+    outage: u64,
+    recovery: u64,
+}
+
+impl Phases {
+    fn total(&self) -> u64 {
+        self.healthy + self.outage + self.recovery
+    }
+}
+
+/// Which build of the filter Envoy loads, and so which bootstrap template renders it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FilterBuild {
+    /// `dist/circuit_breaker.wasm` (`make build`), from `envoy/demo.yaml`.
+    Wasm,
+    /// `dist/libcircuit_breaker.so`, an Envoy dynamic module, from `envoy/demo-native.yaml`.
+    Native,
+}
+
+/// The native module's file name, which Envoy finds in `ENVOY_DYNAMIC_MODULES_SEARCH_PATH`.
+const NATIVE_MODULE: &str = "libcircuit_breaker.so";
+
+impl FilterBuild {
+    fn name(self) -> &'static str {
+        match self {
+            FilterBuild::Wasm => "wasm",
+            FilterBuild::Native => "native",
+        }
+    }
+
+    fn template(self) -> &'static str {
+        match self {
+            FilterBuild::Wasm => "envoy/demo.yaml",
+            FilterBuild::Native => "envoy/demo-native.yaml",
+        }
+    }
+
+    /// Checks that this build can run, and points Envoy at it. Must run before any thread starts: it
+    /// sets the environment the Envoy processes inherit.
+    fn prepare(self) -> Result<(), String> {
+        if let Some(dir) = self.check()? {
+            // Envoy looks dynamic modules up by name in this directory.
+            std::env::set_var("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", dir);
+        }
+        Ok(())
+    }
+
+    /// Checks that this build's files are there; for the native build, returns the directory Envoy
+    /// must search for the module.
+    fn check(self) -> Result<Option<PathBuf>, String> {
+        let root = workspace_root();
+        let template = root.join(self.template());
+        if !template.is_file() {
+            return Err(format!(
+                "demo: {} not found: the {} build of the filter needs it as its bootstrap template",
+                display_path(&template),
+                self.name()
+            ));
+        }
+        if self == FilterBuild::Native {
+            let dist = root.join("dist");
+            let module = dist.join(NATIVE_MODULE);
+            if !module.is_file() {
+                return Err(format!(
+                    "demo: no native filter at {}: build the native module first",
+                    display_path(&module)
+                ));
+            }
+            return Ok(Some(dist));
+        }
+        Ok(None)
+    }
+}
+
+/// The parsed command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Options {
+    phases: Phases,
+    build: FilterBuild,
+}
+
+/// Runs the subcommand: `harness demo [--healthy S] [--outage S] [--recovery S] [--native]`.
+pub fn run(args: &[String]) -> Result<(), String> {
+    let options = parse_args(args)?;
+    options.build.prepare()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("demo: cannot start the async runtime: {e}"))?;
+    runtime.block_on(async {
+        tokio::select! {
+            result = demo(options) => result,
+            _ = tokio::signal::ctrl_c() => {
+                // Dropping the demo future drops Envoy and the services, which stops them.
+                eprintln!("\ninterrupted: stopping Envoy and the services");
+                Err("demo interrupted".to_string())
+            }
+        }
+    })
+}
+
+fn parse_args(args: &[String]) -> Result<Options, String> {
+    let mut phases = Phases {
+        healthy: 6,
+        outage: 16,
+        recovery: 12,
+    };
+    let mut build = FilterBuild::Wasm;
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let slot = match flag.as_str() {
+            "--healthy" => &mut phases.healthy,
+            "--outage" => &mut phases.outage,
+            "--recovery" => &mut phases.recovery,
+            "--native" => {
+                build = FilterBuild::Native;
+                continue;
+            }
+            other => {
+                return Err(format!(
+                "demo: unknown option {other:?} (allowed: --healthy S, --outage S, --recovery S, --native)"
+            ))
+            }
+        };
+        *slot = it
+            .next()
+            .and_then(|v| v.parse().ok())
+            .filter(|v| (1..=300).contains(v))
+            .ok_or_else(|| format!("demo: {flag} takes a number of seconds from 1 to 300"))?;
+    }
+    Ok(Options { phases, build })
+}
+
+async fn demo(options: Options) -> Result<(), String> {
+    let Options { phases, build } = options;
+    println!("circuit breaker demo: a social app's API gateway calling four gRPC services through Envoy.");
+    println!(
+        "The gateway gives every call a {}s deadline; Envoy's route timeout is 10s. content-service will \
+         take calls and never answer from t={}s to t={}s.",
+        load::CLIENT_DEADLINE.as_secs(),
+        phases.healthy,
+        phases.healthy + phases.outage
+    );
+    println!(
+        "First with the breaker (the {} build, enforce), then without (disabled).\n",
+        build.name()
+    );
+    let with = run::one_run("with breaker", "with-breaker", DEMO_CONFIG, phases, build).await?;
+    let without = run::one_run(
+        "without breaker",
+        "without-breaker",
+        r#"{"mode": "disabled"}"#,
+        phases,
+        build,
+    )
+    .await?;
+
+    let out_dir = output_dir();
+    std::fs::create_dir_all(&out_dir)
+        .map_err(|e| format!("demo: cannot create {}: {e}", out_dir.display()))?;
+    let svg_path = out_dir.join("timeline.svg");
+    let drawing = picture::picture(&with, &without, phases);
+    std::fs::write(&svg_path, svg::render_comparison(&drawing))
+        .map_err(|e| format!("demo: cannot write {}: {e}", svg_path.display()))?;
+
+    println!("\n{}", report::summary_table(&with, &without));
+    println!("timeline: {}", display_path(&svg_path));
+    Ok(())
+}
+
+fn display_path(p: &Path) -> String {
+    let root = workspace_root();
+    p.strip_prefix(&root)
+        .map_or_else(|_| p.display().to_string(), |r| r.display().to_string())
+}
+
+/// Where the demo writes its files (Envoy's logs and bootstraps, the picture).
+pub fn output_dir() -> PathBuf {
+    workspace_root().join("target/demo")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options() {
+        let args: Vec<String> = ["--outage", "5"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(parse_args(&args).map(|o| o.phases.outage), Ok(5));
+        assert_eq!(parse_args(&args).map(|o| o.build), Ok(FilterBuild::Wasm));
+        assert!(parse_args(&["--outage".to_string(), "0".to_string()]).is_err());
+        assert!(parse_args(&["--bogus".to_string()]).is_err());
+        let native = parse_args(&["--native".to_string(), "--healthy".into(), "3".into()]).unwrap();
+        assert_eq!(
+            (native.build, native.phases.healthy),
+            (FilterBuild::Native, 3)
+        );
+    }
+
+    #[test]
+    fn each_build_has_its_bootstrap() {
+        assert_eq!(FilterBuild::Wasm.template(), "envoy/demo.yaml");
+        assert_eq!(FilterBuild::Native.template(), "envoy/demo-native.yaml");
+        assert_eq!(FilterBuild::Wasm.check(), Ok(None), "envoy/demo.yaml ships");
+        // The native build's files may not be there yet; then the error names what is missing.
+        if let Err(e) = FilterBuild::Native.check() {
+            assert!(
+                e.contains("demo-native.yaml") || e.contains(NATIVE_MODULE),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_demo_config_is_one_the_filter_accepts() {
+        let config = cb_core::config::FilterConfig::from_json(DEMO_CONFIG.as_bytes());
+        assert!(config.is_ok_and(|c| c.tracks_stuck_calls()));
+    }
+}

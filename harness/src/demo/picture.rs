@@ -1,0 +1,326 @@
+//! The demo's picture, `target/demo/timeline.svg`: the run without the breaker drawn against the run
+//! with it on one time axis, so the cascade and its absence are what a reader sees first.
+//!
+//! From the top: calls to the healthy services answered per second, in both runs; the gateway's p99
+//! latency, in both runs; then the run with the breaker, per service, as the simulate tool draws a
+//! replay (breaker state from the health endpoint, error rate, p99). The outage is shaded, and a line
+//! marks the moment the breaker opened.
+
+use cb_core::breaker::StateKind;
+
+use super::load::Ending;
+use super::report::percentile;
+use super::run::RunReport;
+use super::Phases;
+use crate::services::ServiceKind;
+use crate::svg;
+
+/// Width of the buckets the panels count in: one second, as the lines the demo prints.
+const BUCKET_MS: u64 = 1000;
+const WITH: &str = "#1e88e5";
+const WITHOUT: &str = "#d81b60";
+const OPENED: &str = "#e53935";
+
+/// Both runs as one picture.
+pub(super) fn picture(with: &RunReport, without: &RunReport, phases: Phases) -> svg::Comparison {
+    let end_ms = phases.total() * 1000;
+    let runs = [
+        ("with breaker", WITH, with),
+        ("without breaker", WITHOUT, without),
+    ];
+    let lines = |f: &dyn Fn(&RunReport) -> Vec<(u64, f64)>| {
+        runs.iter()
+            .map(|(label, colour, r)| svg::Line {
+                label: (*label).to_string(),
+                colour: (*colour).to_string(),
+                points: f(r),
+            })
+            .collect()
+    };
+    let (hang_ms, back_ms) = if with.back_ms > with.hang_ms {
+        (with.hang_ms, with.back_ms)
+    } else {
+        (
+            phases.healthy * 1000,
+            (phases.healthy + phases.outage) * 1000,
+        )
+    };
+    let markers = with
+        .opened_ms
+        .map(|at| svg::Marker {
+            at_ms: at,
+            label: format!(
+                "breaker opened, {:.2}s into the hang",
+                at.saturating_sub(hang_ms) as f64 / 1000.0
+            ),
+            colour: OPENED.to_string(),
+        })
+        .into_iter()
+        .collect();
+    svg::Comparison {
+        title: format!(
+            "make demo: content-service hangs from {}s to {}s; the gateway with the breaker and without",
+            phases.healthy,
+            phases.healthy + phases.outage
+        ),
+        start_ms: 0,
+        end_ms,
+        spans: vec![svg::Span {
+            from_ms: hang_ms,
+            to_ms: back_ms,
+            label: "content-service hangs".to_string(),
+        }],
+        markers,
+        panels: vec![
+            svg::Panel {
+                title: "calls to the healthy services (user, feed, auth) answered per second"
+                    .to_string(),
+                unit: "/s".to_string(),
+                log_scale: false,
+                lines: lines(&|r| healthy_answered(r, end_ms)),
+            },
+            svg::Panel {
+                title: "the gateway's p99 latency per second, all calls (log scale; no point: no call ended that second)"
+                    .to_string(),
+                unit: "ms".to_string(),
+                log_scale: true,
+                lines: lines(&|r| p99(r, end_ms)),
+            },
+        ],
+        rows_heading: "with the breaker, per service: breaker state, error rate, p99".to_string(),
+        rows: service_rows(with, end_ms),
+    }
+}
+
+/// The buckets of the run: `(start, middle)` in ms.
+fn buckets(end_ms: u64) -> impl Iterator<Item = (u64, u64)> {
+    (0..end_ms / BUCKET_MS).map(|b| (b * BUCKET_MS, b * BUCKET_MS + BUCKET_MS / 2))
+}
+
+/// Per bucket, calls to the services that stayed up that got an answer, as a rate per second.
+fn healthy_answered(r: &RunReport, end_ms: u64) -> Vec<(u64, f64)> {
+    buckets(end_ms)
+        .map(|(from, mid)| {
+            let n = r
+                .calls
+                .iter()
+                .filter(|c| c.at_ms / BUCKET_MS == from / BUCKET_MS)
+                .filter(|c| c.service != ServiceKind::Content && c.ending.answered())
+                .count();
+            (mid, n as f64 * 1000.0 / BUCKET_MS as f64)
+        })
+        .collect()
+}
+
+/// Per bucket, the p99 latency of every call that ended in it (NaN when none did).
+fn p99(r: &RunReport, end_ms: u64) -> Vec<(u64, f64)> {
+    buckets(end_ms)
+        .map(|(from, mid)| {
+            let mut latencies: Vec<f64> = r
+                .calls
+                .iter()
+                .filter(|c| c.at_ms / BUCKET_MS == from / BUCKET_MS)
+                .map(|c| c.latency_ms)
+                .collect();
+            let v = if latencies.is_empty() {
+                f64::NAN
+            } else {
+                percentile(&mut latencies, 0.99)
+            };
+            (mid, v)
+        })
+        .collect()
+}
+
+/// One row per service: state bands, error rate and p99 per second.
+fn service_rows(report: &RunReport, end_ms: u64) -> Vec<svg::Series> {
+    ServiceKind::ALL
+        .iter()
+        .map(|&kind| {
+            let mut error_rate = Vec::new();
+            let mut latency_ms = Vec::new();
+            for second in 0..end_ms / 1000 {
+                let mut lat: Vec<f64> = Vec::new();
+                let mut bad = 0usize;
+                for c in report
+                    .calls
+                    .iter()
+                    .filter(|c| c.service == kind && c.at_ms / 1000 == second)
+                {
+                    lat.push(c.latency_ms);
+                    bad += usize::from(c.ending != Ending::Ok);
+                }
+                if !lat.is_empty() {
+                    error_rate.push((second * 1000 + 500, bad as f64 / lat.len() as f64));
+                    latency_ms.push((second * 1000 + 500, percentile(&mut lat, 0.99)));
+                }
+            }
+            svg::Series {
+                name: format!("{kind}-service"),
+                states: state_changes(report, kind),
+                error_rate,
+                latency_ms,
+            }
+        })
+        .collect()
+}
+
+/// A breaker's state changes, from the health endpoint read once a second: a change is drawn at the
+/// start of the second in which it was seen, except content's first opening, whose time was measured.
+fn state_changes(report: &RunReport, kind: ServiceKind) -> Vec<(u64, StateKind)> {
+    let mut states = vec![(0, StateKind::Closed)];
+    let mut opened = report.opened_ms.filter(|_| kind == ServiceKind::Content);
+    for (at, s) in &report.states {
+        let state = s.get(kind.cluster()).copied().unwrap_or(StateKind::Closed);
+        if states.last().map(|(_, last)| *last) == Some(state) {
+            continue;
+        }
+        let from = at.saturating_sub(1000);
+        let when = match opened {
+            Some(o) if state == StateKind::Open && (from..=*at).contains(&o) => {
+                opened = None;
+                o
+            }
+            _ => from,
+        };
+        states.push((when, state));
+    }
+    states
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::process::Command;
+
+    use super::super::load::CallRecord;
+    use super::*;
+
+    const PHASES: Phases = Phases {
+        healthy: 2,
+        outage: 4,
+        recovery: 2,
+    };
+
+    /// A small made-up pair of runs shaped like the real ones: a call to each service every 50 ms;
+    /// from 2 s content hangs. With the breaker it opens at 2.5 s and content calls are rejected; without
+    /// it, the gateway answers little until content is back.
+    fn runs() -> (RunReport, RunReport) {
+        let mut with = RunReport {
+            hang_ms: 2_000,
+            back_ms: 6_000,
+            opened_ms: Some(2_540),
+            end_ms: 8_000,
+            ..RunReport::default()
+        };
+        let mut without = RunReport {
+            opened_ms: None,
+            ..with.clone()
+        };
+        for at_ms in (0..8_000).step_by(50) {
+            let hang = (2_000..6_000).contains(&at_ms);
+            for service in ServiceKind::ALL {
+                let call = |latency_ms, ending| CallRecord {
+                    at_ms,
+                    service,
+                    latency_ms,
+                    ending,
+                };
+                let dead = hang && service == ServiceKind::Content;
+                with.calls.push(match (dead, at_ms < 2_500) {
+                    (true, true) => call(2_000.0, Ending::GaveUp),
+                    (true, false) => call(0.5, Ending::Rejected),
+                    (false, _) => call(3.0, Ending::Ok),
+                });
+                if !hang || at_ms % 2_000 == 0 {
+                    let (l, e) = if dead {
+                        (2_000.0, Ending::GaveUp)
+                    } else {
+                        (3.0, Ending::Ok)
+                    };
+                    without.calls.push(call(l, e));
+                }
+            }
+            let content = if (2_540..5_000).contains(&at_ms) {
+                StateKind::Open
+            } else {
+                StateKind::Closed
+            };
+            // Read at whole seconds, as a run reads the health endpoint.
+            if at_ms % 1_000 == 0 && at_ms > 0 {
+                let states = HashMap::from([("content".to_string(), content)]);
+                with.states.push((at_ms, states));
+            }
+        }
+        (with, without)
+    }
+
+    #[test]
+    fn the_picture_compares_the_runs() {
+        let (with, without) = runs();
+        let c = picture(&with, &without, PHASES);
+        assert_eq!(c.panels.len(), 2);
+        let answered = &c.panels[0].lines;
+        // Healthy services: 3 calls per 50 ms, 60 a second, in both runs before the hang; without the
+        // breaker, only every other second has any during it.
+        assert_eq!(answered[0].points[0], (500, 60.0));
+        assert_eq!(answered[1].points[3], (3_500, 0.0));
+        assert_eq!(answered[0].points[3], (3_500, 60.0));
+        let p99 = &c.panels[1].lines;
+        assert!(p99[1].points[3].1.is_nan(), "no call ended: no point");
+        assert_eq!(p99[0].points[2].1, 2_000.0, "the calls stuck at the hang");
+        assert_eq!(c.markers.len(), 1);
+        assert!(c.markers[0].label.contains("0.54s"), "{:?}", c.markers);
+        assert_eq!(c.spans[0].from_ms, 2_000);
+        let content = &c.rows[1];
+        assert_eq!(
+            content.states,
+            vec![
+                (0, StateKind::Closed),
+                (2_540, StateKind::Open),
+                // Closed again at 5 s: seen at the read of 5 s, so drawn from 4 s.
+                (4_000, StateKind::Closed)
+            ],
+            "the measured opening; the others in the second before they were seen"
+        );
+        let svg = svg::render_comparison(&c);
+        assert!(svg.contains("without breaker") && svg.contains("content-service"));
+    }
+
+    /// The picture renders in a real SVG renderer: librsvg (`rsvg-convert`, Debian's `librsvg2-bin`,
+    /// which `make test` installs) parses it and writes a PNG. Skips when the tool is missing.
+    #[test]
+    fn the_picture_renders_with_rsvg_convert() {
+        let (with, without) = runs();
+        let doc = svg::render_comparison(&picture(&with, &without, PHASES));
+        let dir = std::env::temp_dir().join(format!("cb-demo-picture-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (svg_path, png_path) = (dir.join("timeline.svg"), dir.join("timeline.png"));
+        std::fs::write(&svg_path, doc).unwrap();
+        let output = match Command::new("rsvg-convert")
+            .arg("--format=png")
+            .arg("--output")
+            .arg(&png_path)
+            .arg(&svg_path)
+            .output()
+        {
+            Ok(output) => output,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                println!("skipped: rsvg-convert not found (install Debian's librsvg2-bin)");
+                let _ = std::fs::remove_dir_all(&dir);
+                return;
+            }
+            Err(e) => panic!("cannot run rsvg-convert: {e}"),
+        };
+        assert!(
+            output.status.success(),
+            "rsvg-convert failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let png = std::fs::read(&png_path).unwrap();
+        assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
+        assert!(png.len() > 1_000, "a near-empty PNG: {} bytes", png.len());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
