@@ -496,3 +496,34 @@ fn checker_reports_paths_outside_the_repository() {
         assert!(!p.is_empty(), "{page}: {text:?} should be refused");
     }
 }
+
+/// The metric names in docs/metrics.md are exactly the ones the filter exports, as the core writes them
+/// once (`cb_core::telemetry::Metric::ALL`): none missing, none the filter does not have.
+#[test]
+fn the_metrics_page_names_exactly_the_metrics_the_filter_exports() {
+    let text = std::fs::read_to_string(repo_root().join("docs/metrics.md")).unwrap();
+    let exported: BTreeSet<&str> = cb_core::telemetry::Metric::ALL
+        .iter()
+        .map(|m| m.name())
+        .collect();
+    let named: BTreeSet<String> = text
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("circuit_breaker_"))
+        // The page shows what a name looks like without the stats tags (labels mangled in, `___`).
+        .filter(|w| !w.contains("___"))
+        .map(str::to_string)
+        .collect();
+    let missing: Vec<_> = exported.iter().filter(|m| !named.contains(**m)).collect();
+    let unknown: Vec<_> = named
+        .iter()
+        .filter(|n| !exported.contains(n.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "docs/metrics.md does not name {missing:?}"
+    );
+    assert!(
+        unknown.is_empty(),
+        "docs/metrics.md names metrics the filter does not export: {unknown:?}"
+    );
+}
