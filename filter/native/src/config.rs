@@ -76,19 +76,22 @@ pub fn config_from_bytes(bytes: &[u8]) -> Result<FilterConfig, ConfigError> {
     FilterConfig::from_json(bytes)
 }
 
-/// `config_new`: the configuration for Envoy to keep, or `None` to make Envoy refuse it (at start-up,
-/// or as a NACK of an update while the previous configuration keeps serving).
-pub fn config_new(envoy: abi::ConfigEnvoyPtr, name: &[u8], bytes: &[u8]) -> Option<ModuleConfig> {
-    let parsed = if name == FILTER_NAME.as_bytes() {
-        config_from_bytes(bytes)
-    } else {
-        Err(ConfigError {
+/// The configuration for `filter_name` `name`: only [`FILTER_NAME`] is served.
+fn parse(name: &[u8], bytes: &[u8]) -> Result<FilterConfig, ConfigError> {
+    if name != FILTER_NAME.as_bytes() {
+        return Err(ConfigError {
             field: "filter_name".into(),
             value: format!("{:?}", String::from_utf8_lossy(name)),
             allowed: format!("{FILTER_NAME:?}"),
-        })
-    };
-    let filter = match parsed {
+        });
+    }
+    config_from_bytes(bytes)
+}
+
+/// `config_new`: the configuration for Envoy to keep, or `None` to make Envoy refuse it (at start-up,
+/// or as a NACK of an update while the previous configuration keeps serving).
+pub fn config_new(envoy: abi::ConfigEnvoyPtr, name: &[u8], bytes: &[u8]) -> Option<ModuleConfig> {
+    let filter = match parse(name, bytes) {
         Ok(filter) => filter,
         Err(e) => {
             host::log(Level::Error, &e.rejected_line());
@@ -108,12 +111,22 @@ pub fn config_new(envoy: abi::ConfigEnvoyPtr, name: &[u8], bytes: &[u8]) -> Opti
         ticker: None,
     };
     if config.filter.tracks_stuck_calls() {
-        config.ticker = ConfigScheduler::new(envoy).and_then(Ticker::start);
-        if config.ticker.is_none() {
-            host::log(Level::Warn, "circuit breaker: no timer for the stuck-call check; it runs only when a request comes");
-        }
+        config.ticker = ticker(envoy);
     }
     Some(config)
+}
+
+/// The stuck-call check's clock, or `None` (said in a log line) when Envoy gave no scheduler or no
+/// thread could start: the check then runs only when a request comes for the upstream.
+fn ticker(envoy: ConfigEnvoy) -> Option<Ticker> {
+    let ticker = ConfigScheduler::new(envoy).and_then(Ticker::start);
+    if ticker.is_none() {
+        host::log(
+            Level::Warn,
+            "circuit breaker: no timer for the stuck-call check; it runs only when a request comes",
+        );
+    }
+    ticker
 }
 
 /// One core worker per Envoy worker, all on the process-wide table for `max_upstreams`.
