@@ -1026,6 +1026,50 @@ async fn fallback_replaces_the_rejection() {
     assert_eq!(bed.web.requests(), 1);
 }
 
+/// A gRPC fallback is what a user writing `status: 200` means, as far as gRPC allows: Envoy turns every
+/// local reply to a gRPC request into trailers-only, so the body cannot be a message; the call ends
+/// `OK` (or with the fallback's own `grpc-status`), the body as `grpc-message`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_fallback_is_a_trailers_only_answer_with_the_status_meant() {
+    let config = json!({
+        "failure_threshold": 1, "open_timeout": "30s",
+        "upstreams": {
+            "content": {"fallback": {"status": 200, "headers": {"x-fallback": "1"}, "body": "cached"}},
+            "feed": {"fallback": {"status": 200, "headers": {"grpc-status": "5"}}}
+        }
+    });
+    let bed = start("grpc_fallback", config).await;
+    bed.content.set_fault(Fault::Unavailable).await.unwrap();
+    bed.feed.set_fault(Fault::Unavailable).await.unwrap();
+    let channel = bed.envoy.channel().await.unwrap();
+    let mut client = content(&channel).await;
+    assert_upstream_failure(get_post(&mut client, "1").await, Code::Unavailable);
+    let raw = raw_grpc(
+        &channel,
+        "/social.v1.ContentService/GetPost",
+        &[],
+        &e2e::pb::GetPostRequest {
+            post_id: "1".into(),
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(raw.status, 200, "{raw:?}");
+    assert_eq!(raw.header("grpc-status"), Some("0"), "{raw:?}");
+    assert_eq!(raw.header("grpc-message"), Some("cached"), "{raw:?}");
+    assert_eq!(raw.header("x-fallback"), Some("1"), "{raw:?}");
+    assert_eq!(raw.header("x-circuit-breaker"), Some("open"), "{raw:?}");
+    assert!(
+        raw.body.is_empty() && raw.trailers.is_none(),
+        "trailers-only: {raw:?}"
+    );
+    // The fallback's own grpc-status wins: a client sees NOT_FOUND.
+    assert_upstream_failure(get_feed(&channel).await, Code::Unavailable);
+    let status = get_feed(&channel).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert_eq!(bed.content.requests(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dry_run_reports_but_never_rejects() {
     let bed = start(
