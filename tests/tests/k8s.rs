@@ -1302,7 +1302,7 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
 /// The metrics of docs/metrics.md.
 /// The metric names, written once in the core (`cb_core::telemetry::Metric`); `docs.rs` holds
 /// docs/metrics.md to the same list.
-fn metric_names() -> Vec<&'static str> {
+fn exported_metrics() -> Vec<&'static str> {
     cb_core::telemetry::Metric::ALL
         .iter()
         .map(|m| m.name())
@@ -1356,7 +1356,7 @@ fn dashboard_and_rules_use_the_documented_metrics() {
         );
         for name in names {
             assert!(
-                metric_names().contains(&name.as_str()),
+                exported_metrics().contains(&name.as_str()),
                 "{title}: {name} is not a metric the filter exports"
             );
         }
