@@ -1,0 +1,573 @@
+//! Running calls through the breaker core, and what it did: the [`Report`].
+//!
+//! # What it does
+//!
+//! Each call of the input is two events: an *admit* at its start time and, if the breaker let it
+//! through, a *record* of its outcome at its end (start + duration). The events run in time order
+//! through a priority queue, so overlapping calls interleave as they did on the wire: a slow call that
+//! started before an outage is recorded after the fast failures that tripped the breaker, exactly as the
+//! filter would see it. At the same millisecond, outcomes are recorded before new calls are admitted
+//! (a caller that saw a response come back can only call again afterwards), and ties keep log order.
+//!
+//! The decisions are the core's own (see [`Core`], the one type that drives it), each outcome
+//! classified by [`cb_core::classify::classify`] from the logged response code, gRPC status, response
+//! flags and duration.
+//!
+//! A call the breaker would have rejected never reaches the upstream, so its logged outcome is not
+//! recorded (the breaker would not have learnt it); the report counts how many of those would have
+//! failed anyway and how many would have succeeded (the price of the breaker).
+//!
+//! # Blips
+//!
+//! A trip (Closed → Open) is reported as a *blip* when the failure episode that caused it lasted less
+//! than `--blip` (default 10s). The episode is measured on the log, over every call to the upstream,
+//! also those the breaker would have rejected (the log is the ground truth about the upstream): in
+//! one-second buckets of call end times, a second is *bad* when its failure fraction reaches the
+//! upstream's `error_rate_threshold` (or, with slow-call tracking on, its slow fraction reaches
+//! `slow_call_rate_threshold`). The episode is the run of bad seconds that contains the last second with
+//! calls at or before the trip; seconds without calls neither break nor extend a run. A trip whose
+//! second is not bad (a handful of failures among many successes) has an episode of 0s: a blip.
+//!
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+
+use cb_core::breaker::{StateKind, Ticket, Transition};
+use cb_core::classify::{Classification, Outcome};
+use cb_core::config::{BreakerConfig, FilterConfig};
+use cb_core::registry::{Admission, Registry, Untracked};
+use cb_core::store::MemoryStore;
+use serde::Serialize;
+
+use super::episodes::{failure_episode_ms, second_buckets};
+use super::log::{format_rfc3339_ms, Call};
+
+/// Default `--blip`: a trip whose failure episode lasted less than this is reported as a blip.
+pub const DEFAULT_BLIP_MS: u64 = 10_000;
+
+// ---------------------------------------------------------------------------------------------------
+// Simulation
+// ---------------------------------------------------------------------------------------------------
+
+/// Settings of one replay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Options {
+    /// Where the calls came from, for the report.
+    pub source: String,
+    /// Lines of the input that were skipped.
+    pub malformed_lines: usize,
+    /// A trip whose failure episode lasted less than this is a blip.
+    pub blip_ms: u64,
+    /// The time range of the input, when it is known apart from the calls (a scenario's); the report
+    /// covers it and every call.
+    pub span_ms: Option<(u64, u64)>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            source: String::new(),
+            malformed_lines: 0,
+            blip_ms: DEFAULT_BLIP_MS,
+            span_ms: None,
+        }
+    }
+}
+
+/// What the breaker would have done to the input.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Report {
+    /// Where the calls came from.
+    pub source: String,
+    /// Calls replayed.
+    pub calls: u64,
+    /// Lines of the input that were skipped.
+    pub malformed_lines: usize,
+    /// Start of the input: the first call, or the scenario's start (ms since the epoch).
+    pub start_ms: u64,
+    /// Start of the input (RFC 3339).
+    pub start: String,
+    /// End of the input: the end of the last call, or of the scenario (ms).
+    pub end_ms: u64,
+    /// End (RFC 3339).
+    pub end: String,
+    /// The configuration's `upstream_key`.
+    pub upstream_key: String,
+    /// The `--blip` threshold in ms.
+    pub blip_threshold_ms: u64,
+    /// Calls that passed without a breaker, by reason (`no_key`, `too_many_upstreams`, `key_too_long`,
+    /// `disabled`, `store_error`).
+    pub untracked: BTreeMap<String, u64>,
+    /// One entry per upstream key, sorted by key.
+    pub upstreams: Vec<UpstreamReport>,
+}
+
+/// One upstream's replay.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct UpstreamReport {
+    /// The upstream key.
+    pub upstream: String,
+    /// The breaker's `mode`.
+    pub mode: String,
+    /// Calls to it in the input.
+    pub calls: u64,
+    /// Calls the breaker would have let through.
+    pub allowed: u64,
+    /// Calls it would have rejected (`enforce`, `forced_open`).
+    pub rejected: u64,
+    /// Calls `dry_run` would have rejected (let through, not recorded).
+    pub dry_run_rejections: u64,
+    /// Of the rejected (or dry-run rejected) calls: how many failed in the log anyway.
+    pub rejected_would_have_failed: u64,
+    /// Of the rejected (or dry-run rejected) calls: how many succeeded in the log.
+    pub rejected_would_have_succeeded: u64,
+    /// Failures among the calls let through and recorded.
+    pub failures_let_through: u64,
+    /// Failures among all its calls in the log.
+    pub log_failures: u64,
+    /// Slow calls among all its calls in the log (0 when slow-call tracking is off).
+    pub log_slow_calls: u64,
+    /// Calls that passed without a breaker (`disabled`, too many upstreams...).
+    pub untracked: u64,
+    /// The state at the end of the input.
+    pub final_state: String,
+    /// Every state change, in order.
+    pub transitions: Vec<TransitionReport>,
+    /// Each stretch from a trip (Closed → Open) to the next close.
+    pub open_periods: Vec<OpenPeriod>,
+    /// Open periods that were blips.
+    pub blips: u64,
+    /// `(time, state from then on)`, for the SVG.
+    #[serde(skip)]
+    pub states: Vec<(u64, StateKind)>,
+    /// `(end time, verdict, duration)` of every call in the log, for the SVG and the blip measure.
+    #[serde(skip)]
+    pub(crate) samples: Vec<(u64, Classification, u64)>,
+}
+
+/// One state change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TransitionReport {
+    /// When (ms since the epoch).
+    pub at_ms: u64,
+    /// When (RFC 3339).
+    pub at: String,
+    /// Ms since the start of the input.
+    pub offset_ms: u64,
+    /// State before.
+    pub from: String,
+    /// State after.
+    pub to: String,
+    /// Why (the contract's reason names).
+    pub reason: String,
+}
+
+/// From a trip to the close that ends it (through any number of HalfOpen → Open re-opens).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OpenPeriod {
+    /// When it opened (ms).
+    pub opened_at_ms: u64,
+    /// When it opened (RFC 3339).
+    pub opened_at: String,
+    /// Why it opened.
+    pub reason: String,
+    /// When the first probes were let through (ms), if ever.
+    pub first_probe_at_ms: Option<u64>,
+    /// When it closed (ms); `None` when still open or half-open at the end of the input.
+    pub closed_at_ms: Option<u64>,
+    /// When it closed (RFC 3339).
+    pub closed_at: Option<String>,
+    /// Time not closed, ms (to the end of the input when it never closed).
+    pub open_ms: u64,
+    /// Failed probes that opened it again.
+    pub reopens: u32,
+    /// Calls rejected (or dry-run rejected) during it.
+    pub rejected: u64,
+    /// Length of the failure episode behind the trip, ms (see the module docs); `None` for a forced
+    /// opening.
+    pub failure_episode_ms: Option<u64>,
+    /// The failure episode was shorter than the blip threshold.
+    pub blip: bool,
+}
+
+/// One upstream while replaying.
+struct Track {
+    report: UpstreamReport,
+    state: StateKind,
+    current: Option<usize>,
+}
+
+impl Track {
+    fn new(upstream: &str, cfg: &BreakerConfig) -> Self {
+        Self {
+            report: UpstreamReport {
+                upstream: upstream.to_string(),
+                mode: cfg.mode.as_str().to_string(),
+                calls: 0,
+                allowed: 0,
+                rejected: 0,
+                dry_run_rejections: 0,
+                rejected_would_have_failed: 0,
+                rejected_would_have_succeeded: 0,
+                failures_let_through: 0,
+                log_failures: 0,
+                log_slow_calls: 0,
+                untracked: 0,
+                final_state: String::new(),
+                transitions: Vec::new(),
+                open_periods: Vec::new(),
+                blips: 0,
+                states: Vec::new(),
+                samples: Vec::new(),
+            },
+            state: StateKind::Closed,
+            current: None,
+        }
+    }
+
+    fn apply(&mut self, t: Transition, at_ms: u64, input_start_ms: u64) {
+        self.report.transitions.push(TransitionReport {
+            at_ms,
+            at: format_rfc3339_ms(at_ms),
+            offset_ms: at_ms.saturating_sub(input_start_ms),
+            from: t.from.as_str().into(),
+            to: t.to.as_str().into(),
+            reason: t.reason.as_str().into(),
+        });
+        self.report.states.push((at_ms, t.to));
+        self.state = t.to;
+        match (t.from, t.to) {
+            (StateKind::Closed, _) => {
+                self.report.open_periods.push(OpenPeriod {
+                    opened_at_ms: at_ms,
+                    opened_at: format_rfc3339_ms(at_ms),
+                    reason: t.reason.as_str().into(),
+                    first_probe_at_ms: None,
+                    closed_at_ms: None,
+                    closed_at: None,
+                    open_ms: 0,
+                    reopens: 0,
+                    rejected: 0,
+                    failure_episode_ms: None,
+                    blip: false,
+                });
+                self.current = Some(self.report.open_periods.len() - 1);
+            }
+            (from, to) => {
+                let Some(p) = self
+                    .current
+                    .and_then(|i| self.report.open_periods.get_mut(i))
+                else {
+                    return;
+                };
+                match to {
+                    StateKind::HalfOpen => {
+                        p.first_probe_at_ms.get_or_insert(at_ms);
+                    }
+                    StateKind::Open if from == StateKind::HalfOpen => p.reopens += 1,
+                    StateKind::Open => {}
+                    StateKind::Closed => {
+                        p.closed_at_ms = Some(at_ms);
+                        p.closed_at = Some(format_rfc3339_ms(at_ms));
+                        self.current = None;
+                    }
+                }
+            }
+        }
+    }
+
+    fn reject(&mut self, verdict: Classification, dry_run: bool) {
+        if dry_run {
+            self.report.dry_run_rejections += 1;
+        } else {
+            self.report.rejected += 1;
+        }
+        match verdict.outcome {
+            Outcome::Failure => self.report.rejected_would_have_failed += 1,
+            Outcome::Success => self.report.rejected_would_have_succeeded += 1,
+            Outcome::Ignored => {}
+        }
+        if let Some(p) = self
+            .current
+            .and_then(|i| self.report.open_periods.get_mut(i))
+        {
+            p.rejected += 1;
+        }
+    }
+}
+
+/// The two things that happen to a call, in the order they happen at the same millisecond: an outcome
+/// is recorded before a new call is admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum EventKind {
+    Record,
+    Admit,
+}
+
+/// What the core decided on a new call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admit {
+    /// Let through; its outcome is recorded when it ends.
+    Allow,
+    /// Rejected (`enforce`, `forced_open`).
+    Reject,
+    /// Would have been rejected (`dry_run`): let through, not recorded.
+    DryRun,
+    /// Passed without a breaker, and why (`disabled`, `too_many_upstreams`...).
+    Untracked(&'static str),
+}
+
+/// The one place the replay drives the breaker core, as the filter does for each stream: a decision
+/// when a call starts, its outcome classified and recorded when it ends. Everything else here only
+/// sees [`Admit`] and the transitions, so a change in how the core is driven stays inside this type.
+///
+/// Today that is [`Registry::admit`] and [`Registry::record`] on a [`MemoryStore`] with Envoy's
+/// shared-data semantics, the outcome classified by [`Call::classify`]. One simulated worker is
+/// enough: on one Envoy all workers share the same breaker state.
+struct Core {
+    store: MemoryStore,
+    registry: Registry,
+    /// Per call (by index into the replayed calls): the ticket of a call let through.
+    tickets: Vec<Option<Ticket>>,
+}
+
+impl Core {
+    fn new(config: &FilterConfig, calls: usize) -> Self {
+        let store = MemoryStore::new();
+        // The in-memory store cannot fail; without the index `admit` would create it anyway.
+        let _ = Registry::ensure_index(&store);
+        Self {
+            store,
+            registry: Registry::new(config.max_upstreams),
+            tickets: vec![None; calls],
+        }
+    }
+
+    /// Call `i` to `key` starts at `at_ms`.
+    fn admit(
+        &mut self,
+        i: usize,
+        key: &str,
+        cfg: &BreakerConfig,
+        at_ms: u64,
+    ) -> (Admit, Option<Transition>) {
+        let admitted = self.registry.admit(&self.store, key, cfg, at_ms);
+        let admit = match admitted.admission {
+            Admission::Allow(ticket) => {
+                if let Some(slot) = self.tickets.get_mut(i) {
+                    *slot = Some(ticket);
+                }
+                Admit::Allow
+            }
+            Admission::Reject(_) => Admit::Reject,
+            Admission::DryRun(_) => Admit::DryRun,
+            Admission::Untracked(why) => Admit::Untracked(untracked_reason(&why)),
+        };
+        (admit, admitted.transition)
+    }
+
+    /// Call `i`, let through by [`Core::admit`], ends at `at_ms`: what it counted as, and the state
+    /// change its outcome caused. `None` for a call that was not let through.
+    fn settle(
+        &mut self,
+        i: usize,
+        call: &Call,
+        key: &str,
+        cfg: &BreakerConfig,
+        at_ms: u64,
+    ) -> Option<(Classification, Option<Transition>)> {
+        let ticket = self.tickets.get_mut(i)?.take()?;
+        let outcome = call.classify(cfg);
+        let recorded = self
+            .registry
+            .record(&self.store, key, cfg, ticket, at_ms, outcome);
+        Some((outcome, recorded.transition))
+    }
+}
+
+fn untracked_reason(why: &Untracked) -> &'static str {
+    match why {
+        Untracked::Disabled => "disabled",
+        Untracked::TooManyUpstreams => "too_many_upstreams",
+        Untracked::KeyTooLong => "key_too_long",
+        Untracked::NoKey => "no_key",
+        Untracked::Store(_) => "store_error",
+    }
+}
+
+/// Replays calls through the breaker core under `config` and reports what it would have done.
+pub fn simulate(calls: &[Call], config: &FilterConfig, opts: &Options) -> Report {
+    let mut core = Core::new(config, calls.len());
+    let keys: Vec<Option<String>> = calls
+        .iter()
+        .map(|c| c.upstream_key(&config.upstream_key))
+        .collect();
+    // What each call was, by the log: the ground truth the report compares the breaker with.
+    let verdicts: Vec<Classification> = calls
+        .iter()
+        .zip(&keys)
+        .map(|(c, k)| {
+            c.classify(
+                k.as_deref()
+                    .map_or(&config.defaults, |k| config.breaker_for(k)),
+            )
+        })
+        .collect();
+    let first = calls.iter().map(|c| c.start_ms).min();
+    let last = calls.iter().map(Call::end_ms).max();
+    let (start_ms, end_ms) = match (opts.span_ms, first, last) {
+        (Some((s, e)), Some(f), Some(l)) => (s.min(f), e.max(l)),
+        (Some(span), _, _) => span,
+        (None, Some(f), Some(l)) => (f, l),
+        _ => (0, 0),
+    };
+
+    let mut tracks: BTreeMap<String, Track> = BTreeMap::new();
+    let mut untracked: BTreeMap<String, u64> = BTreeMap::new();
+    let mut queue: BinaryHeap<Reverse<(u64, EventKind, usize)>> = calls
+        .iter()
+        .enumerate()
+        .map(|(i, c)| Reverse((c.start_ms, EventKind::Admit, i)))
+        .collect();
+
+    while let Some(Reverse((at, kind, i))) = queue.pop() {
+        let (Some(key), Some(verdict)) = (
+            keys.get(i).and_then(Option::as_deref),
+            verdicts.get(i).copied(),
+        ) else {
+            if kind == EventKind::Admit {
+                *untracked.entry("no_key".into()).or_default() += 1;
+            }
+            continue;
+        };
+        let cfg = config.breaker_for(key);
+        // Looked up before inserting: `entry` would allocate the key on every event.
+        if !tracks.contains_key(key) {
+            tracks.insert(key.to_string(), Track::new(key, cfg));
+        }
+        let Some(track) = tracks.get_mut(key) else {
+            continue;
+        };
+        match kind {
+            EventKind::Admit => {
+                track.report.calls += 1;
+                let (admit, transition) = core.admit(i, key, cfg, at);
+                if let Some(t) = transition {
+                    track.apply(t, at, start_ms);
+                }
+                match admit {
+                    Admit::Allow => {
+                        track.report.allowed += 1;
+                        let end = calls.get(i).map_or(at, Call::end_ms);
+                        queue.push(Reverse((end, EventKind::Record, i)));
+                    }
+                    Admit::Reject => track.reject(verdict, false),
+                    Admit::DryRun => track.reject(verdict, true),
+                    Admit::Untracked(why) => {
+                        track.report.untracked += 1;
+                        *untracked.entry(why.into()).or_default() += 1;
+                    }
+                }
+            }
+            EventKind::Record => {
+                let Some(call) = calls.get(i) else {
+                    continue;
+                };
+                let Some((outcome, transition)) = core.settle(i, call, key, cfg, at) else {
+                    continue;
+                };
+                if outcome.outcome == Outcome::Failure {
+                    track.report.failures_let_through += 1;
+                }
+                if let Some(t) = transition {
+                    track.apply(t, at, start_ms);
+                }
+            }
+        }
+    }
+
+    // The ground truth about each upstream: every logged call, whatever the breaker did with it.
+    for ((call, key), verdict) in calls.iter().zip(&keys).zip(&verdicts) {
+        let Some(track) = key.as_deref().and_then(|k| tracks.get_mut(k)) else {
+            continue;
+        };
+        track.report.log_failures += u64::from(verdict.outcome == Outcome::Failure);
+        track.report.log_slow_calls += u64::from(verdict.slow);
+        track
+            .report
+            .samples
+            .push((call.end_ms(), *verdict, call.duration_ms));
+    }
+
+    let upstreams = tracks
+        .into_iter()
+        .map(|(key, track)| finish(track, config.breaker_for(&key), end_ms, opts.blip_ms))
+        .collect();
+    Report {
+        source: opts.source.clone(),
+        calls: calls.len() as u64,
+        malformed_lines: opts.malformed_lines,
+        start_ms,
+        start: format_rfc3339_ms(start_ms),
+        end_ms,
+        end: format_rfc3339_ms(end_ms),
+        upstream_key: config.upstream_key.to_string(),
+        blip_threshold_ms: opts.blip_ms,
+        untracked,
+        upstreams,
+    }
+}
+
+fn finish(mut track: Track, cfg: &BreakerConfig, end_ms: u64, blip_ms: u64) -> UpstreamReport {
+    let buckets = second_buckets(&track.report.samples);
+    let mut blips = 0;
+    for p in &mut track.report.open_periods {
+        p.open_ms = p
+            .closed_at_ms
+            .unwrap_or(end_ms)
+            .saturating_sub(p.opened_at_ms);
+        if p.reason != "forced" {
+            let episode = failure_episode_ms(&buckets, cfg, p.opened_at_ms);
+            p.failure_episode_ms = Some(episode);
+            p.blip = episode < blip_ms;
+            blips += u64::from(p.blip);
+        }
+    }
+    track.report.blips = blips;
+    track.report.final_state = track.state.as_str().into();
+    track.report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_come_before_admits_at_the_same_millisecond() {
+        // Five failures end at t=10; the sixth call starts at t=10 and must already be rejected.
+        let mut calls: Vec<Call> = (0..5)
+            .map(|i| Call {
+                start_ms: i,
+                duration_ms: 10 - i,
+                upstream_cluster: Some("a".into()),
+                response_code: Some(503),
+                ..Call::default()
+            })
+            .collect();
+        calls.push(Call {
+            start_ms: 10,
+            duration_ms: 1,
+            upstream_cluster: Some("a".into()),
+            response_code: Some(200),
+            ..Call::default()
+        });
+        let r = simulate(&calls, &FilterConfig::default(), &Options::default());
+        let a = &r.upstreams[0];
+        assert_eq!(
+            (a.allowed, a.rejected, a.rejected_would_have_succeeded),
+            (5, 1, 1)
+        );
+        assert_eq!(a.open_periods.len(), 1);
+        assert_eq!(a.open_periods[0].opened_at_ms, 10);
+    }
+}
