@@ -1,22 +1,21 @@
-//! `harness simulate`: replays an Envoy access log (or a synthetic scenario) through the breaker core,
-//! offline, and reports what the breaker would have done to that traffic.
+//! `circuit-breaker simulate`: replays an Envoy access log (or a synthetic scenario) through the breaker
+//! core, offline, and reports what the breaker would have done to that traffic.
 //!
 //! ```text
-//! harness simulate --log access.jsonl --config filter.json [--svg out.svg] [--json] [--blip 10s]
-//! harness simulate --scenario scenario.json --config filter.json ...
+//! circuit-breaker simulate --log access.jsonl --config filter.json [--svg out.svg] [--json] [--blip 10s]
+//! circuit-breaker simulate --scenario scenario.json --config filter.json ...
 //! ```
-//!
 //!
 //! - [`log`]: the access log and its timestamps;
 //! - [`scenario`]: synthetic traffic;
 //! - [`replay`]: the calls run through the breaker core, and the [`Report`];
-//! - [`render`]: the report as a table, JSON or an SVG timeline;
-//! - [`tune`]: `--tune`, a search for per-upstream thresholds.
+//! - [`render`]: the report as a table, JSON or an SVG timeline.
 
 use std::io::Write as _;
 
 use cb_core::config::FilterConfig;
 use cb_core::duration::parse_duration_ms;
+use clap::FromArgMatches as _;
 
 mod episodes;
 pub mod log;
@@ -36,85 +35,77 @@ pub use scenario::{
     generate, parse_scenario, scenario_span_ms, Phase, Scenario, XorShift, MAX_SCENARIO_CALLS,
 };
 
-const USAGE: &str = "usage: harness simulate (--log FILE | --scenario FILE) [--config FILE] [--svg OUT.svg] [--json] [--blip DURATION]
+const ABOUT: &str = "Replay an access log or a scenario through the breaker core, offline";
 
-  --log FILE        Envoy access log, JSON lines (`-` reads stdin)
-  --scenario FILE   synthetic traffic (JSON) instead of a log
-  --config FILE     the filter configuration (JSON, as the plugin gets it); contract defaults without it
-  --svg OUT.svg     also draw the breaker states, error rate and p99 latency per upstream
-  --json            print the report as JSON instead of a table
-  --blip DURATION   a trip whose failure episode lasted less than this is a blip (default 10s)";
+const LONG_ABOUT: &str = "Replay an Envoy access log (or a synthetic scenario) through the same breaker \
+core the filter runs, offline, and report per upstream when the breaker would have opened and closed, \
+how many calls it would have rejected (and how many of those would have succeeded), and which trips \
+were caused by short blips.
+
+A trip is a blip when the failure episode behind it lasted less than --blip: in one-second buckets of \
+call end times, a second is bad when its failure fraction reaches the upstream's error_rate_threshold; \
+the episode is the run of bad seconds around the trip.
+
+A malformed log line is reported on stderr with its line number and skipped. A bad --config gets the \
+error the filter would log, and no report.";
+
 // ---------------------------------------------------------------------------------------------------
 // Command line
 // ---------------------------------------------------------------------------------------------------
 
-/// Parsed command-line arguments.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+/// The options of `circuit-breaker simulate`.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+#[command(about = ABOUT, long_about = LONG_ABOUT)]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["log", "scenario"])))]
+#[group(skip)]
 pub struct Args {
-    /// `--log FILE`.
+    /// Envoy access log, JSON lines (`-` reads stdin)
+    #[arg(long, value_name = "FILE")]
     pub log: Option<String>,
-    /// `--scenario FILE`.
+    /// Synthetic traffic (JSON) instead of a log
+    #[arg(long, value_name = "FILE")]
     pub scenario: Option<String>,
-    /// `--config FILE`.
+    /// The filter configuration (JSON, as the plugin gets it); the contract's defaults without it
+    #[arg(long, value_name = "FILE")]
     pub config: Option<String>,
-    /// `--svg OUT.svg`.
+    /// Also draw the breaker states, error rate and p99 latency per upstream
+    #[arg(long, value_name = "OUT.svg")]
     pub svg: Option<String>,
-    /// `--json`.
+    /// Print the report as JSON instead of a table
+    #[arg(long)]
     pub json: bool,
-    /// `--blip DURATION`, in ms.
+    /// A trip whose failure episode lasted less than this is a blip
+    #[arg(long = "blip", value_name = "DURATION", default_value = "10s", value_parser = duration_ms)]
     pub blip_ms: u64,
-    /// `--help`.
-    pub help: bool,
+}
+
+/// A duration argument (`"10s"`, `"2.5s"`, `"500ms"`) in ms, as the filter configuration spells them.
+fn duration_ms(v: &str) -> Result<u64, String> {
+    parse_duration_ms(v).map_err(|why| format!("a duration such as \"10s\" ({why})"))
 }
 
 impl Args {
-    /// Parses the arguments after `simulate`.
-    pub fn parse(args: &[String]) -> Result<Self, String> {
-        let mut a = Args {
-            blip_ms: DEFAULT_BLIP_MS,
-            ..Args::default()
-        };
-        let mut it = args.iter();
-        while let Some(arg) = it.next() {
-            let (flag, inline) = match arg.split_once('=') {
-                Some((f, v)) if f.starts_with("--") => (f, Some(v.to_string())),
-                _ => (arg.as_str(), None),
-            };
-            let mut value = || {
-                inline
-                    .clone()
-                    .or_else(|| it.next().cloned())
-                    .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))
-            };
-            match flag {
-                "--log" => a.log = Some(value()?),
-                "--scenario" => a.scenario = Some(value()?),
-                "--config" => a.config = Some(value()?),
-                "--svg" => a.svg = Some(value()?),
-                "--blip" => {
-                    let v = value()?;
-                    a.blip_ms = parse_duration_ms(&v).map_err(|why| {
-                        format!("--blip must be a duration such as \"10s\" ({why}), got {v:?}")
-                    })?;
-                }
-                "--json" => a.json = true,
-                "-h" | "--help" => a.help = true,
-                other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
-            }
-        }
-        if !a.help && a.log.is_some() == a.scenario.is_some() {
-            return Err(format!("give exactly one of --log and --scenario\n{USAGE}"));
-        }
-        Ok(a)
+    /// Parses the arguments after `simulate`, as the `circuit-breaker` binary does; the error is
+    /// clap's message with the usage.
+    pub fn parse(args: &[String]) -> Result<Self, clap::Error> {
+        let command = <Self as clap::Args>::augment_args(clap::Command::new("simulate"));
+        let argv = std::iter::once("simulate".to_string()).chain(args.iter().cloned());
+        let matches = command.try_get_matches_from(argv)?;
+        Self::from_arg_matches(&matches)
     }
 }
 
-/// Runs `harness simulate`.
+/// Runs `simulate` with the arguments after it (`--help` prints the help).
 pub fn run(args: &[String]) -> Result<(), String> {
-    let args = Args::parse(args)?;
-    if args.help {
-        return emit(&format!("{USAGE}\n"));
+    match Args::parse(args) {
+        Ok(args) => run_args(&args),
+        Err(e) if !e.use_stderr() => emit(&e.render().to_string()),
+        Err(e) => Err(e.render().to_string().trim_end().to_string()),
     }
+}
+
+/// Runs `simulate` with parsed arguments.
+pub fn run_args(args: &Args) -> Result<(), String> {
     let config = match &args.config {
         Some(path) => load_config(&read(path)?).map_err(|e| format!("{path}: {e}"))?,
         None => FilterConfig::default(),
@@ -134,7 +125,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
             Some(scenario_span_ms(&scenario)),
         )
     } else {
-        return Err(USAGE.into());
+        return Err("give one of --log and --scenario".into());
     };
     if calls.is_empty() {
         return Err(format!(
@@ -202,9 +193,14 @@ mod tests {
             (a.log.as_deref(), a.json, a.blip_ms),
             (Some("a"), true, 2_500)
         );
+        assert_eq!(args(&["--log", "a"]).unwrap().blip_ms, DEFAULT_BLIP_MS);
         assert!(args(&["--log", "a", "--blip", "soon"])
             .unwrap_err()
+            .to_string()
             .contains("--blip"));
-        assert!(args(&["--log"]).unwrap_err().contains("needs a value"));
+        assert!(args(&["--log"])
+            .unwrap_err()
+            .to_string()
+            .contains("a value is required"));
     }
 }
