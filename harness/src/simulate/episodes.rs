@@ -1,10 +1,14 @@
 //! Failure episodes measured on the log: stretches of time in which an upstream failed, whatever the
-//! breaker did. They are the ground truth a replay is judged against.
+//! breaker did. They are the ground truth a replay is judged against: the report's blip measure
+//! ([`failure_episode_ms`], against the upstream's own `error_rate_threshold`), and `--tune`'s outages
+//! and blips ([`find_episodes`], against the upstream's normal noise, so that the thing being tuned does
+//! not decide what counts as an outage).
 
 use std::collections::BTreeMap;
 
 use cb_core::classify::{Classification, Outcome};
 use cb_core::config::BreakerConfig;
+use serde::Serialize;
 
 /// Judged calls, failures and slow calls per second of end time (ignored calls say nothing).
 #[derive(Debug, Clone, Copy, Default)]
@@ -66,6 +70,163 @@ pub(crate) fn failure_episode_ms(
     (last + 1 - first) * 1000
 }
 
+/// Width of the buckets whose median error rate is an upstream's noise, seconds.
+pub const NOISE_BUCKET_S: u64 = 10;
+/// Good seconds (with calls, below the threshold) an episode bridges between two bad ones: a partial
+/// outage at 50 % errors has the odd second below it, and is still one outage.
+pub const MAX_GOOD_GAP_S: u64 = 2;
+/// Seconds without calls an episode bridges between two bad ones: they say nothing either way.
+pub const MAX_SILENT_GAP_S: u64 = 10;
+
+/// Failures a run of bad seconds needs to be an episode: one or two lone failures are noise.
+pub const MIN_EPISODE_FAILURES: u64 = 3;
+
+/// A stretch in which an upstream's error rate stood well above its normal noise (see
+/// [`find_episodes`]).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Episode {
+    /// Start of its first bad second (ms since the epoch).
+    pub start_ms: u64,
+    /// End of its last bad second (ms).
+    pub end_ms: u64,
+    /// Judged calls that ended inside it (bridged seconds included).
+    pub calls: u64,
+    /// Failures among them.
+    pub failures: u64,
+}
+
+impl Episode {
+    /// How long it lasted, ms.
+    pub fn len_ms(&self) -> u64 {
+        self.end_ms.saturating_sub(self.start_ms)
+    }
+
+    /// Its failure fraction.
+    pub fn error_rate(&self) -> f64 {
+        self.failures as f64 / self.calls.max(1) as f64
+    }
+}
+
+/// An upstream's noise and failure episodes.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Episodes {
+    /// The median error rate of its 10 s buckets outside episodes.
+    pub noise: f64,
+    /// The error rate a second must reach to be bad: `max(3 × noise, noise + 0.2)`, at most 1.
+    pub threshold: f64,
+    /// In time order.
+    pub episodes: Vec<Episode>,
+}
+
+/// The error rate that makes a second bad, for an upstream whose noise is `noise`.
+pub fn episode_threshold(noise: f64) -> f64 {
+    (3.0 * noise).max(noise + 0.2).min(1.0)
+}
+
+/// An upstream's failure episodes, from `(end time ms, failed)` of each judged call (ignored calls
+/// left out).
+///
+/// A second (of call end times) is *bad* when its error rate reaches the threshold
+/// [`episode_threshold`] of the upstream's noise. An episode is a run of bad seconds, where two bad
+/// seconds with at most [`MAX_GOOD_GAP_S`] good seconds and at most [`MAX_SILENT_GAP_S`] seconds
+/// without calls between them belong to the same run; a run with fewer than
+/// [`MIN_EPISODE_FAILURES`] failures is not an episode. The noise is the median (the lower middle of an
+/// even count) of the error rates of the [`NOISE_BUCKET_S`] buckets with calls that overlap no
+/// episode; as episodes depend on it, it starts as the median of all buckets and is refined until it
+/// settles (at most 5 rounds).
+pub fn find_episodes(outcomes: &[(u64, bool)]) -> Episodes {
+    let mut seconds: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
+    for &(end_ms, failed) in outcomes {
+        let s = seconds.entry(end_ms / 1000).or_default();
+        s.0 += 1;
+        s.1 += u64::from(failed);
+    }
+    let mut buckets: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
+    for (s, (calls, failures)) in &seconds {
+        let b = buckets.entry(s / NOISE_BUCKET_S).or_default();
+        b.0 += calls;
+        b.1 += failures;
+    }
+    let rate = |(calls, failures): &(u64, u64)| *failures as f64 / (*calls).max(1) as f64;
+    let mut noise = median(buckets.values().map(rate));
+    let mut episodes = runs(&seconds, episode_threshold(noise));
+    for _ in 0..5 {
+        let span_ms = NOISE_BUCKET_S * 1000;
+        let outside = buckets
+            .iter()
+            .filter(|(b, _)| {
+                let (from, to) = (*b * span_ms, (*b + 1) * span_ms);
+                !episodes.iter().any(|e| e.start_ms < to && from < e.end_ms)
+            })
+            .map(|(_, v)| rate(v));
+        let next = if buckets.is_empty() {
+            0.0
+        } else {
+            median(outside)
+        };
+        if next == noise {
+            break;
+        }
+        noise = next;
+        episodes = runs(&seconds, episode_threshold(noise));
+    }
+    Episodes {
+        noise,
+        threshold: episode_threshold(noise),
+        episodes,
+    }
+}
+
+fn median(rates: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = rates.collect();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len().saturating_sub(1) / 2).copied().unwrap_or(0.0)
+}
+
+/// The runs of bad seconds at `threshold`, as [`find_episodes`] defines them.
+fn runs(seconds: &BTreeMap<u64, (u64, u64)>, threshold: f64) -> Vec<Episode> {
+    let mut out = Vec::new();
+    let mut current: Option<Episode> = None;
+    // Since the last bad second: good seconds, and their calls and failures (counted in the episode
+    // only if a later bad second bridges them).
+    let (mut good, mut pending) = (0u64, (0u64, 0u64));
+    let mut last_bad = 0u64;
+    for (&s, &(calls, failures)) in seconds {
+        if calls == 0 {
+            continue;
+        }
+        let bad = failures as f64 >= threshold * calls as f64 - 1e-9;
+        if !bad {
+            good += 1;
+            pending = (pending.0 + calls, pending.1 + failures);
+            continue;
+        }
+        let silent = s.saturating_sub(last_bad + 1).saturating_sub(good);
+        match current.as_mut() {
+            Some(e) if good <= MAX_GOOD_GAP_S && silent <= MAX_SILENT_GAP_S => {
+                e.end_ms = (s + 1) * 1000;
+                e.calls += pending.0 + calls;
+                e.failures += pending.1 + failures;
+            }
+            _ => {
+                out.extend(current.take());
+                current = Some(Episode {
+                    start_ms: s * 1000,
+                    end_ms: (s + 1) * 1000,
+                    calls,
+                    failures,
+                });
+            }
+        }
+        last_bad = s;
+        good = 0;
+        pending = (0, 0);
+    }
+    out.extend(current);
+    out.retain(|e| e.failures >= MIN_EPISODE_FAILURES);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -96,5 +257,62 @@ mod tests {
             "a good second: no episode"
         );
         assert_eq!(failure_episode_ms(&b, &cfg, 500), 0);
+    }
+
+    /// `(end ms, failed)` for `per_s` calls a second from `from_s` to `to_s`, failing every
+    /// `1 / fail_every`-th one (0: none).
+    fn calls(from_s: u64, to_s: u64, per_s: u64, fail_every: u64) -> Vec<(u64, bool)> {
+        (from_s * per_s..to_s * per_s)
+            .map(|i| (i * 1000 / per_s, fail_every > 0 && i % fail_every == 0))
+            .collect()
+    }
+
+    #[test]
+    fn episodes_stand_out_from_the_noise_and_bridge_short_gaps() {
+        // 5 % noise (1 in 20), a full outage of 40s, a 3s blip, a 50 % partial outage of 40s.
+        let mut c = calls(0, 100, 20, 20);
+        c.extend(calls(100, 140, 20, 1));
+        c.extend(calls(140, 200, 20, 20));
+        c.extend(calls(200, 203, 20, 1));
+        c.extend(calls(203, 300, 20, 20));
+        c.extend(calls(300, 340, 20, 2));
+        c.extend(calls(340, 400, 20, 20));
+        let e = find_episodes(&c);
+        assert!((e.noise - 0.05).abs() < 1e-9, "{e:?}");
+        assert!(
+            (e.threshold - 0.25).abs() < 1e-9,
+            "max(3 x 5 %, 5 % + 20 %)"
+        );
+        let spans: Vec<(u64, u64)> = e
+            .episodes
+            .iter()
+            .map(|x| (x.start_ms, x.len_ms()))
+            .collect();
+        assert_eq!(
+            spans,
+            [(100_000, 40_000), (200_000, 3_000), (300_000, 40_000)]
+        );
+        assert!((e.episodes[2].error_rate() - 0.5).abs() < 1e-9);
+
+        // Two good seconds inside are bridged, three are not; ten silent seconds are, eleven not.
+        let mut c = calls(0, 100, 10, 0);
+        for (from, to) in [(100, 110), (112, 120), (123, 130)] {
+            c.extend(calls(from, to, 10, 1));
+        }
+        c.extend(calls(110, 112, 10, 0));
+        c.extend(calls(120, 123, 10, 0));
+        c.extend(calls(130, 200, 10, 0));
+        c.extend(calls(200, 205, 10, 1));
+        c.extend(calls(215, 220, 10, 1));
+        c.extend(calls(231, 235, 10, 1));
+        c.extend(calls(235, 300, 10, 0));
+        c.sort_by_key(|x| x.0);
+        let spans: Vec<(u64, u64)> = find_episodes(&c)
+            .episodes
+            .iter()
+            .map(|x| (x.start_ms / 1000, x.end_ms / 1000))
+            .collect();
+        assert_eq!(spans, [(100, 120), (123, 130), (200, 220), (231, 235)]);
+        assert!(find_episodes(&[]).episodes.is_empty());
     }
 }

@@ -9,7 +9,8 @@
 //! - [`log`]: the access log and its timestamps;
 //! - [`scenario`]: synthetic traffic;
 //! - [`replay`]: the calls run through the breaker core, and the [`Report`];
-//! - [`render`]: the report as a table, JSON or an SVG timeline.
+//! - [`render`]: the report as a table, JSON or an SVG timeline;
+//! - [`tune`]: `--tune`, a search per upstream for the settings that would have served the traffic best.
 
 use std::io::Write as _;
 
@@ -17,11 +18,14 @@ use cb_core::config::FilterConfig;
 use cb_core::duration::parse_duration_ms;
 use clap::FromArgMatches as _;
 
-mod episodes;
+pub mod episodes;
 pub mod log;
 pub mod render;
 pub mod replay;
+pub mod report;
 pub mod scenario;
+pub mod tune;
+mod tune_search;
 
 use crate::svg;
 pub use log::{
@@ -55,7 +59,7 @@ error the filter would log, and no report.";
 
 /// The options of `circuit-breaker simulate`.
 #[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
-#[command(about = ABOUT, long_about = LONG_ABOUT)]
+#[command(about = ABOUT, long_about = LONG_ABOUT, after_long_help = tune_help())]
 #[command(group(clap::ArgGroup::new("input").required(true).args(["log", "scenario"])))]
 #[group(skip)]
 pub struct Args {
@@ -77,6 +81,48 @@ pub struct Args {
     /// A trip whose failure episode lasted less than this is a blip
     #[arg(long = "blip", value_name = "DURATION", default_value = "10s", value_parser = duration_ms)]
     pub blip_ms: u64,
+    /// Search per upstream for the settings that would have served this traffic best (see below)
+    #[arg(long, conflicts_with = "svg")]
+    pub tune: bool,
+    /// With --tune: an episode at least this long is an outage the breaker must catch
+    #[arg(long = "outage", value_name = "DURATION", default_value = "30s", value_parser = duration_ms, requires = "tune")]
+    pub outage_ms: u64,
+}
+
+/// What `--help` says about `--tune`.
+fn tune_help() -> String {
+    format!(
+        "--tune: per upstream, a search over failure_threshold, error_rate_threshold, window_size or \
+window_duration, minimum_requests and open_timeout, each candidate replayed through the core.
+
+Outages and blips are measured on the log, over every call to the upstream:
+  - noise: the median error rate of its 10s buckets outside episodes;
+  - a second (of call end times) is bad when its error rate is at least max(3 x noise, noise + 0.2);
+  - an episode is a run of bad seconds (bridging at most 2 good seconds and 10s without calls)
+    with at least 3 failures;
+  - an outage is an episode at least --outage long (full or partial: only the rate counts);
+  - a blip is an episode shorter than --blip.
+A trip belongs to the episode it falls in (from 1s before its start to 2s after its end); a trip in
+no episode is a trip in normal traffic.
+
+{objective}
+
+The search: coordinate search (each setting in turn set to the value that ranks best, until a pass
+changes nothing, at most 3 passes) from the upstream's own settings and from a rate-only start, over
+  {grids}
+(and the upstream's own value). It is bounded: at most {max} candidates are replayed per upstream, each
+a replay of that upstream's calls, so the whole search costs at most {max} replays of the log.
+An upstream with no outage and no needless trip keeps the defaults (no override). Other settings
+(slow calls, backoff, success_threshold...) stay as the base has them.
+
+Output: a ready-to-paste \"upstreams\" block (the base's own entries with each recommended override
+added, so it replaces the base's \"upstreams\" whole) and, per upstream, what the recommendation and the
+defaults would have done. With --json: one JSON object; its \"upstreams\" member is that block, its
+\"results\" the details.",
+        objective = tune::OBJECTIVE,
+        grids = tune_search::grids(),
+        max = tune::MAX_REPLAYS,
+    )
 }
 
 /// A duration argument (`"10s"`, `"2.5s"`, `"500ms"`) in ms, as the filter configuration spells them.
@@ -104,42 +150,64 @@ pub fn run(args: &[String]) -> Result<(), String> {
     }
 }
 
+/// The calls to replay and where they came from.
+struct Input {
+    calls: Vec<Call>,
+    source: String,
+    malformed: usize,
+    span_ms: Option<(u64, u64)>,
+}
+
+fn input(args: &Args, key: &cb_core::key::UpstreamKey) -> Result<Input, String> {
+    let input = if let Some(path) = &args.log {
+        let parsed = parse_log(&read(path)?, key);
+        for m in &parsed.malformed {
+            eprintln!("{path}: line {}: skipped: {}", m.line, m.error);
+        }
+        Input {
+            calls: parsed.calls,
+            source: path.clone(),
+            malformed: parsed.malformed.len(),
+            span_ms: None,
+        }
+    } else if let Some(path) = &args.scenario {
+        let scenario = parse_scenario(&read(path)?).map_err(|e| format!("{path}: {e}"))?;
+        Input {
+            calls: generate(&scenario)?,
+            source: path.clone(),
+            malformed: 0,
+            span_ms: Some(scenario_span_ms(&scenario)),
+        }
+    } else {
+        return Err("give one of --log and --scenario".into());
+    };
+    if input.calls.is_empty() {
+        return Err(format!(
+            "{}: no calls to replay ({} malformed lines)",
+            input.source, input.malformed
+        ));
+    }
+    Ok(input)
+}
+
 /// Runs `simulate` with parsed arguments.
 pub fn run_args(args: &Args) -> Result<(), String> {
+    if args.tune {
+        return run_tune(args);
+    }
     let config = match &args.config {
         Some(path) => load_config(&read(path)?).map_err(|e| format!("{path}: {e}"))?,
         None => FilterConfig::default(),
     };
-    let (calls, source, malformed, span_ms) = if let Some(path) = &args.log {
-        let parsed = parse_log(&read(path)?, &config.upstream_key);
-        for m in &parsed.malformed {
-            eprintln!("{path}: line {}: skipped: {}", m.line, m.error);
-        }
-        (parsed.calls, path.clone(), parsed.malformed.len(), None)
-    } else if let Some(path) = &args.scenario {
-        let scenario = parse_scenario(&read(path)?).map_err(|e| format!("{path}: {e}"))?;
-        (
-            generate(&scenario)?,
-            path.clone(),
-            0,
-            Some(scenario_span_ms(&scenario)),
-        )
-    } else {
-        return Err("give one of --log and --scenario".into());
-    };
-    if calls.is_empty() {
-        return Err(format!(
-            "{source}: no calls to replay ({malformed} malformed lines)"
-        ));
-    }
+    let input = input(args, &config.upstream_key)?;
     let report = simulate(
-        &calls,
+        &input.calls,
         &config,
         &Options {
-            source,
-            malformed_lines: malformed,
+            source: input.source,
+            malformed_lines: input.malformed,
             blip_ms: args.blip_ms,
-            span_ms,
+            span_ms: input.span_ms,
         },
     );
     if let Some(out) = &args.svg {
@@ -150,6 +218,42 @@ pub fn run_args(args: &Args) -> Result<(), String> {
         emit(&(render_json(&report)? + "\n"))
     } else {
         emit(&render_table(&report))
+    }
+}
+
+fn run_tune(args: &Args) -> Result<(), String> {
+    if args.outage_ms < args.blip_ms {
+        return Err(format!(
+            "--outage ({}) must be at least --blip ({})",
+            tune::duration(args.outage_ms),
+            tune::duration(args.blip_ms)
+        ));
+    }
+    let base = match &args.config {
+        Some(path) => tune::Base::parse(&read(path)?).map_err(|e| format!("{path}: {e}"))?,
+        None => tune::Base::parse("")?,
+    };
+    let input = input(args, &base.config.upstream_key)?;
+    let started = std::time::Instant::now();
+    let opts = tune::TuneOptions {
+        source: input.source,
+        malformed_lines: input.malformed,
+        outage_ms: args.outage_ms,
+        blip_ms: args.blip_ms,
+    };
+    let report = tune::tune(&input.calls, &base, &opts);
+    let replays: usize = report.results.iter().map(|r| r.replays).sum();
+    eprintln!(
+        "tune: {replays} replays of {} calls in {:.1}s",
+        input.calls.len(),
+        started.elapsed().as_secs_f64()
+    );
+    if args.json {
+        let text =
+            serde_json::to_string_pretty(&report).map_err(|e| format!("report as JSON: {e}"))?;
+        emit(&(text + "\n"))
+    } else {
+        emit(&render::render_tune(&report))
     }
 }
 

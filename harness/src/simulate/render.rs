@@ -5,9 +5,12 @@ use std::fmt::Write as _;
 
 use cb_core::breaker::StateKind;
 use cb_core::classify::Outcome;
+use cb_core::config::WindowConfig;
+use serde_json::Value;
 
 use super::log::format_rfc3339_ms;
 use super::replay::Report;
+use super::tune::{duration, Catch, Knobs, TuneReport, UpstreamTuning};
 use crate::svg;
 
 // ---------------------------------------------------------------------------------------------------
@@ -227,4 +230,157 @@ fn fmt_secs(ms: u64) -> String {
     } else {
         format!("{:.1}s", ms as f64 / 1000.0)
     }
+}
+
+/// The `--tune` report as text: the block to paste, then per upstream what the recommendation and the
+/// defaults would have done.
+pub fn render_tune(r: &TuneReport) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Tuned {} upstream{} on {} ({} calls; {} malformed line{} skipped).",
+        r.results.len(),
+        if r.results.len() == 1 { "" } else { "s" },
+        r.source,
+        r.calls,
+        r.malformed_lines,
+        if r.malformed_lines == 1 { "" } else { "s" }
+    );
+    let _ = writeln!(
+        out,
+        "An outage is an episode of at least {}, a blip one shorter than {} (see --help); \"defaults\" are\nan upstream's settings now. At most {} candidates replayed per upstream.\n",
+        fmt_secs(r.outage_ms),
+        fmt_secs(r.blip_ms),
+        r.max_replays_per_upstream
+    );
+    let block = serde_json::to_string_pretty(&Value::Object(r.upstreams.clone()))
+        .unwrap_or_else(|_| "{}".into());
+    let _ = writeln!(
+        out,
+        "Paste into the filter configuration (it replaces the \"upstreams\" there):\n\n\"upstreams\": {block}"
+    );
+    for u in &r.results {
+        tune_upstream(&mut out, u, r.outage_ms);
+    }
+    out
+}
+
+fn tune_upstream(out: &mut String, u: &UpstreamTuning, outage_ms: u64) {
+    let e = &u.episodes;
+    let _ = writeln!(
+        out,
+        "\n{}: {} calls, noise {:.1} %, a second is bad from {:.0} % errors; {} outage{}, {} blip{}",
+        u.upstream,
+        u.calls,
+        e.noise * 100.0,
+        e.threshold * 100.0,
+        u.outages,
+        if u.outages == 1 { "" } else { "s" },
+        u.blips,
+        if u.blips == 1 { "" } else { "s" }
+    );
+    let _ = writeln!(
+        out,
+        "  {} ({} candidate{} replayed)",
+        u.note,
+        u.replays,
+        if u.replays == 1 { "" } else { "s" }
+    );
+    let changes = settings_changed(&u.recommended_knobs, &u.base_knobs);
+    if !changes.is_empty() {
+        let _ = writeln!(out, "  settings: {}", changes.join(", "));
+    }
+    let _ = writeln!(out, "  {:<44}{:<16}defaults", "", "recommended");
+    let (rec, base) = (&u.recommended, &u.base);
+    for (i, c) in rec.outages.iter().enumerate() {
+        let label = format!(
+            "outage {}, {}, {:.0} % errors",
+            time_of_day(c.start_ms).get(..8).unwrap_or(""),
+            fmt_secs(c.length_ms),
+            c.error_rate * 100.0
+        );
+        let _ = writeln!(
+            out,
+            "  {label:<44}{:<16}{}   (in time: within {})",
+            caught(Some(c)),
+            caught(base.outages.get(i)),
+            fmt_secs(outage_ms / 2)
+        );
+    }
+    let rows: [(&str, u64, u64); 4] = [
+        ("blip trips", rec.blip_trips.into(), base.blip_trips.into()),
+        (
+            "trips in normal traffic",
+            rec.normal_traffic_trips.into(),
+            base.normal_traffic_trips.into(),
+        ),
+        (
+            "would-succeed calls rejected",
+            rec.would_succeed_rejected,
+            base.would_succeed_rejected,
+        ),
+        (
+            "failures let through",
+            rec.failures_let_through,
+            base.failures_let_through,
+        ),
+    ];
+    for (label, a, b) in rows {
+        let _ = writeln!(out, "  {label:<44}{a:<16}{b}");
+    }
+    for m in &u.unmet {
+        let _ = writeln!(out, "  priority {} not met: {}", m.priority, m.why);
+    }
+}
+
+fn caught(c: Option<&Catch>) -> String {
+    match c {
+        Some(Catch {
+            caught_after_ms: Some(ms),
+            in_time,
+            ..
+        }) => format!("{}{}", fmt_secs(*ms), if *in_time { "" } else { " LATE" }),
+        Some(_) => "MISSED".into(),
+        None => "-".into(),
+    }
+}
+
+/// `name value (was old)` for each setting that changed.
+fn settings_changed(new: &Knobs, old: &Knobs) -> Vec<String> {
+    let window = |w: &WindowConfig| match w {
+        WindowConfig::Count(n) => format!("window_size {n}"),
+        WindowConfig::Time { duration_ms } => {
+            format!("window_duration \"{}\"", duration(*duration_ms))
+        }
+    };
+    let mut v = Vec::new();
+    let mut change = |name: &str, a: String, b: String| {
+        if a != b {
+            v.push(format!("{name}{a} (was {b})"));
+        }
+    };
+    change(
+        "failure_threshold ",
+        new.failure_threshold.to_string(),
+        old.failure_threshold.to_string(),
+    );
+    let rate = |ppm: u32| format!("{}", f64::from(ppm) / 1e6);
+    change(
+        "error_rate_threshold ",
+        rate(new.error_rate_ppm),
+        rate(old.error_rate_ppm),
+    );
+    change("", window(&new.window), window(&old.window));
+    change(
+        "minimum_requests ",
+        new.minimum_requests.to_string(),
+        old.minimum_requests.to_string(),
+    );
+    let open = |ms: u64| format!("\"{}\"", duration(ms));
+    change(
+        "open_timeout ",
+        open(new.open_timeout_ms),
+        open(old.open_timeout_ms),
+    );
+    v
 }

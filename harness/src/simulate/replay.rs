@@ -37,10 +37,10 @@ use cb_core::classify::{Classification, Outcome};
 use cb_core::config::{BreakerConfig, FilterConfig};
 use cb_core::registry::{Admission, Registry, Untracked};
 use cb_core::store::MemoryStore;
-use serde::Serialize;
 
 use super::episodes::{failure_episode_ms, second_buckets};
 use super::log::{format_rfc3339_ms, Call};
+pub use super::report::{OpenPeriod, Report, TransitionReport, UpstreamReport};
 
 /// Default `--blip`: a trip whose failure episode lasted less than this is reported as a blip.
 pub const DEFAULT_BLIP_MS: u64 = 10_000;
@@ -72,122 +72,6 @@ impl Default for Options {
             span_ms: None,
         }
     }
-}
-
-/// What the breaker would have done to the input.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Report {
-    /// Where the calls came from.
-    pub source: String,
-    /// Calls replayed.
-    pub calls: u64,
-    /// Lines of the input that were skipped.
-    pub malformed_lines: usize,
-    /// Start of the input: the first call, or the scenario's start (ms since the epoch).
-    pub start_ms: u64,
-    /// Start of the input (RFC 3339).
-    pub start: String,
-    /// End of the input: the end of the last call, or of the scenario (ms).
-    pub end_ms: u64,
-    /// End (RFC 3339).
-    pub end: String,
-    /// The configuration's `upstream_key`.
-    pub upstream_key: String,
-    /// The `--blip` threshold in ms.
-    pub blip_threshold_ms: u64,
-    /// Calls that passed without a breaker, by reason (`no_key`, `too_many_upstreams`, `key_too_long`,
-    /// `disabled`, `store_error`).
-    pub untracked: BTreeMap<String, u64>,
-    /// One entry per upstream key, sorted by key.
-    pub upstreams: Vec<UpstreamReport>,
-}
-
-/// One upstream's replay.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct UpstreamReport {
-    /// The upstream key.
-    pub upstream: String,
-    /// The breaker's `mode`.
-    pub mode: String,
-    /// Calls to it in the input.
-    pub calls: u64,
-    /// Calls the breaker would have let through.
-    pub allowed: u64,
-    /// Calls it would have rejected (`enforce`, `forced_open`).
-    pub rejected: u64,
-    /// Calls `dry_run` would have rejected (let through, not recorded).
-    pub dry_run_rejections: u64,
-    /// Of the rejected (or dry-run rejected) calls: how many failed in the log anyway.
-    pub rejected_would_have_failed: u64,
-    /// Of the rejected (or dry-run rejected) calls: how many succeeded in the log.
-    pub rejected_would_have_succeeded: u64,
-    /// Failures among the calls let through and recorded.
-    pub failures_let_through: u64,
-    /// Failures among all its calls in the log.
-    pub log_failures: u64,
-    /// Slow calls among all its calls in the log (0 when slow-call tracking is off).
-    pub log_slow_calls: u64,
-    /// Calls that passed without a breaker (`disabled`, too many upstreams...).
-    pub untracked: u64,
-    /// The state at the end of the input.
-    pub final_state: String,
-    /// Every state change, in order.
-    pub transitions: Vec<TransitionReport>,
-    /// Each stretch from a trip (Closed → Open) to the next close.
-    pub open_periods: Vec<OpenPeriod>,
-    /// Open periods that were blips.
-    pub blips: u64,
-    /// `(time, state from then on)`, for the SVG.
-    #[serde(skip)]
-    pub states: Vec<(u64, StateKind)>,
-    /// `(end time, verdict, duration)` of every call in the log, for the SVG and the blip measure.
-    #[serde(skip)]
-    pub(crate) samples: Vec<(u64, Classification, u64)>,
-}
-
-/// One state change.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct TransitionReport {
-    /// When (ms since the epoch).
-    pub at_ms: u64,
-    /// When (RFC 3339).
-    pub at: String,
-    /// Ms since the start of the input.
-    pub offset_ms: u64,
-    /// State before.
-    pub from: String,
-    /// State after.
-    pub to: String,
-    /// Why (the contract's reason names).
-    pub reason: String,
-}
-
-/// From a trip to the close that ends it (through any number of HalfOpen → Open re-opens).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct OpenPeriod {
-    /// When it opened (ms).
-    pub opened_at_ms: u64,
-    /// When it opened (RFC 3339).
-    pub opened_at: String,
-    /// Why it opened.
-    pub reason: String,
-    /// When the first probes were let through (ms), if ever.
-    pub first_probe_at_ms: Option<u64>,
-    /// When it closed (ms); `None` when still open or half-open at the end of the input.
-    pub closed_at_ms: Option<u64>,
-    /// When it closed (RFC 3339).
-    pub closed_at: Option<String>,
-    /// Time not closed, ms (to the end of the input when it never closed).
-    pub open_ms: u64,
-    /// Failed probes that opened it again.
-    pub reopens: u32,
-    /// Calls rejected (or dry-run rejected) during it.
-    pub rejected: u64,
-    /// Length of the failure episode behind the trip, ms (see the module docs); `None` for a forced
-    /// opening.
-    pub failure_episode_ms: Option<u64>,
-    /// The failure episode was shorter than the blip threshold.
-    pub blip: bool,
 }
 
 /// One upstream while replaying.
@@ -395,6 +279,55 @@ fn untracked_reason(why: &Untracked) -> &'static str {
     }
 }
 
+/// The events of a replay in the order they happen: by time, a record before an admit at the same
+/// millisecond, ties in log order. Admits are known up front and sorted once; only the records of
+/// calls in flight wait in a heap, which stays as small as the concurrency.
+struct Events {
+    admits: Vec<(u64, usize)>,
+    next: usize,
+    records: BinaryHeap<Reverse<(u64, usize)>>,
+}
+
+impl Events {
+    fn new(calls: &[Call]) -> Self {
+        let mut admits: Vec<(u64, usize)> = calls
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.start_ms, i))
+            .collect();
+        admits.sort_unstable();
+        Self {
+            admits,
+            next: 0,
+            records: BinaryHeap::new(),
+        }
+    }
+
+    fn push_record(&mut self, at_ms: u64, i: usize) {
+        self.records.push(Reverse((at_ms, i)));
+    }
+
+    fn pop(&mut self) -> Option<(u64, EventKind, usize)> {
+        let admit = self.admits.get(self.next).copied();
+        let record = self.records.peek().map(|Reverse(r)| *r);
+        match (admit, record) {
+            (Some((a, _)), Some((r, i))) if (r, EventKind::Record) <= (a, EventKind::Admit) => {
+                self.records.pop();
+                Some((r, EventKind::Record, i))
+            }
+            (None, Some((r, i))) => {
+                self.records.pop();
+                Some((r, EventKind::Record, i))
+            }
+            (Some((a, i)), _) => {
+                self.next += 1;
+                Some((a, EventKind::Admit, i))
+            }
+            (None, None) => None,
+        }
+    }
+}
+
 /// Replays calls through the breaker core under `config` and reports what it would have done.
 pub fn simulate(calls: &[Call], config: &FilterConfig, opts: &Options) -> Report {
     let mut core = Core::new(config, calls.len());
@@ -424,13 +357,8 @@ pub fn simulate(calls: &[Call], config: &FilterConfig, opts: &Options) -> Report
 
     let mut tracks: BTreeMap<String, Track> = BTreeMap::new();
     let mut untracked: BTreeMap<String, u64> = BTreeMap::new();
-    let mut queue: BinaryHeap<Reverse<(u64, EventKind, usize)>> = calls
-        .iter()
-        .enumerate()
-        .map(|(i, c)| Reverse((c.start_ms, EventKind::Admit, i)))
-        .collect();
-
-    while let Some(Reverse((at, kind, i))) = queue.pop() {
+    let mut queue = Events::new(calls);
+    while let Some((at, kind, i)) = queue.pop() {
         let (Some(key), Some(verdict)) = (
             keys.get(i).and_then(Option::as_deref),
             verdicts.get(i).copied(),
@@ -459,7 +387,7 @@ pub fn simulate(calls: &[Call], config: &FilterConfig, opts: &Options) -> Report
                     Admit::Allow => {
                         track.report.allowed += 1;
                         let end = calls.get(i).map_or(at, Call::end_ms);
-                        queue.push(Reverse((end, EventKind::Record, i)));
+                        queue.push_record(end, i);
                     }
                     Admit::Reject => track.reject(verdict, false),
                     Admit::DryRun => track.reject(verdict, true),
