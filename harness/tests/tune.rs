@@ -411,3 +411,31 @@ fn help_states_the_definitions_the_objective_and_the_bound() {
         assert!(help.contains(needle), "{needle:?} missing from:\n{help}");
     }
 }
+
+#[test]
+fn healthy_or_untracked_upstreams_are_left_as_they_are() {
+    let text = r#"{"seed": 5, "duration_s": 120, "rate_per_sec": 10, "upstreams": {
+        "calm": [{"from_s": 0, "to_s": 120, "failure_rate": 0.01}],
+        "off": [{"from_s": 0, "to_s": 120, "failure_rate": 0.5}]}}"#;
+    let calls = generate(&parse_scenario(text).unwrap()).unwrap();
+    let base = Base::parse(r#"{"upstreams": {"off": {"mode": "disabled"}}}"#).unwrap();
+    let r = tune(&calls, &base, &TuneOptions::default());
+    assert_eq!(r.results.len(), 1);
+    let calm = result(&r, "calm");
+    assert_eq!((calm.outages, calm.replays), (0, 1), "{calm:#?}");
+    assert!(calm.override_fields.is_none());
+    assert_eq!(
+        r.skipped.get("off").map(String::as_str),
+        Some("mode disabled: not tuned")
+    );
+    assert_eq!(
+        serde_json::Value::Object(r.upstreams.clone()),
+        serde_json::json!({"off": {"mode": "disabled"}}),
+        "the base's own entries, nothing added"
+    );
+    let text = harness::simulate::render::render_tune(&r);
+    assert!(
+        text.contains("No upstream needs an override") && text.contains("off: mode disabled"),
+        "{text}"
+    );
+}

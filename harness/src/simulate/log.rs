@@ -60,15 +60,18 @@ impl Call {
     /// The upstream key the filter would have computed for this call, or `None` when the log lacks the
     /// field it needs (the filter would have let the call through untracked).
     pub fn upstream_key(&self, kind: &UpstreamKey) -> Option<String> {
+        self.upstream_key_str(kind).map(str::to_string)
+    }
+
+    /// [`Call::upstream_key`], borrowed from the call.
+    pub fn upstream_key_str(&self, kind: &UpstreamKey) -> Option<&str> {
         let key = match kind {
-            UpstreamKey::Cluster => self.upstream_cluster.clone(),
-            UpstreamKey::Authority => self.authority.clone(),
-            UpstreamKey::GrpcService | UpstreamKey::GrpcMethod => self
-                .path
-                .as_deref()
-                .and_then(|p| kind.from_grpc_path(p))
-                .map(str::to_string),
-            UpstreamKey::Header(name) => self.fields.get(name).cloned(),
+            UpstreamKey::Cluster => self.upstream_cluster.as_deref(),
+            UpstreamKey::Authority => self.authority.as_deref(),
+            UpstreamKey::GrpcService | UpstreamKey::GrpcMethod => {
+                self.path.as_deref().and_then(|p| kind.from_grpc_path(p))
+            }
+            UpstreamKey::Header(name) => self.fields.get(name).map(String::as_str),
         };
         key.filter(|k| !k.is_empty())
     }

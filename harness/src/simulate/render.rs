@@ -255,12 +255,22 @@ pub fn render_tune(r: &TuneReport) -> String {
     );
     let block = serde_json::to_string_pretty(&Value::Object(r.upstreams.clone()))
         .unwrap_or_else(|_| "{}".into());
-    let _ = writeln!(
-        out,
-        "Paste into the filter configuration (it replaces the \"upstreams\" there):\n\n\"upstreams\": {block}"
-    );
+    if r.results.iter().all(|u| u.override_fields.is_none()) {
+        let _ = writeln!(
+            out,
+            "No upstream needs an override: the configuration can stay as it is."
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "Paste into the filter configuration (it replaces the \"upstreams\" there):\n\n\"upstreams\": {block}"
+        );
+    }
     for u in &r.results {
         tune_upstream(&mut out, u, r.outage_ms);
+    }
+    for (key, why) in &r.skipped {
+        let _ = writeln!(out, "\n{key}: {why}");
     }
     out
 }

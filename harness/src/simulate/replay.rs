@@ -30,7 +30,7 @@
 //!
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 
 use cb_core::breaker::{StateKind, Ticket, Transition};
 use cb_core::classify::{Classification, Outcome};
@@ -331,19 +331,27 @@ impl Events {
 /// Replays calls through the breaker core under `config` and reports what it would have done.
 pub fn simulate(calls: &[Call], config: &FilterConfig, opts: &Options) -> Report {
     let mut core = Core::new(config, calls.len());
-    let keys: Vec<Option<String>> = calls
+    // Each key once, with its settings and its track; a call knows its key by index, so the loop
+    // below never hashes, compares or allocates a key.
+    let mut index: HashMap<&str, usize> = HashMap::new();
+    let mut keys: Vec<(&str, &BreakerConfig)> = Vec::new();
+    let slots: Vec<Option<usize>> = calls
         .iter()
-        .map(|c| c.upstream_key(&config.upstream_key))
+        .map(|c| {
+            let key = c.upstream_key_str(&config.upstream_key)?;
+            Some(*index.entry(key).or_insert_with(|| {
+                keys.push((key, config.breaker_for(key)));
+                keys.len() - 1
+            }))
+        })
         .collect();
     // What each call was, by the log: the ground truth the report compares the breaker with.
     let verdicts: Vec<Classification> = calls
         .iter()
-        .zip(&keys)
-        .map(|(c, k)| {
-            c.classify(
-                k.as_deref()
-                    .map_or(&config.defaults, |k| config.breaker_for(k)),
-            )
+        .zip(&slots)
+        .map(|(c, slot)| {
+            let cfg = slot.and_then(|s| keys.get(s)).map(|(_, cfg)| *cfg);
+            c.classify(cfg.unwrap_or(&config.defaults))
         })
         .collect();
     let first = calls.iter().map(|c| c.start_ms).min();
@@ -355,25 +363,19 @@ pub fn simulate(calls: &[Call], config: &FilterConfig, opts: &Options) -> Report
         _ => (0, 0),
     };
 
-    let mut tracks: BTreeMap<String, Track> = BTreeMap::new();
+    let mut tracks: Vec<Track> = keys.iter().map(|(k, cfg)| Track::new(k, cfg)).collect();
     let mut untracked: BTreeMap<String, u64> = BTreeMap::new();
     let mut queue = Events::new(calls);
     while let Some((at, kind, i)) = queue.pop() {
-        let (Some(key), Some(verdict)) = (
-            keys.get(i).and_then(Option::as_deref),
+        let slot = slots.get(i).copied().flatten();
+        let (Some(&(key, cfg)), Some(track), Some(verdict)) = (
+            slot.and_then(|s| keys.get(s)),
+            slot.and_then(|s| tracks.get_mut(s)),
             verdicts.get(i).copied(),
         ) else {
             if kind == EventKind::Admit {
                 *untracked.entry("no_key".into()).or_default() += 1;
             }
-            continue;
-        };
-        let cfg = config.breaker_for(key);
-        // Looked up before inserting: `entry` would allocate the key on every event.
-        if !tracks.contains_key(key) {
-            tracks.insert(key.to_string(), Track::new(key, cfg));
-        }
-        let Some(track) = tracks.get_mut(key) else {
             continue;
         };
         match kind {
@@ -415,8 +417,8 @@ pub fn simulate(calls: &[Call], config: &FilterConfig, opts: &Options) -> Report
     }
 
     // The ground truth about each upstream: every logged call, whatever the breaker did with it.
-    for ((call, key), verdict) in calls.iter().zip(&keys).zip(&verdicts) {
-        let Some(track) = key.as_deref().and_then(|k| tracks.get_mut(k)) else {
+    for ((call, slot), verdict) in calls.iter().zip(&slots).zip(&verdicts) {
+        let Some(track) = slot.and_then(|s| tracks.get_mut(s)) else {
             continue;
         };
         track.report.log_failures += u64::from(verdict.outcome == Outcome::Failure);
@@ -427,10 +429,12 @@ pub fn simulate(calls: &[Call], config: &FilterConfig, opts: &Options) -> Report
             .push((call.end_ms(), *verdict, call.duration_ms));
     }
 
-    let upstreams = tracks
+    let mut upstreams: Vec<UpstreamReport> = tracks
         .into_iter()
-        .map(|(key, track)| finish(track, config.breaker_for(&key), end_ms, opts.blip_ms))
+        .zip(&keys)
+        .map(|(track, (_, cfg))| finish(track, cfg, end_ms, opts.blip_ms))
         .collect();
+    upstreams.sort_by(|a, b| a.upstream.cmp(&b.upstream));
     Report {
         source: opts.source.clone(),
         calls: calls.len() as u64,

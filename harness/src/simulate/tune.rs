@@ -339,6 +339,8 @@ pub struct TuneReport {
     pub max_replays_per_upstream: usize,
     /// One per upstream, by key.
     pub results: Vec<UpstreamTuning>,
+    /// Upstreams left as they are, and why (`mode` disabled or forced open).
+    pub skipped: BTreeMap<String, String>,
 }
 
 /// The base configuration as the search needs it: validated, and as JSON to add overrides to.
@@ -355,12 +357,17 @@ impl Base {
     /// names the field, as the filter's does.
     pub fn parse(text: &str) -> Result<Self, String> {
         let config = super::load_config(text)?;
-        let json = match serde_json::from_str::<Value>(text) {
-            _ if text.trim().is_empty() => Map::new(),
-            Ok(Value::Object(m)) => m,
-            _ => return Err("circuit breaker configuration rejected: not a JSON object".into()),
-        };
-        Ok(Self { config, json })
+        if text.trim().is_empty() {
+            return Ok(Self {
+                config,
+                json: Map::new(),
+            });
+        }
+        // The filter accepted it, so it is a JSON object.
+        match serde_json::from_str::<Value>(text) {
+            Ok(Value::Object(json)) => Ok(Self { config, json }),
+            _ => Err("circuit breaker configuration rejected: not a JSON object".into()),
+        }
     }
 
     fn upstreams(&self) -> Map<String, Value> {
@@ -421,11 +428,17 @@ impl Base {
 
 /// Tunes every upstream of `calls` against `base`.
 pub fn tune(calls: &[Call], base: &Base, opts: &TuneOptions) -> TuneReport {
-    let by_key = by_key(calls, &base.config);
-    let results: Vec<UpstreamTuning> = by_key
-        .iter()
-        .filter_map(|(key, calls)| tune_upstream(key, calls, base, opts))
-        .collect();
+    let mut results = Vec::new();
+    let mut skipped = BTreeMap::new();
+    for (key, calls) in by_key(calls, &base.config) {
+        match base.config.breaker_for(&key).mode {
+            // Nothing to tune: every call passes untracked, or every call is rejected.
+            mode @ (Mode::Disabled | Mode::ForcedOpen) => {
+                skipped.insert(key, format!("mode {}: not tuned", mode.as_str()));
+            }
+            _ => results.extend(tune_upstream(&key, &calls, base, opts)),
+        }
+    }
     let mut upstreams = base.upstreams();
     for r in &results {
         if let Some(fields) = &r.override_fields {
@@ -441,6 +454,7 @@ pub fn tune(calls: &[Call], base: &Base, opts: &TuneOptions) -> TuneReport {
         blip_ms: opts.blip_ms,
         max_replays_per_upstream: MAX_REPLAYS,
         results,
+        skipped,
     }
 }
 
@@ -503,9 +517,6 @@ fn tune_upstream(
     opts: &TuneOptions,
 ) -> Option<UpstreamTuning> {
     let cfg = base.config.breaker_for(key);
-    if matches!(cfg.mode, Mode::Disabled | Mode::ForcedOpen) {
-        return None;
-    }
     let episodes = episodes_of(calls, cfg);
     let base_knobs = Knobs::of(cfg);
     let base_effect = replay(key, calls, &base.config, &episodes, opts)?;
