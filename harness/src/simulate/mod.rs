@@ -110,10 +110,11 @@ no episode is a trip in normal traffic.
 The search: coordinate search (each setting in turn set to the value that ranks best, until a pass
 changes nothing, at most 3 passes) from the upstream's own settings and from a rate-only start, over
   {grids}
-(and the upstream's own value). It is bounded: at most {max} candidates are replayed per upstream, each
+(and the upstream's own values). It is bounded: at most {max} candidates are replayed per upstream, each
 a replay of that upstream's calls, so the whole search costs at most {max} replays of the log.
-An upstream with no outage and no needless trip keeps the defaults (no override). Other settings
-(slow calls, backoff, success_threshold...) stay as the base has them.
+\"The defaults\" are an upstream's settings in --config (the contract's defaults without it). An
+upstream with no outage, on which the defaults trip on nothing, keeps them (no override). Other
+settings (slow calls, backoff, success_threshold...) stay as the base has them.
 
 Output: a ready-to-paste \"upstreams\" block (the base's own entries with each recommended override
 added, so it replaces the base's \"upstreams\" whole) and, per upstream, what the recommendation and the

@@ -55,7 +55,7 @@ pub fn grids() -> String {
         .collect();
     let list = |v: Vec<String>| v.join(", ");
     format!(
-        "failure_threshold {}; error_rate_threshold {}; window_size / window_duration {}; minimum_requests {}; open_timeout {}",
+        "failure_threshold {};\n  error_rate_threshold {};\n  window_size / window_duration {};\n  minimum_requests {};\n  open_timeout {}",
         list(FAILURE_THRESHOLDS.iter().map(u32::to_string).collect()),
         list(rates),
         list(windows),
