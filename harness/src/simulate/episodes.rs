@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use cb_core::classify::{Classification, Outcome};
-use cb_core::config::BreakerConfig;
+use cb_core::config::{BreakerConfig, WindowConfig};
 use serde::Serialize;
 
 /// Judged calls, failures and slow calls per second of end time (ignored calls say nothing).
@@ -116,6 +116,123 @@ pub struct Episodes {
     pub threshold: f64,
     /// In time order.
     pub episodes: Vec<Episode>,
+    /// The outcomes they were found in.
+    #[serde(skip)]
+    pub outcomes: Outcomes,
+}
+
+/// An upstream's judged outcomes in end-time order, with running counts, so that what a breaker's
+/// window would have held at any outcome is a subtraction.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Outcomes {
+    ends: Vec<u64>,
+    /// Failures among the first `i` outcomes (one more entry than `ends`).
+    failures_before: Vec<u32>,
+    /// Failures in a row ending with outcome `i`.
+    run: Vec<u32>,
+}
+
+/// What a window would have held at its worst over a stretch of time (see [`Outcomes::peak`]).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Peak {
+    /// The highest failure rate over the window, among windows with at least `minimum_requests`.
+    pub rate: f64,
+    /// The most failures in a row.
+    pub run: u32,
+}
+
+impl Outcomes {
+    /// From `(end time ms, failed)`, in any order (equal end times keep theirs).
+    pub fn new(mut v: Vec<(u64, bool)>) -> Self {
+        v.sort_by_key(|(end, _)| *end);
+        let mut out = Self {
+            ends: Vec::with_capacity(v.len()),
+            failures_before: Vec::with_capacity(v.len() + 1),
+            run: Vec::with_capacity(v.len()),
+        };
+        let (mut failures, mut run) = (0u32, 0u32);
+        out.failures_before.push(0);
+        for (end, failed) in v {
+            failures += u32::from(failed);
+            run = if failed { run + 1 } else { 0 };
+            out.ends.push(end);
+            out.failures_before.push(failures);
+            out.run.push(run);
+        }
+        out
+    }
+
+    /// `(end time, failed)` of each, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, bool)> + '_ {
+        self.ends
+            .iter()
+            .zip(self.failures_before.windows(2))
+            .map(|(end, w)| (*end, matches!(w, [a, b] if b > a)))
+    }
+
+    /// When the outcomes up to `t` will all have left `window`: `t` plus its duration, or the end of
+    /// the `n`-th outcome after `t` for a window of the last `n` (the last outcome's end if fewer
+    /// follow).
+    pub fn reach_end(&self, window: WindowConfig, t: u64) -> u64 {
+        match window {
+            WindowConfig::Time { duration_ms } => t.saturating_add(duration_ms),
+            WindowConfig::Count(n) => {
+                let next = self.ends.partition_point(|e| *e <= t);
+                let at = (next + usize::from(n)).saturating_sub(1);
+                self.ends
+                    .get(at)
+                    .or(self.ends.last())
+                    .copied()
+                    .unwrap_or(t)
+                    .max(t)
+            }
+        }
+    }
+
+    /// The worst `window` would have shown at the outcomes whose end time `inside` accepts, as if
+    /// every earlier call had been let through: the highest failure rate while it held at least
+    /// `minimum_requests` calls, and the longest run of failures.
+    pub fn peak(
+        &self,
+        window: WindowConfig,
+        minimum_requests: u32,
+        inside: impl Fn(u64) -> bool,
+    ) -> Peak {
+        let mut peak = Peak::default();
+        let mut from = 0usize;
+        for (i, &t) in self.ends.iter().enumerate() {
+            let first = match window {
+                WindowConfig::Count(n) => (i + 1).saturating_sub(usize::from(n)),
+                WindowConfig::Time { duration_ms } => {
+                    while self
+                        .ends
+                        .get(from)
+                        .is_some_and(|e| e.saturating_add(duration_ms) <= t)
+                    {
+                        from += 1;
+                    }
+                    from.min(i)
+                }
+            };
+            if !inside(t) {
+                continue;
+            }
+            peak.run = peak.run.max(self.run.get(i).copied().unwrap_or(0));
+            let calls = i + 1 - first;
+            if calls < minimum_requests as usize {
+                continue;
+            }
+            let failures = match (
+                self.failures_before.get(i + 1),
+                self.failures_before.get(first),
+            ) {
+                (Some(a), Some(b)) => a - b,
+                _ => 0,
+            };
+            peak.rate = peak.rate.max(f64::from(failures) / calls as f64);
+        }
+        peak
+    }
 }
 
 /// The error rate that makes a second bad, for an upstream whose noise is `noise`.
@@ -123,8 +240,7 @@ pub fn episode_threshold(noise: f64) -> f64 {
     (3.0 * noise).max(noise + 0.2).min(1.0)
 }
 
-/// An upstream's failure episodes, from `(end time ms, failed)` of each judged call (ignored calls
-/// left out).
+/// An upstream's failure episodes, from the outcomes of its judged calls (ignored calls left out).
 ///
 /// A second (of call end times) is *bad* when its error rate reaches the threshold
 /// [`episode_threshold`] of the upstream's noise. An episode is a run of bad seconds, where two bad
@@ -134,9 +250,9 @@ pub fn episode_threshold(noise: f64) -> f64 {
 /// even count) of the error rates of the [`NOISE_BUCKET_S`] buckets with calls that overlap no
 /// episode; as episodes depend on it, it starts as the median of all buckets and is refined until it
 /// settles (at most 5 rounds).
-pub fn find_episodes(outcomes: &[(u64, bool)]) -> Episodes {
+pub fn find_episodes(outcomes: Outcomes) -> Episodes {
     let mut seconds: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
-    for &(end_ms, failed) in outcomes {
+    for (end_ms, failed) in outcomes.iter() {
         let s = seconds.entry(end_ms / 1000).or_default();
         s.0 += 1;
         s.1 += u64::from(failed);
@@ -174,6 +290,7 @@ pub fn find_episodes(outcomes: &[(u64, bool)]) -> Episodes {
         noise,
         threshold: episode_threshold(noise),
         episodes,
+        outcomes,
     }
 }
 
@@ -277,7 +394,7 @@ mod tests {
         c.extend(calls(203, 300, 20, 20));
         c.extend(calls(300, 340, 20, 2));
         c.extend(calls(340, 400, 20, 20));
-        let e = find_episodes(&c);
+        let e = find_episodes(Outcomes::new(c));
         assert!((e.noise - 0.05).abs() < 1e-9, "{e:?}");
         assert!(
             (e.threshold - 0.25).abs() < 1e-9,
@@ -307,12 +424,45 @@ mod tests {
         c.extend(calls(231, 235, 10, 1));
         c.extend(calls(235, 300, 10, 0));
         c.sort_by_key(|x| x.0);
-        let spans: Vec<(u64, u64)> = find_episodes(&c)
+        let spans: Vec<(u64, u64)> = find_episodes(Outcomes::new(c))
             .episodes
             .iter()
             .map(|x| (x.start_ms / 1000, x.end_ms / 1000))
             .collect();
         assert_eq!(spans, [(100, 120), (123, 130), (200, 220), (231, 235)]);
-        assert!(find_episodes(&[]).episodes.is_empty());
+        assert!(find_episodes(Outcomes::default()).episodes.is_empty());
+    }
+
+    #[test]
+    fn peaks_are_what_the_window_would_have_held() {
+        // One call every 100 ms; calls 50..=59 fail (a 1s burst of ten in a row).
+        let o = Outcomes::new(
+            (0..200u64)
+                .map(|i| (i * 100, (50..60).contains(&i)))
+                .collect(),
+        );
+        let burst = |t: u64| (5_000..6_000).contains(&t);
+        let count = o.peak(WindowConfig::Count(20), 5, burst);
+        assert_eq!((count.rate, count.run), (0.5, 10));
+        let time = o.peak(WindowConfig::Time { duration_ms: 4_000 }, 5, burst);
+        assert_eq!(time.rate, 0.25, "ten of the forty calls in 4s");
+        let quiet = o.peak(WindowConfig::Count(20), 5, |t| t < 5_000);
+        assert_eq!((quiet.rate, quiet.run), (0.0, 0));
+        assert_eq!(
+            o.peak(WindowConfig::Count(20), 50, burst).rate,
+            0.0,
+            "never 50 calls in it"
+        );
+        // The burst's last failure ends at 5.9s: twenty calls later, or 4s later, it is out.
+        assert_eq!(o.reach_end(WindowConfig::Count(20), 5_900), 7_900);
+        assert_eq!(
+            o.reach_end(WindowConfig::Time { duration_ms: 4_000 }, 5_900),
+            9_900
+        );
+        assert_eq!(
+            o.reach_end(WindowConfig::Count(20), 19_850),
+            19_900,
+            "the log's end"
+        );
     }
 }

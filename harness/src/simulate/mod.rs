@@ -25,6 +25,7 @@ pub mod replay;
 pub mod report;
 pub mod scenario;
 pub mod tune;
+mod tune_judge;
 mod tune_search;
 
 use crate::svg;
@@ -102,8 +103,8 @@ Outages and blips are measured on the log, over every call to the upstream:
     with at least 3 failures;
   - an outage is an episode at least --outage long (full or partial: only the rate counts);
   - a blip is an episode shorter than --blip.
-A trip belongs to the episode it falls in (from 1s before its start to 2s after its end); a trip in
-no episode is a trip in normal traffic.
+A trip belongs to the episode it falls in: from 1s before its start until its failures have left the
+breaker's window (at least 2s after its end); a trip in no episode is a trip in normal traffic.
 
 {objective}
 

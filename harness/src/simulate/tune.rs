@@ -9,24 +9,21 @@
 
 use std::collections::BTreeMap;
 
-use cb_core::breaker::StateKind;
 use cb_core::classify::Outcome;
 use cb_core::config::{glob_match, BreakerConfig, FilterConfig, Mode, WindowConfig};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use super::episodes::{find_episodes, Episode, Episodes};
+use super::episodes::{find_episodes, Episodes, Outcomes};
 use super::log::Call;
-use super::replay::{simulate, Options, UpstreamReport};
+use super::replay::{simulate, Options};
+pub use super::tune_judge::{episode_of, judge, Catch, Effect};
 use super::tune_search::search;
 
 /// Default `--outage`: an episode at least this long is an outage the breaker must catch.
 pub const DEFAULT_OUTAGE_MS: u64 = 30_000;
 /// Most candidates replayed per upstream.
 pub const MAX_REPLAYS: usize = 120;
-/// A trip this long before an episode's first bad second, or this long after its last, is still its.
-const TRIP_BEFORE_MS: u64 = 1_000;
-const TRIP_AFTER_MS: u64 = 2_000;
 
 /// The objective, as `--help` states it.
 pub const OBJECTIVE: &str = "\
@@ -34,15 +31,19 @@ The recommendation, per upstream, is the candidate that best meets, in this orde
   1. every outage caught in time: the breaker opens within half of --outage after the outage began
      (or is open already);
   2. no needless trip: no trip on a blip, none in normal traffic (outside every episode);
-  3. a margin: every outage caught within a third of --outage, so that the same traffic on another
-     day (which never repeats a log exactly) is still caught in time;
+  3. a margin, so that another day of the same traffic (which never repeats a log exactly) gets the
+     same verdicts. As measured on the log (every call as if let through): every outage caught within
+     a third of --outage, its window failure rate by then at least 1.25 x error_rate_threshold (or
+     halfway from it to 100 %) or 1.25 x failure_threshold failures in a row; on every blip and in
+     normal traffic, a window failure rate at most 2/3 of error_rate_threshold and at most 2/3 of
+     failure_threshold failures in a row;
   4. fewest would-succeed calls rejected;
   5. fewest failures let through;
   6. closest to the defaults (fewest of the five settings changed).
-Each priority narrows the candidates left by the ones before it (in 1 and 3, to those closest to
-meeting it); in 4 and 5, counts within 10 % (or 5 calls) of the fewest are taken as equal, so that
-small differences of one log do not outweigh the next priority. When no candidate meets 1, 2 or 3,
-the report says which and why.";
+Each priority narrows the candidates left by the ones before it (in 1, to those closest to catching
+in time; in 3, to those short of the margin in fewest places); in 4 and 5, counts within 10 % (or 5
+calls) of the fewest are taken as equal, so that small differences of one log do not outweigh the
+next priority. When no candidate meets 1, 2 or 3, the report says which and why.";
 
 /// Settings of a tuning run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,145 +136,6 @@ pub fn duration(ms: u64) -> String {
     } else {
         format!("{ms}ms")
     }
-}
-
-/// One outage and how a candidate dealt with it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Catch {
-    /// When it began (ms since the epoch).
-    pub start_ms: u64,
-    /// How long it lasted, ms.
-    pub length_ms: u64,
-    /// Its failure fraction.
-    pub error_rate: f64,
-    /// From its start to the breaker's first moment not Closed in it, ms; `None`: never.
-    pub caught_after_ms: Option<u64>,
-    /// Caught within half of `--outage`.
-    pub in_time: bool,
-}
-
-/// What one candidate would have done to an upstream's traffic.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Effect {
-    /// Each outage, in order.
-    pub outages: Vec<Catch>,
-    /// Trips on a blip.
-    pub blip_trips: u32,
-    /// Trips outside every episode.
-    pub normal_traffic_trips: u32,
-    /// Trips on episodes between `--blip` and `--outage` long (neither required nor needless).
-    pub other_trips: u32,
-    /// Rejected calls that succeeded in the log.
-    pub would_succeed_rejected: u64,
-    /// Failures among the calls let through.
-    pub failures_let_through: u64,
-    /// Times of the needless trips (ms), for the report.
-    #[serde(skip)]
-    pub needless_at_ms: Vec<u64>,
-}
-
-impl Effect {
-    /// Outages not caught in time.
-    pub fn missed(&self) -> usize {
-        self.outages.iter().filter(|c| !c.in_time).count()
-    }
-
-    /// Blip trips and trips in normal traffic.
-    pub fn needless_trips(&self) -> u32 {
-        self.blip_trips + self.normal_traffic_trips
-    }
-
-    /// How far the outages were from being caught within a third of `outage_ms`, the margin (ms, summed
-    /// over them; a miss with no catch at all counts its whole length plus `outage_ms`).
-    pub fn margin_lateness_ms(&self, outage_ms: u64) -> u64 {
-        self.outages
-            .iter()
-            .map(|c| {
-                c.caught_after_ms.map_or(c.length_ms + outage_ms, |ms| {
-                    ms.saturating_sub(outage_ms / 3)
-                })
-            })
-            .sum()
-    }
-
-    /// How far the missed outages were from being caught in time (ms; a miss with no catch at all
-    /// counts its whole length plus `outage_ms`), so that the search can move towards catching them.
-    pub fn lateness_ms(&self, outage_ms: u64) -> u64 {
-        self.outages
-            .iter()
-            .filter(|c| !c.in_time)
-            .map(|c| {
-                c.caught_after_ms.map_or(c.length_ms + outage_ms, |ms| {
-                    ms.saturating_sub(outage_ms / 2)
-                })
-            })
-            .sum()
-    }
-}
-
-/// Judges one replay of an upstream against its episodes.
-pub fn judge(u: &UpstreamReport, episodes: &Episodes, opts: &TuneOptions) -> Effect {
-    let state_at = |t: u64| {
-        u.states
-            .iter()
-            .take_while(|(at, _)| *at <= t)
-            .last()
-            .map_or(StateKind::Closed, |(_, s)| *s)
-    };
-    let outages = episodes
-        .episodes
-        .iter()
-        .filter(|e| e.len_ms() >= opts.outage_ms)
-        .map(|e| {
-            let caught_after_ms = if state_at(e.start_ms) != StateKind::Closed {
-                Some(0)
-            } else {
-                u.states
-                    .iter()
-                    .find(|(at, s)| (e.start_ms..e.end_ms).contains(at) && *s != StateKind::Closed)
-                    .map(|(at, _)| at - e.start_ms)
-            };
-            Catch {
-                start_ms: e.start_ms,
-                length_ms: e.len_ms(),
-                error_rate: e.error_rate(),
-                caught_after_ms,
-                in_time: caught_after_ms.is_some_and(|ms| ms <= opts.outage_ms / 2),
-            }
-        })
-        .collect();
-    let mut effect = Effect {
-        outages,
-        blip_trips: 0,
-        normal_traffic_trips: 0,
-        other_trips: 0,
-        would_succeed_rejected: u.rejected_would_have_succeeded,
-        failures_let_through: u.failures_let_through,
-        needless_at_ms: Vec::new(),
-    };
-    for p in u.open_periods.iter().filter(|p| p.reason != "forced") {
-        let t = p.opened_at_ms;
-        match episode_of(&episodes.episodes, t).map(Episode::len_ms) {
-            Some(len) if len >= opts.outage_ms => {}
-            Some(len) if len < opts.blip_ms => {
-                effect.blip_trips += 1;
-                effect.needless_at_ms.push(t);
-            }
-            Some(_) => effect.other_trips += 1,
-            None => {
-                effect.normal_traffic_trips += 1;
-                effect.needless_at_ms.push(t);
-            }
-        }
-    }
-    effect
-}
-
-/// The episode a trip at `t` belongs to.
-pub fn episode_of(episodes: &[Episode], t: u64) -> Option<&Episode> {
-    episodes
-        .iter()
-        .find(|e| e.start_ms.saturating_sub(TRIP_BEFORE_MS) <= t && t <= e.end_ms + TRIP_AFTER_MS)
 }
 
 /// A priority no candidate could meet, and why.
@@ -468,7 +330,12 @@ pub fn replay(
 ) -> Option<Effect> {
     let report = simulate(calls, config, &Options::default());
     let u = report.upstreams.iter().find(|u| u.upstream == key)?;
-    Some(judge(u, episodes, opts))
+    Some(judge(
+        u,
+        episodes,
+        &Knobs::of(config.breaker_for(key)),
+        opts,
+    ))
 }
 
 /// Each upstream's calls in `calls`, by key, as `config` keys them.
@@ -490,7 +357,7 @@ fn episodes_of(calls: &[Call], cfg: &BreakerConfig) -> Episodes {
         .filter(|(_, o)| *o != Outcome::Ignored)
         .map(|(t, o)| (t, o == Outcome::Failure))
         .collect();
-    find_episodes(&outcomes)
+    find_episodes(Outcomes::new(outcomes))
 }
 
 /// What `config` would have done to each upstream of `calls`, judged as `--tune` judges: its
@@ -552,9 +419,10 @@ fn tune_upstream(
         return Some(result);
     }
     let tried = search(key, calls, base, &episodes, opts, base_knobs, base_effect);
-    let (best_knobs, best) = tried.best(opts);
     result.replays = tried.len();
-    result.unmet = super::tune_search::unmet(&tried, best, &episodes, opts);
+    // Never empty: the base is the first candidate.
+    let (best_knobs, best) = tried.best(opts)?;
+    result.unmet = super::tune_search::unmet(&tried, (best_knobs, best), &episodes, opts);
     result.override_fields = base.override_for(key, &best_knobs);
     result.recommended_knobs = best_knobs;
     result.recommended = best.clone();

@@ -4,8 +4,9 @@
 use cb_core::config::{FilterConfig, WindowConfig};
 
 use super::episodes::Episodes;
-use super::log::{format_rfc3339_ms, Call};
+use super::log::Call;
 use super::tune::{duration, replay, Base, Effect, Knobs, TuneOptions, Unmet, MAX_REPLAYS};
+use super::tune_judge::{clock, episode_of, secs};
 
 /// The values each setting is tried at (besides the upstream's own).
 pub const FAILURE_THRESHOLDS: [u32; 6] = [0, 3, 5, 10, 20, 50];
@@ -65,7 +66,7 @@ pub fn grids() -> String {
 }
 
 /// Where a candidate stands in the objective's order, priority by priority (lower is better).
-type Rank = (usize, u64, u32, u64, u64, u64, usize);
+type Rank = (usize, u64, u32, usize, u64, u64, u64, usize);
 
 /// Every candidate replayed for one upstream, in the order they were.
 #[derive(Debug, Clone)]
@@ -91,7 +92,8 @@ impl Tried {
             e.missed(),
             e.lateness_ms(opts.outage_ms),
             e.needless_trips(),
-            e.margin_lateness_ms(opts.outage_ms),
+            e.short_of_margin.len(),
+            e.margin_shortfall,
             e.would_succeed_rejected,
             e.failures_let_through,
             k.distance(&self.base),
@@ -99,7 +101,7 @@ impl Tried {
     }
 
     /// The recommendation: each priority of the objective narrows the candidates in turn.
-    pub fn best(&self, opts: &TuneOptions) -> (Knobs, &Effect) {
+    pub fn best(&self, opts: &TuneOptions) -> Option<(Knobs, &Effect)> {
         let mut left: Vec<&(Knobs, Effect)> = self.entries.iter().collect();
         let narrow = |left: &mut Vec<&(Knobs, Effect)>,
                       score: &dyn Fn(&(Knobs, Effect)) -> u64,
@@ -117,34 +119,13 @@ impl Tried {
         narrow(&mut left, &|c| c.1.missed() as u64, false);
         narrow(&mut left, &|c| c.1.lateness_ms(opts.outage_ms), false);
         narrow(&mut left, &|c| u64::from(c.1.needless_trips()), false);
-        narrow(
-            &mut left,
-            &|c| c.1.margin_lateness_ms(opts.outage_ms),
-            false,
-        );
+        narrow(&mut left, &|c| c.1.short_of_margin.len() as u64, false);
         narrow(&mut left, &|c| c.1.would_succeed_rejected, true);
         narrow(&mut left, &|c| c.1.failures_let_through, true);
         narrow(&mut left, &|c| c.0.distance(&self.base) as u64, false);
-        match left.first() {
-            Some((k, e)) => (*k, e),
-            // Never empty: the base is the first entry.
-            None => self
-                .entries
-                .first()
-                .map_or((self.base, &EMPTY), |(k, e)| (*k, e)),
-        }
+        left.first().map(|(k, e)| (*k, e))
     }
 }
-
-static EMPTY: Effect = Effect {
-    outages: Vec::new(),
-    blip_trips: 0,
-    normal_traffic_trips: 0,
-    other_trips: 0,
-    would_succeed_rejected: 0,
-    failures_let_through: 0,
-    needless_at_ms: Vec::new(),
-};
 
 struct Search<'a> {
     key: &'a str,
@@ -357,7 +338,12 @@ pub fn search(
 }
 
 /// The priorities `best` does not meet, each with the reason.
-pub fn unmet(tried: &Tried, best: &Effect, episodes: &Episodes, opts: &TuneOptions) -> Vec<Unmet> {
+pub fn unmet(
+    tried: &Tried,
+    (knobs, best): (Knobs, &Effect),
+    episodes: &Episodes,
+    opts: &TuneOptions,
+) -> Vec<Unmet> {
     let mut out = Vec::new();
     let limit = opts.outage_ms / 2;
     for (i, c) in best.outages.iter().enumerate().filter(|(_, c)| !c.in_time) {
@@ -383,25 +369,14 @@ pub fn unmet(tried: &Tried, best: &Effect, episodes: &Episodes, opts: &TuneOptio
         });
     }
     if best.needless_trips() > 0 {
-        out.push(needless(tried, best, episodes, opts));
+        out.push(needless(tried, (knobs, best), episodes, opts));
     }
-    let margin = opts.outage_ms / 3;
-    let late: Vec<String> = best
-        .outages
-        .iter()
-        .filter(|c| c.in_time && c.caught_after_ms.is_some_and(|ms| ms > margin))
-        .map(|c| {
-            let after = c.caught_after_ms.map_or(String::new(), secs);
-            format!("the outage at {} after {after}", clock(c.start_ms))
-        })
-        .collect();
-    if !late.is_empty() {
+    if !best.short_of_margin.is_empty() {
         out.push(Unmet {
             priority: 3,
             why: format!(
-                "it catches {} (in time, but not within {}): no candidate that met priorities 1 and 2 did better",
-                late.join(", "),
-                secs(margin)
+                "{}; no candidate tried that met the priorities before it had the whole margin",
+                best.short_of_margin.join("; ")
             ),
         });
     }
@@ -409,11 +384,17 @@ pub fn unmet(tried: &Tried, best: &Effect, episodes: &Episodes, opts: &TuneOptio
 }
 
 /// Why `best` trips needlessly: what the candidates that do not would have cost.
-fn needless(tried: &Tried, best: &Effect, episodes: &Episodes, opts: &TuneOptions) -> Unmet {
+fn needless(
+    tried: &Tried,
+    (knobs, best): (Knobs, &Effect),
+    episodes: &Episodes,
+    opts: &TuneOptions,
+) -> Unmet {
+    let episode = |t: u64| episode_of(episodes, knobs.window, t);
     let trips: Vec<String> = best
         .needless_at_ms
         .iter()
-        .map(|t| match super::tune::episode_of(&episodes.episodes, *t) {
+        .map(|t| match episode(*t) {
             Some(e) => format!(
                 "the blip at {} ({}, {:.0} % errors)",
                 clock(e.start_ms),
@@ -435,7 +416,8 @@ fn needless(tried: &Tried, best: &Effect, episodes: &Episodes, opts: &TuneOption
     let why = match avoiding {
         Some((_, e)) => {
             let missed = e.outages.iter().find(|c| !c.in_time);
-            let looks = match (missed, best.needless_at_ms.first().and_then(|t| super::tune::episode_of(&episodes.episodes, *t))) {
+            let blip = best.needless_at_ms.iter().find_map(|t| episode(*t));
+            let looks = match (missed, blip) {
                 (Some(o), Some(b)) => format!(
                     ": to the breaker, a blip of {} at {:.0} % errors looks like the first seconds of the outage at {} ({:.0} % errors)",
                     secs(b.len_ms()),
@@ -457,17 +439,4 @@ fn needless(tried: &Tried, best: &Effect, episodes: &Episodes, opts: &TuneOption
         ),
     };
     Unmet { priority: 2, why }
-}
-
-fn secs(ms: u64) -> String {
-    if ms % 1000 == 0 {
-        format!("{}s", ms / 1000)
-    } else {
-        format!("{:.1}s", ms as f64 / 1000.0)
-    }
-}
-
-fn clock(ms: u64) -> String {
-    let t = format_rfc3339_ms(ms);
-    t.get(11..19).map_or(t.clone(), str::to_string)
 }
