@@ -141,7 +141,7 @@ pub fn duration(ms: u64) -> String {
 /// A priority no candidate could meet, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Unmet {
-    /// 1 or 2 (see [`OBJECTIVE`]).
+    /// 1, 2 or 3 (see [`OBJECTIVE`]).
     pub priority: u8,
     /// Why, in a sentence.
     pub why: String,

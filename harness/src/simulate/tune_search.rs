@@ -37,7 +37,7 @@ pub const MINIMUM_REQUESTS: [u32; 5] = [5, 10, 20, 50, 100];
 pub const OPEN_TIMEOUTS_MS: [u64; 5] = [5_000, 10_000, 15_000, 30_000, 60_000];
 /// Passes over the five settings from one starting point, at most.
 const MAX_PASSES: usize = 3;
-/// In priorities 3 and 4, counts within this fraction of the fewest (or [`BAND_CALLS`]) are equal.
+/// In priorities 4 and 5, counts within this fraction of the fewest (or [`BAND_CALLS`]) are equal.
 const BAND_FRACTION: f64 = 0.10;
 const BAND_CALLS: u64 = 5;
 
