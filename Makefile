@@ -206,6 +206,7 @@ fuzz-tools:
 ## About 7 minutes on two cores, plus builds. Installs h2load (Debian's nghttp2-client) when missing.
 bench: build envoy bench-tools bench-probe
 	cargo bench -p circuit-breaker-harness --bench breakers -- --warm-up-time 1 --measurement-time 3 --noplot
+	cargo bench -p circuit-breaker-harness --bench tune -- --noplot
 	cargo run -q -p circuit-breaker-harness -- bench
 
 ## the host-call probe (harness/benches/hostcall-probe, its own workspace): prices each kind of host

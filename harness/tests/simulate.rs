@@ -65,7 +65,7 @@ fn at(t: &str) -> u64 {
 }
 
 fn run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_circuit-breaker-harness"))
+    Command::new(env!("CARGO_BIN_EXE_circuit-breaker"))
         .arg("simulate")
         .args(args)
         .output()
@@ -480,4 +480,39 @@ fn assert_well_formed(doc: &str) {
         }
     }
     panic!("unclosed elements: {stack:?}");
+}
+
+#[test]
+fn every_subcommand_has_its_own_help_and_demo_and_bench_get_their_options_untouched() {
+    let bin = env!("CARGO_BIN_EXE_circuit-breaker");
+    let help = |args: &[&str]| {
+        let out = Command::new(bin).args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let top = help(&["--help"]);
+    for sub in ["simulate", "demo", "bench"] {
+        assert!(top.contains(sub), "{top}");
+    }
+    let simulate = help(&["simulate", "--help"]);
+    for flag in [
+        "--log",
+        "--scenario",
+        "--config",
+        "--svg",
+        "--json",
+        "--blip",
+    ] {
+        assert!(simulate.contains(flag), "{flag}: {simulate}");
+    }
+    assert!(help(&["demo", "--help"]).contains("--outage S"));
+    assert!(help(&["bench", "--help"]).contains("--rounds"));
+
+    // An option clap does not know reaches the demo's own parser, which names it (and starts nothing).
+    let out = Command::new(bin).args(["demo", "--nope"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("demo: unknown option \"--nope\""),
+        "{out:?}"
+    );
 }
