@@ -6,7 +6,7 @@
 //! stops making calls once every worker is stuck on the dead host, so the gateway goes silent whether
 //! or not the breaker opened. Here calls keep arriving; once the breaker opens, they get a fast answer.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -98,8 +98,10 @@ pub(super) struct Gateway {
     calls: Mutex<Vec<CallRecord>>,
     /// One permit per call in flight.
     slots: Arc<Semaphore>,
-    stop: AtomicBool,
     arrived: AtomicU64,
+    /// The furthest behind schedule a request arrived, in µs: how long the harness's runtime was kept
+    /// from running (on a busy machine, by the other processes), which delays every measure with it.
+    max_lag_us: AtomicU64,
 }
 
 impl Gateway {
@@ -109,8 +111,8 @@ impl Gateway {
             start,
             calls: Mutex::new(Vec::new()),
             slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
-            stop: AtomicBool::new(false),
             arrived: AtomicU64::new(0),
+            max_lag_us: AtomicU64::new(0),
         })
     }
 
@@ -119,27 +121,30 @@ impl Gateway {
         MAX_IN_FLIGHT.saturating_sub(self.slots.available_permits())
     }
 
+    /// The furthest behind schedule a request has arrived so far, in ms.
+    pub(super) fn max_lag_ms(&self) -> f64 {
+        self.max_lag_us.load(Ordering::Relaxed) as f64 / 1000.0
+    }
+
     /// Every request that has ended so far, in the order they ended.
     pub(super) fn calls(&self) -> Vec<CallRecord> {
         lock(&self.calls).clone()
     }
 
-    /// Ends the arrivals (the calls in flight go on).
-    pub(super) fn stop(&self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-
-    /// The arrivals: a request every [`ARRIVAL_EVERY`] until [`Gateway::stop`], and at most
-    /// `max_requests`. Ticks missed while the runtime was busy are made up at once: the clients do not
-    /// wait for the gateway.
-    pub(super) async fn arrivals(self: Arc<Self>, max_requests: u64) {
-        let mut tick = tokio::time::interval(ARRIVAL_EVERY);
+    /// The arrivals: a request every [`ARRIVAL_EVERY`] from the start of the run until `until`, and
+    /// at most `max_requests`. Ticks missed while the runtime was busy are made up at once: the
+    /// clients do not wait for the gateway. The calls in flight at `until` go on.
+    pub(super) async fn arrivals(self: Arc<Self>, until: Instant, max_requests: u64) {
+        let mut tick = tokio::time::interval_at(self.start, ARRIVAL_EVERY);
         tick.set_missed_tick_behavior(MissedTickBehavior::Burst);
         for n in 0..max_requests {
-            tick.tick().await;
-            if self.stop.load(Ordering::Relaxed) {
+            let due = tick.tick().await;
+            if due >= until {
                 break;
             }
+            let lag = Instant::now().saturating_duration_since(due).as_micros();
+            self.max_lag_us
+                .fetch_max(u64::try_from(lag).unwrap_or(u64::MAX), Ordering::Relaxed);
             self.arrived.fetch_add(1, Ordering::Relaxed);
             let service = ServiceKind::ALL
                 .get((n % 4) as usize)
@@ -300,12 +305,14 @@ mod tests {
         let channel = Channel::from_shared(format!("http://{addr}"))
             .unwrap()
             .connect_lazy();
-        let gateway = Gateway::new(channel, Instant::now());
+        let start = Instant::now();
+        let gateway = Gateway::new(channel, start);
         let extra = 20;
         let requests = (MAX_IN_FLIGHT + extra) as u64;
+        let never = start + Duration::from_secs(3600);
         tokio::time::timeout(
             ARRIVAL_EVERY * (requests as u32 + 10),
-            gateway.clone().arrivals(requests),
+            gateway.clone().arrivals(never, requests),
         )
         .await
         .expect("the arrival loop ends at its request bound");
@@ -325,5 +332,19 @@ mod tests {
                 Ending::Shed
             }));
         held.abort();
+    }
+
+    /// The arrivals end at `until` whatever their count bound: a request every 5 ms from the start,
+    /// for 100 ms, is 20 requests.
+    #[tokio::test(start_paused = true)]
+    async fn arrivals_end_at_their_time() {
+        let channel = Channel::from_static("http://127.0.0.1:9").connect_lazy();
+        let start = Instant::now();
+        let gateway = Gateway::new(channel, start);
+        let until = start + ARRIVAL_EVERY * 20;
+        gateway.clone().arrivals(until, u64::MAX).await;
+        assert_eq!(gateway.arrived.load(Ordering::Relaxed), 20);
+        assert_eq!(Instant::now(), until);
+        gateway.drain().await;
     }
 }

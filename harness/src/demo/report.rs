@@ -224,6 +224,10 @@ pub(super) fn summary_table(with: &RunReport, without: &RunReport) -> String {
             "longest no answer at all, any service (s)",
             both(&|r| silence(r, None)),
         ),
+        (
+            "arrivals behind schedule, at most (ms)",
+            both(&|r| r1(r.max_lag_ms)),
+        ),
     ];
     let mut out = format!(
         "| {:<46} | {:>14} | {:>17} |\n",

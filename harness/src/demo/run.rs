@@ -33,8 +33,10 @@ pub(super) struct RunReport {
     /// When the content breaker first opened during the outage (ms since the start of the run), as
     /// `circuit_breaker_open_total{upstream="content"}` told it; `None` if it never did.
     pub(super) opened_ms: Option<u64>,
-    /// When the load stopped (ms since the start of the run).
+    /// When the arrivals stopped (ms since the start of the run).
     pub(super) end_ms: u64,
+    /// The furthest behind schedule a request arrived (ms): a stall of the harness itself.
+    pub(super) max_lag_ms: f64,
 }
 
 /// One run: services, Envoy from `build`'s bootstrap with `config`, the gateway's load, the outage.
@@ -70,10 +72,13 @@ pub(super) async fn one_run(
 
     let start = Instant::now();
     let gateway = Gateway::new(channel, tokio::time::Instant::from_std(start));
-    // The arrivals end when the run does; the count bound holds should the clock misbehave.
+    // The arrivals end at the run's planned end, whatever the timeline's reads of Envoy cost; the
+    // count bound holds should the clock misbehave.
+    let load_ms = phases.total() * 1000;
+    let until = tokio::time::Instant::from_std(start + Duration::from_millis(load_ms));
     let per_second = Duration::from_secs(1).as_millis() / ARRIVAL_EVERY.as_millis().max(1);
     let max_requests = (phases.total() + 1) * u64::try_from(per_second).unwrap_or(1000);
-    let arrivals = tokio::spawn(gateway.clone().arrivals(max_requests));
+    let arrivals = tokio::spawn(gateway.clone().arrivals(until, max_requests));
 
     let mut report = RunReport::default();
     let mut opening = None;
@@ -117,11 +122,10 @@ pub(super) async fn one_run(
         );
         report.states.push((second * 1000, states));
     }
-    gateway.stop();
-    report.end_ms = ms_since(start);
-    // The arrival loop sees the stop within one tick.
-    let _ = tokio::time::timeout(Duration::from_secs(1), arrivals).await;
+    report.end_ms = load_ms;
+    let _ = tokio::time::timeout_at(until + Duration::from_secs(1), arrivals).await;
     gateway.drain().await;
+    report.max_lag_ms = gateway.max_lag_ms();
     if let Some(task) = opening {
         report.opened_ms = task
             .await
