@@ -11,12 +11,12 @@ ENVOY_VERSION := 1.40.0
 VENV          := $(ROOT)/.venv
 TOOLS         := $(ROOT)/.tools
 WASM          := $(ROOT)/dist/circuit_breaker.wasm
-NATIVE        := $(ROOT)/dist/libcircuit_breaker.so
+NATIVE_SO     := $(ROOT)/dist/libcircuit_breaker.so
 # `ENVOY=/path/to/envoy make test` uses another Envoy binary; otherwise the pinned one is installed.
 ENVOY         ?= $(TOOLS)/envoy
 export ENVOY
 export CB_WASM := $(WASM)
-export CB_NATIVE := $(NATIVE)
+export CB_NATIVE := $(NATIVE_SO)
 
 WASM_BINDGEN_VERSION = $(shell sed -n '/^name = "wasm-bindgen"$$/{n;s/version = "\(.*\)"/\1/p}' Cargo.lock)
 WASM_TEST_RUNNER     = $(TOOLS)/bin/wasm-bindgen-test-runner
@@ -31,8 +31,8 @@ build: targets
 	cargo build -p circuit-breaker-native --profile release-native
 	mkdir -p dist
 	cp target/wasm32-wasip1/release/circuit_breaker_wasm.wasm $(WASM)
-	cp target/release-native/libcircuit_breaker.so $(NATIVE)
-	@ls -l $(WASM) $(NATIVE)
+	cp target/release-native/libcircuit_breaker.so $(NATIVE_SO)
+	@ls -l $(WASM) $(NATIVE_SO)
 
 ## test: every layer: core unit + property tests, harness scenarios, core tests in wasm, e2e in Envoy
 test: test-core test-native test-harness test-wasm test-k8s test-e2e
@@ -81,9 +81,11 @@ corruptor: targets
 	cargo build --manifest-path tests/fixtures/corruptor/Cargo.toml --target wasm32-wasip1 --release \
 		--target-dir $(ROOT)/target/fixtures
 
-## demo: Envoy + the filter in front of the demo services; an outage, the breaker opens, fails fast, recovers
+## demo: Envoy + the filter in front of the demo services; an outage, the breaker opens, fails fast, recovers.
+## `make demo NATIVE=1` runs it on the native build (dist/libcircuit_breaker.so, envoy/demo-native.yaml).
+NATIVE ?=
 demo: build envoy
-	cargo run -q -p circuit-breaker-harness -- demo
+	cargo run -q -p circuit-breaker-harness -- demo $(if $(filter 1,$(NATIVE)),--native)
 
 ## lint: rustfmt and clippy (-D warnings), for the host and for wasm32-wasip1
 lint: targets

@@ -1,27 +1,30 @@
 //! `harness demo`, what `make demo` runs: the story this project exists for, told live.
 //!
 //! On loopback it starts the four services of a small social app (user, content, feed, auth), one Envoy
-//! with the filter in front of them, and a client playing the API gateway: a steady stream of concurrent
-//! gRPC calls to all four, each with a 2 s deadline, as gateways set them. Then content-service becomes a
-//! dead host: it takes every call and never answers. Envoy's route timeout is long (10 s, like Envoy's
-//! own default of 15 s), so only the callers' deadlines end those calls. Later the service comes back.
-//! A line a second shows calls, upstream failures, calls the gateway gave up on, rejections, each
-//! breaker's state (from the health endpoint) and the latency callers see.
+//! with the filter in front of them, and a client playing the API gateway for many independent
+//! clients: requests arrive at a fixed rate (200 a second, to the four services in turn) whatever
+//! became of the earlier ones, each a gRPC call with a 2 s deadline, as gateways set them. Then
+//! content-service becomes a dead host: it takes every call and never answers. Envoy's route timeout is
+//! long (10 s, like Envoy's own default of 15 s), so only the callers' deadlines end those calls. Later
+//! the service comes back. A line a second shows how the requests that ended that second ended (OK,
+//! upstream failure, rejection, given up at the deadline, shed by the gateway), the calls still
+//! waiting, the latency callers saw and each breaker's state (from the health endpoint).
 //!
 //! The same outage is then replayed with the filter in `disabled` mode, and a side-by-side table shows
-//! what the breaker saved: the total time callers spent waiting, the calls that reached the dead
-//! service, p99 latency, how soon the breaker opened and the longest the gateway went without any
-//! answer. `target/demo/timeline.svg` draws the two runs against each other.
+//! what the breaker saved: the calls left waiting and the time callers spent waiting, the calls that
+//! reached the dead service, p99 latency, how soon the breaker opened and the longest the callers of
+//! content-service (and the gateway as a whole) went without any answer. `target/demo/timeline.svg`
+//! draws the two runs against each other.
 //!
-//! Files: `load.rs` (the gateway's workers and how a call ended), `run.rs` (one run and what it
-//! measured), `report.rs` (the lines and the table), `picture.rs` (the SVG).
+//! Files: `load.rs` (the gateway's open-loop arrivals and how a call ended), `run.rs` (one run and what
+//! it measured), `report.rs` (the lines and the table), `picture.rs` (the SVG).
 //!
-//! `--native` runs the native build of the filter (`dist/libcircuit_breaker.so`, loaded by Envoy's
-//! dynamic modules from `envoy/demo-native.yaml`) instead of the `.wasm` one.
+//! `--native` runs the native build of the filter (`dist/libcircuit_breaker.so`, or `CB_NATIVE`,
+//! loaded by Envoy's dynamic modules from `envoy/demo-native.yaml`) instead of the `.wasm` one.
 
 use std::path::{Path, PathBuf};
 
-use crate::envoy::workspace_root;
+use crate::envoy::{native_path, workspace_root, Build};
 use crate::svg;
 
 mod load;
@@ -58,81 +61,38 @@ impl Phases {
     }
 }
 
-/// Which build of the filter Envoy loads, and so which bootstrap template renders it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum FilterBuild {
-    /// `dist/circuit_breaker.wasm` (`make build`), from `envoy/demo.yaml`.
-    Wasm,
-    /// `dist/libcircuit_breaker.so`, an Envoy dynamic module, from `envoy/demo-native.yaml`.
-    Native,
-}
+/// The wasm demo's bootstrap; [`Build::template`] names the native build's twin.
+const TEMPLATE: &str = "envoy/demo.yaml";
 
-/// The native module's file name, which Envoy finds in `ENVOY_DYNAMIC_MODULES_SEARCH_PATH`.
-const NATIVE_MODULE: &str = "libcircuit_breaker.so";
-
-impl FilterBuild {
-    fn name(self) -> &'static str {
-        match self {
-            FilterBuild::Wasm => "wasm",
-            FilterBuild::Native => "native",
-        }
+/// Checks that `build` can run: its bootstrap template is there and, for the native build, the
+/// module ([`native_path`]: `CB_NATIVE`, else `dist/libcircuit_breaker.so`). The launcher points
+/// Envoy's `ENVOY_DYNAMIC_MODULES_SEARCH_PATH` at the module's directory.
+fn check(build: Build) -> Result<(), String> {
+    let template = workspace_root().join(build.template(TEMPLATE));
+    if !template.is_file() {
+        return Err(format!(
+            "demo: {} not found: the {} build of the filter needs it as its bootstrap template",
+            display_path(&template),
+            build.name()
+        ));
     }
-
-    fn template(self) -> &'static str {
-        match self {
-            FilterBuild::Wasm => "envoy/demo.yaml",
-            FilterBuild::Native => "envoy/demo-native.yaml",
-        }
+    if build == Build::Native {
+        native_path().map_err(|e| format!("demo: the native build: {e}"))?;
     }
-
-    /// Checks that this build can run, and points Envoy at it. Must run before any thread starts: it
-    /// sets the environment the Envoy processes inherit.
-    fn prepare(self) -> Result<(), String> {
-        if let Some(dir) = self.check()? {
-            // Envoy looks dynamic modules up by name in this directory.
-            std::env::set_var("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", dir);
-        }
-        Ok(())
-    }
-
-    /// Checks that this build's files are there; for the native build, returns the directory Envoy
-    /// must search for the module.
-    fn check(self) -> Result<Option<PathBuf>, String> {
-        let root = workspace_root();
-        let template = root.join(self.template());
-        if !template.is_file() {
-            return Err(format!(
-                "demo: {} not found: the {} build of the filter needs it as its bootstrap template",
-                display_path(&template),
-                self.name()
-            ));
-        }
-        if self == FilterBuild::Native {
-            let dist = root.join("dist");
-            let module = dist.join(NATIVE_MODULE);
-            if !module.is_file() {
-                return Err(format!(
-                    "demo: no native filter at {}: build the native module first",
-                    display_path(&module)
-                ));
-            }
-            return Ok(Some(dist));
-        }
-        Ok(None)
-    }
+    Ok(())
 }
 
 /// The parsed command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Options {
     phases: Phases,
-    build: FilterBuild,
+    build: Build,
 }
 
 /// Runs the subcommand: `harness demo [--healthy S] [--outage S] [--recovery S] [--native]`.
 pub fn run(args: &[String]) -> Result<(), String> {
     let options = parse_args(args)?;
-    options.build.prepare()?;
+    check(options.build)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -156,7 +116,7 @@ fn parse_args(args: &[String]) -> Result<Options, String> {
         outage: 16,
         recovery: 12,
     };
-    let mut build = FilterBuild::Wasm;
+    let mut build = Build::Wasm;
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         let slot = match flag.as_str() {
@@ -164,7 +124,7 @@ fn parse_args(args: &[String]) -> Result<Options, String> {
             "--outage" => &mut phases.outage,
             "--recovery" => &mut phases.recovery,
             "--native" => {
-                build = FilterBuild::Native;
+                build = Build::Native;
                 continue;
             }
             other => {
@@ -238,25 +198,22 @@ mod tests {
     fn options() {
         let args: Vec<String> = ["--outage", "5"].iter().map(|s| s.to_string()).collect();
         assert_eq!(parse_args(&args).map(|o| o.phases.outage), Ok(5));
-        assert_eq!(parse_args(&args).map(|o| o.build), Ok(FilterBuild::Wasm));
+        assert_eq!(parse_args(&args).map(|o| o.build), Ok(Build::Wasm));
         assert!(parse_args(&["--outage".to_string(), "0".to_string()]).is_err());
         assert!(parse_args(&["--bogus".to_string()]).is_err());
         let native = parse_args(&["--native".to_string(), "--healthy".into(), "3".into()]).unwrap();
-        assert_eq!(
-            (native.build, native.phases.healthy),
-            (FilterBuild::Native, 3)
-        );
+        assert_eq!((native.build, native.phases.healthy), (Build::Native, 3));
     }
 
     #[test]
     fn each_build_has_its_bootstrap() {
-        assert_eq!(FilterBuild::Wasm.template(), "envoy/demo.yaml");
-        assert_eq!(FilterBuild::Native.template(), "envoy/demo-native.yaml");
-        assert_eq!(FilterBuild::Wasm.check(), Ok(None), "envoy/demo.yaml ships");
-        // The native build's files may not be there yet; then the error names what is missing.
-        if let Err(e) = FilterBuild::Native.check() {
+        assert_eq!(Build::Native.template(TEMPLATE), "envoy/demo-native.yaml");
+        assert_eq!(check(Build::Wasm), Ok(()), "envoy/demo.yaml ships");
+        assert!(workspace_root().join("envoy/demo-native.yaml").is_file());
+        // The native module may not be built yet; then the error says how to get it.
+        if let Err(e) = check(Build::Native) {
             assert!(
-                e.contains("demo-native.yaml") || e.contains(NATIVE_MODULE),
+                e.contains("libcircuit_breaker.so") && e.contains("make build"),
                 "{e}"
             );
         }

@@ -1,10 +1,10 @@
 //! The demo's picture, `target/demo/timeline.svg`: the run without the breaker drawn against the run
 //! with it on one time axis, so the cascade and its absence are what a reader sees first.
 //!
-//! From the top: calls to the healthy services answered per second, in both runs; the gateway's p99
-//! latency, in both runs; then the run with the breaker, per service, as the simulate tool draws a
-//! replay (breaker state from the health endpoint, error rate, p99). The outage is shaded, and a line
-//! marks the moment the breaker opened.
+//! From the top, in both runs: the calls waiting for an answer at the gateway; the answers
+//! content-service's callers got per second; the gateway's p99 latency. Then the run with the breaker,
+//! per service, as the simulate tool draws a replay (breaker state from the health endpoint, error
+//! rate, p99). The outage is shaded, and a line marks the moment the breaker opened.
 
 use cb_core::breaker::StateKind;
 
@@ -17,6 +17,9 @@ use crate::svg;
 
 /// Width of the buckets the panels count in: one second, as the lines the demo prints.
 const BUCKET_MS: u64 = 1000;
+/// How often the calls in flight are sampled: often enough to show them pile up in the 0.6 s before
+/// the breaker opens.
+const IN_FLIGHT_EVERY_MS: u64 = 100;
 const WITH: &str = "#1e88e5";
 const WITHOUT: &str = "#d81b60";
 const OPENED: &str = "#e53935";
@@ -73,11 +76,17 @@ pub(super) fn picture(with: &RunReport, without: &RunReport, phases: Phases) -> 
         markers,
         panels: vec![
             svg::Panel {
-                title: "calls to the healthy services (user, feed, auth) answered per second"
+                title: "calls waiting for an answer at the gateway (in flight)".to_string(),
+                unit: String::new(),
+                log_scale: false,
+                lines: lines(&|r| in_flight(r, end_ms)),
+            },
+            svg::Panel {
+                title: "content-service calls answered per second (OK, failure or the breaker's rejection; a give-up at the deadline is none)"
                     .to_string(),
                 unit: "/s".to_string(),
                 log_scale: false,
-                lines: lines(&|r| healthy_answered(r, end_ms)),
+                lines: lines(&|r| content_answered(r, end_ms)),
             },
             svg::Panel {
                 title: "the gateway's p99 latency per second, all calls (log scale; no point: no call ended that second)"
@@ -97,15 +106,30 @@ fn buckets(end_ms: u64) -> impl Iterator<Item = (u64, u64)> {
     (0..end_ms / BUCKET_MS).map(|b| (b * BUCKET_MS, b * BUCKET_MS + BUCKET_MS / 2))
 }
 
-/// Per bucket, calls to the services that stayed up that got an answer, as a rate per second.
-fn healthy_answered(r: &RunReport, end_ms: u64) -> Vec<(u64, f64)> {
+/// Every [`IN_FLIGHT_EVERY_MS`], the calls that had arrived and not yet ended.
+fn in_flight(r: &RunReport, end_ms: u64) -> Vec<(u64, f64)> {
+    (0..=end_ms / IN_FLIGHT_EVERY_MS)
+        .map(|i| {
+            let t = i * IN_FLIGHT_EVERY_MS;
+            let n = r
+                .calls
+                .iter()
+                .filter(|c| c.made() && c.started_ms <= t && t < c.at_ms)
+                .count();
+            (t, n as f64)
+        })
+        .collect()
+}
+
+/// Per bucket, calls to content-service that got an answer, as a rate per second.
+fn content_answered(r: &RunReport, end_ms: u64) -> Vec<(u64, f64)> {
     buckets(end_ms)
         .map(|(from, mid)| {
             let n = r
                 .calls
                 .iter()
                 .filter(|c| c.at_ms / BUCKET_MS == from / BUCKET_MS)
-                .filter(|c| c.service != ServiceKind::Content && c.ending.answered())
+                .filter(|c| c.service == ServiceKind::Content && c.ending.answered())
                 .count();
             (mid, n as f64 * 1000.0 / BUCKET_MS as f64)
         })
@@ -119,7 +143,7 @@ fn p99(r: &RunReport, end_ms: u64) -> Vec<(u64, f64)> {
             let mut latencies: Vec<f64> = r
                 .calls
                 .iter()
-                .filter(|c| c.at_ms / BUCKET_MS == from / BUCKET_MS)
+                .filter(|c| c.made() && c.at_ms / BUCKET_MS == from / BUCKET_MS)
                 .map(|c| c.latency_ms)
                 .collect();
             let v = if latencies.is_empty() {
@@ -141,17 +165,22 @@ fn service_rows(report: &RunReport, end_ms: u64) -> Vec<svg::Series> {
             let mut latency_ms = Vec::new();
             for second in 0..end_ms / 1000 {
                 let mut lat: Vec<f64> = Vec::new();
-                let mut bad = 0usize;
+                let (mut n, mut bad) = (0usize, 0usize);
                 for c in report
                     .calls
                     .iter()
                     .filter(|c| c.service == kind && c.at_ms / 1000 == second)
                 {
-                    lat.push(c.latency_ms);
+                    n += 1;
                     bad += usize::from(c.ending != Ending::Ok);
+                    if c.made() {
+                        lat.push(c.latency_ms);
+                    }
+                }
+                if n > 0 {
+                    error_rate.push((second * 1000 + 500, bad as f64 / n as f64));
                 }
                 if !lat.is_empty() {
-                    error_rate.push((second * 1000 + 500, bad as f64 / lat.len() as f64));
                     latency_ms.push((second * 1000 + 500, percentile(&mut lat, 0.99)));
                 }
             }
@@ -202,9 +231,10 @@ mod tests {
         recovery: 2,
     };
 
-    /// A small made-up pair of runs shaped like the real ones: a call to each service every 50 ms;
-    /// from 2 s content hangs. With the breaker it opens at 2.5 s and content calls are rejected; without
-    /// it, the gateway answers little until content is back.
+    /// A small made-up pair of runs shaped like the real ones: a request to each service every 50 ms,
+    /// whatever became of the earlier ones; from 2 s to 6 s content hangs. With the breaker it opens at
+    /// 2.54 s and content calls are rejected at once from 2.5 s; without it, every content call waits
+    /// its 2 s deadline.
     fn runs() -> (RunReport, RunReport) {
         let mut with = RunReport {
             hang_ms: 2_000,
@@ -217,39 +247,37 @@ mod tests {
             opened_ms: None,
             ..with.clone()
         };
-        for at_ms in (0..8_000).step_by(50) {
-            let hang = (2_000..6_000).contains(&at_ms);
+        for started_ms in (0..8_000).step_by(50) {
+            let hang = (2_000..6_000).contains(&started_ms);
             for service in ServiceKind::ALL {
-                let call = |latency_ms, ending| CallRecord {
-                    at_ms,
+                let call = |latency_ms: u64, ending| CallRecord {
+                    started_ms,
+                    at_ms: started_ms + latency_ms,
                     service,
-                    latency_ms,
+                    latency_ms: latency_ms as f64,
                     ending,
                 };
                 let dead = hang && service == ServiceKind::Content;
-                with.calls.push(match (dead, at_ms < 2_500) {
-                    (true, true) => call(2_000.0, Ending::GaveUp),
-                    (true, false) => call(0.5, Ending::Rejected),
-                    (false, _) => call(3.0, Ending::Ok),
+                with.calls.push(match (dead, started_ms < 2_500) {
+                    (true, true) => call(2_000, Ending::GaveUp),
+                    (true, false) => call(0, Ending::Rejected),
+                    (false, _) => call(3, Ending::Ok),
                 });
-                if !hang || at_ms % 2_000 == 0 {
-                    let (l, e) = if dead {
-                        (2_000.0, Ending::GaveUp)
-                    } else {
-                        (3.0, Ending::Ok)
-                    };
-                    without.calls.push(call(l, e));
-                }
+                without.calls.push(if dead {
+                    call(2_000, Ending::GaveUp)
+                } else {
+                    call(3, Ending::Ok)
+                });
             }
-            let content = if (2_540..5_000).contains(&at_ms) {
+            let content = if (2_540..5_000).contains(&started_ms) {
                 StateKind::Open
             } else {
                 StateKind::Closed
             };
             // Read at whole seconds, as a run reads the health endpoint.
-            if at_ms % 1_000 == 0 && at_ms > 0 {
+            if started_ms % 1_000 == 0 && started_ms > 0 {
                 let states = HashMap::from([("content".to_string(), content)]);
-                with.states.push((at_ms, states));
+                with.states.push((started_ms, states));
             }
         }
         (with, without)
@@ -259,16 +287,24 @@ mod tests {
     fn the_picture_compares_the_runs() {
         let (with, without) = runs();
         let c = picture(&with, &without, PHASES);
-        assert_eq!(c.panels.len(), 2);
-        let answered = &c.panels[0].lines;
-        // Healthy services: 3 calls per 50 ms, 60 a second, in both runs before the hang; without the
-        // breaker, only every other second has any during it.
-        assert_eq!(answered[0].points[0], (500, 60.0));
+        assert_eq!(c.panels.len(), 3);
+        let waiting = &c.panels[0].lines;
+        // At 5 s: with the breaker, only the three healthy calls that began then; without it, also the
+        // 40 content calls of the last 2 s (3.05 s to 5 s).
+        assert_eq!(waiting[0].points[50], (5_000, 3.0));
+        assert_eq!(waiting[1].points[50], (5_000, 43.0));
+        let answered = &c.panels[1].lines;
+        // Content: 20 calls a second; during the hang, answered by the breaker's rejections, or not at
+        // all without it.
+        assert_eq!(answered[0].points[0], (500, 20.0));
+        assert_eq!(answered[0].points[3], (3_500, 20.0));
         assert_eq!(answered[1].points[3], (3_500, 0.0));
-        assert_eq!(answered[0].points[3], (3_500, 60.0));
-        let p99 = &c.panels[1].lines;
-        assert!(p99[1].points[3].1.is_nan(), "no call ended: no point");
-        assert_eq!(p99[0].points[2].1, 2_000.0, "the calls stuck at the hang");
+        let p99 = &c.panels[2].lines;
+        assert_eq!(
+            p99[1].points[4].1, 2_000.0,
+            "the deadlines of the calls from 2 s to 3 s"
+        );
+        assert_eq!(p99[0].points[6].1, 3.0);
         assert_eq!(c.markers.len(), 1);
         assert!(c.markers[0].label.contains("0.54s"), "{:?}", c.markers);
         assert_eq!(c.spans[0].from_ms, 2_000);

@@ -11,13 +11,15 @@ use crate::services::ServiceKind;
 
 pub(super) fn header_line() -> String {
     format!(
-        "{:>4}  {:>5} {:>5} {:>6} {:>7} {:>6}  {:>7} {:>7}  {:<9} {:<9} {:<9} {:<9}",
+        "{:>4}  {:>5} {:>5} {:>6} {:>6} {:>7} {:>4} {:>7}  {:>7} {:>7}  {:<9} {:<9} {:<9} {:<9}",
         "t",
-        "calls",
+        "ended",
         "ok",
         "failed",
-        "gave up",
         "reject",
+        "gave up",
+        "shed",
+        "waiting",
         "p50 ms",
         "p99 ms",
         "user",
@@ -27,10 +29,12 @@ pub(super) fn header_line() -> String {
     )
 }
 
-/// The timeline line for the second that just ended.
+/// The timeline line for the second that just ended: the requests that ended in it, how, and their
+/// latency; the calls still waiting for an answer at its end (`in_flight`); each breaker's state.
 pub(super) fn second_line(
     second: u64,
     calls: &[CallRecord],
+    in_flight: usize,
     states: &HashMap<String, StateKind>,
 ) -> String {
     let lo = (second - 1) * 1000;
@@ -40,15 +44,21 @@ pub(super) fn second_line(
         .filter(|c| c.at_ms >= lo && c.at_ms < hi)
         .collect();
     let count = |e: Ending| window.iter().filter(|c| c.ending == e).count();
-    let mut latencies: Vec<f64> = window.iter().map(|c| c.latency_ms).collect();
+    let mut latencies: Vec<f64> = window
+        .iter()
+        .filter(|c| c.made())
+        .map(|c| c.latency_ms)
+        .collect();
     let mut line = format!(
-        "{:>3}s  {:>5} {:>5} {:>6} {:>7} {:>6}  {:>7.1} {:>7.1} ",
+        "{:>3}s  {:>5} {:>5} {:>6} {:>6} {:>7} {:>4} {:>7}  {:>7.1} {:>7.1} ",
         second,
         window.len(),
         count(Ending::Ok),
         count(Ending::UpstreamFailure),
-        count(Ending::GaveUp),
         count(Ending::Rejected),
+        count(Ending::GaveUp),
+        count(Ending::Shed),
+        in_flight,
         percentile(&mut latencies, 0.50),
         percentile(&mut latencies, 0.99),
     );
@@ -73,19 +83,16 @@ pub(super) fn percentile(values: &mut [f64], q: f64) -> f64 {
     values.get(rank - 1).copied().unwrap_or(0.0)
 }
 
-/// A stretch at least this long with no answer counts as the gateway going silent: healthy, it gets
-/// about 200 answers a second, one every 5 ms.
-const SILENCE_MS: u64 = 500;
-
-/// The stretches of the run in which the gateway got no answer at all: no call ended with a response
-/// of any kind (success or failure, fast or slow, from the service or from the breaker); a call the
-/// gateway gave up on at its deadline is not an answer. Every gap between two answers, as
-/// `(from_ms, to_ms)`, within the run's load, `[0, report.end_ms]`.
-fn silences(report: &RunReport) -> Vec<(u64, u64)> {
+/// The stretches of the run in which the gateway got no answer to any request `of` picks: no such
+/// request ended with a complete response of any kind (success or failure, fast or slow, from the
+/// service or from the breaker); a call the gateway gave up on at its deadline, or a request it shed,
+/// is not an answer. Every gap between two answers, as `(from_ms, to_ms)`, within the run's load,
+/// `[0, report.end_ms]`.
+fn silences(report: &RunReport, of: &dyn Fn(&CallRecord) -> bool) -> Vec<(u64, u64)> {
     let mut answers: Vec<u64> = report
         .calls
         .iter()
-        .filter(|c| c.ending.answered() && c.at_ms <= report.end_ms)
+        .filter(|c| of(c) && c.ending.answered() && c.at_ms <= report.end_ms)
         .map(|c| c.at_ms)
         .collect();
     answers.sort_unstable();
@@ -98,9 +105,10 @@ fn silences(report: &RunReport) -> Vec<(u64, u64)> {
     gaps
 }
 
-/// The longest of the [`silences`].
-pub(super) fn longest_silence(report: &RunReport) -> (u64, u64) {
-    silences(report).into_iter().fold((0, 0), |best, gap| {
+/// The longest of the [`silences`] of the requests to `service`, or of every request for `None`.
+pub(super) fn longest_silence(report: &RunReport, service: Option<ServiceKind>) -> (u64, u64) {
+    let of = |c: &CallRecord| service.is_none_or(|s| c.service == s);
+    silences(report, &of).into_iter().fold((0, 0), |best, gap| {
         if gap.1 - gap.0 > best.1 - best.0 {
             gap
         } else {
@@ -109,13 +117,24 @@ pub(super) fn longest_silence(report: &RunReport) -> (u64, u64) {
     })
 }
 
-/// The time spent in [`silences`] of at least [`SILENCE_MS`], in ms.
-fn silent_ms(report: &RunReport) -> u64 {
-    silences(report)
-        .into_iter()
-        .map(|(from, to)| to - from)
-        .filter(|gap| *gap >= SILENCE_MS)
-        .sum()
+/// The most calls waiting for an answer at once: a call waits from its arrival to its end (a shed
+/// request never waits).
+fn peak_in_flight(calls: &[CallRecord]) -> usize {
+    // Ends sort before starts at the same millisecond: a call that ended as another began did not
+    // overlap it.
+    let mut events: Vec<(u64, i64)> = calls
+        .iter()
+        .filter(|c| c.made())
+        .flat_map(|c| [(c.started_ms, 1), (c.at_ms, -1)])
+        .collect();
+    events.sort_unstable();
+    let mut now = 0i64;
+    let mut peak = 0i64;
+    for (_, step) in events {
+        now += step;
+        peak = peak.max(now);
+    }
+    usize::try_from(peak).unwrap_or(0)
 }
 
 /// The time from the hang's start to the breaker opening, in seconds; "never" when it did not open.
@@ -130,14 +149,15 @@ fn seconds(ms: u64) -> String {
     format!("{:.2}", ms as f64 / 1000.0)
 }
 
-/// The closing table, one row per measure, and a line saying where each run's longest silence was.
+/// The closing table, one row per measure, and lines saying where each run's longest silences were.
 pub(super) fn summary_table(with: &RunReport, without: &RunReport) -> String {
+    // Only calls wait and have a latency; a shed request was refused before it became one.
     let waited = |r: &RunReport| r.calls.iter().map(|c| c.latency_ms).sum::<f64>() / 1000.0;
     let p99_of = |r: &RunReport, f: &dyn Fn(&CallRecord) -> bool| {
         let mut v: Vec<f64> = r
             .calls
             .iter()
-            .filter(|c| f(c))
+            .filter(|c| c.made() && f(c))
             .map(|c| c.latency_ms)
             .collect();
         percentile(&mut v, 0.99)
@@ -145,42 +165,68 @@ pub(super) fn summary_table(with: &RunReport, without: &RunReport) -> String {
     let count = |r: &RunReport, f: &dyn Fn(&CallRecord) -> bool| {
         r.calls.iter().filter(|c| f(c)).count().to_string()
     };
-    let ok = |c: &CallRecord| c.ending == Ending::Ok;
+    let ended = |e: Ending| move |c: &CallRecord| c.ending == e;
     let healthy = |c: &CallRecord| c.service != ServiceKind::Content;
-    let healthy_ok = |c: &CallRecord| healthy(c) && ok(c);
-    let silence = |r: &RunReport| {
-        let (from, to) = longest_silence(r);
+    let healthy_answered = |c: &CallRecord| healthy(c) && c.ending.answered();
+    let silence = |r: &RunReport, service| {
+        let (from, to) = longest_silence(r, service);
         seconds(to - from)
     };
     let both = |f: &dyn Fn(&RunReport) -> String| (f(with), f(without));
     let rows = [
-        ("calls made", both(&|r| r.calls.len().to_string())),
+        (
+            "requests to the gateway",
+            both(&|r| r.calls.len().to_string()),
+        ),
+        (
+            "shed by the gateway (no answer)",
+            both(&|r| count(r, &ended(Ending::Shed))),
+        ),
+        ("calls answered OK", both(&|r| count(r, &ended(Ending::Ok)))),
         (
             "calls to the healthy services answered",
-            both(&|r| count(r, &healthy_ok)),
+            both(&|r| count(r, &healthy_answered)),
         ),
-        ("calls answered OK", both(&|r| count(r, &ok))),
-        ("total time callers waited (s)", both(&|r| r1(waited(r)))),
+        (
+            "calls rejected by the breaker (an answer)",
+            both(&|r| count(r, &ended(Ending::Rejected))),
+        ),
+        (
+            "calls given up at the deadline (no answer)",
+            both(&|r| count(r, &ended(Ending::GaveUp))),
+        ),
         (
             "calls that reached the dead service",
             both(&|r| r.reached_dead_service.to_string()),
         ),
         (
+            "most calls waiting at once",
+            both(&|r| peak_in_flight(&r.calls).to_string()),
+        ),
+        ("total time callers waited (s)", both(&|r| r1(waited(r)))),
+        (
             "p99 latency, all calls (ms)",
             both(&|r| r1(p99_of(r, &|_| true))),
         ),
         (
-            "p99 latency, other services (ms)",
+            "p99 latency, healthy services (ms)",
             both(&|r| r1(p99_of(r, &healthy))),
         ),
         (
             "breaker opened, after the hang began (s)",
             both(&time_to_open),
         ),
-        ("longest stretch with no answer at all (s)", both(&silence)),
         (
-            "time with no answer, in stretches >= 0.5 s (s)",
-            both(&|r| seconds(silent_ms(r))),
+            "longest no answer from content-service (s)",
+            both(&|r| silence(r, Some(ServiceKind::Content))),
+        ),
+        (
+            "longest no answer at all, any service (s)",
+            both(&|r| silence(r, None)),
+        ),
+        (
+            "arrivals behind schedule, at most (ms)",
+            both(&|r| r1(r.max_lag_ms)),
         ),
     ];
     let mut out = format!(
@@ -191,14 +237,19 @@ pub(super) fn summary_table(with: &RunReport, without: &RunReport) -> String {
     for (name, (a, b)) in rows {
         let _ = writeln!(out, "| {name:<46} | {a:>14} | {b:>17} |");
     }
-    for (label, r) in [("with breaker", with), ("without breaker", without)] {
-        let (from, to) = longest_silence(r);
-        let _ = writeln!(
-            out,
-            "longest stretch with no answer, {label}: from t={}s to t={}s",
-            seconds(from),
-            seconds(to)
-        );
+    for (what, service) in [
+        ("from content-service", Some(ServiceKind::Content)),
+        ("at all", None),
+    ] {
+        for (label, r) in [("with breaker", with), ("without breaker", without)] {
+            let (from, to) = longest_silence(r, service);
+            let _ = writeln!(
+                out,
+                "longest no answer {what}, {label}: from t={}s to t={}s",
+                seconds(from),
+                seconds(to)
+            );
+        }
     }
     out
 }
@@ -211,13 +262,23 @@ fn r1(x: f64) -> String {
 mod tests {
     use super::*;
 
-    fn call(at_ms: u64, ending: Ending) -> CallRecord {
+    fn call_to(service: ServiceKind, at_ms: u64, ending: Ending) -> CallRecord {
+        let latency_ms = match ending {
+            Ending::GaveUp => 2_000.0,
+            Ending::Shed => 0.0,
+            _ => 1.0,
+        };
         CallRecord {
+            started_ms: at_ms.saturating_sub(latency_ms as u64),
             at_ms,
-            service: ServiceKind::User,
-            latency_ms: 1.0,
+            service,
+            latency_ms,
             ending,
         }
+    }
+
+    fn call(at_ms: u64, ending: Ending) -> CallRecord {
+        call_to(ServiceKind::User, at_ms, ending)
     }
 
     #[test]
@@ -229,41 +290,80 @@ mod tests {
     }
 
     #[test]
-    fn silence_is_the_longest_gap_between_answers_and_ignores_deadlines() {
+    fn silence_is_the_longest_gap_between_answers_and_ignores_deadlines_and_shedding() {
         let report = RunReport {
             calls: vec![
                 call(100, Ending::Ok),
                 call(300, Ending::Rejected),
-                // The gateway giving up is no answer: the gap runs from 300 to 2_500.
+                // Giving up and shedding are no answers: the gap runs from 300 to 2_500.
                 call(2_000, Ending::GaveUp),
+                call(2_200, Ending::Shed),
                 call(2_500, Ending::UpstreamFailure),
                 call(2_600, Ending::Ok),
             ],
             end_ms: 3_000,
             ..RunReport::default()
         };
-        assert_eq!(longest_silence(&report), (300, 2_500));
+        assert_eq!(longest_silence(&report, None), (300, 2_500));
         // The end of the load closes the last stretch.
         let quiet_end = RunReport {
             end_ms: 10_000,
             ..report.clone()
         };
-        assert_eq!(longest_silence(&quiet_end), (2_600, 10_000));
+        assert_eq!(longest_silence(&quiet_end, None), (2_600, 10_000));
         let nothing = RunReport {
             end_ms: 500,
             ..RunReport::default()
         };
-        assert_eq!(longest_silence(&nothing), (0, 500));
-        // 300 to 2_500 and 2_600 to 10_000 are long enough to count; the 100 ms gaps are not.
-        assert_eq!(silent_ms(&report), 2_200);
-        assert_eq!(silent_ms(&quiet_end), 2_200 + 7_400);
+        assert_eq!(longest_silence(&nothing, None), (0, 500));
+    }
+
+    #[test]
+    fn a_service_silence_counts_only_that_service() {
+        let report = RunReport {
+            calls: vec![
+                call_to(ServiceKind::Content, 100, Ending::Ok),
+                call(500, Ending::Ok),
+                call_to(ServiceKind::Content, 900, Ending::GaveUp),
+                call(1_000, Ending::Ok),
+                call_to(ServiceKind::Content, 1_200, Ending::Rejected),
+            ],
+            end_ms: 1_300,
+            ..RunReport::default()
+        };
+        assert_eq!(
+            longest_silence(&report, Some(ServiceKind::Content)),
+            (100, 1_200)
+        );
+        // Every service: the content call given up at 900 is no answer either.
+        assert_eq!(longest_silence(&report, None), (500, 1_000));
+    }
+
+    #[test]
+    fn peak_in_flight_counts_overlapping_calls_only() {
+        let calls = [
+            call(2_000, Ending::GaveUp), // waits 0 to 2_000
+            call(2_100, Ending::GaveUp), // 100 to 2_100
+            call(1_000, Ending::Ok),     // 999 to 1_000
+            call(3_000, Ending::Ok),     // 2_999 to 3_000: after the others
+            call(1_500, Ending::Shed),   // never waits
+        ];
+        assert_eq!(peak_in_flight(&calls), 3);
+        assert_eq!(peak_in_flight(&[]), 0);
     }
 
     #[test]
     fn the_table_measures_the_hang() {
-        // An answer every 100 ms up to 6.1 s, then none until 8 s.
-        let mut calls: Vec<CallRecord> = (1..=61).map(|i| call(i * 100, Ending::Ok)).collect();
-        calls.extend([call(8_000, Ending::Rejected), call(8_900, Ending::Ok)]);
+        // Healthy answers every 100 ms throughout; content answers until 6 s, then gives up until
+        // the breaker's first rejection at 6.6 s.
+        let mut calls: Vec<CallRecord> = (1..=89).map(|i| call(i * 100, Ending::Ok)).collect();
+        calls.extend((1..=59).map(|i| call_to(ServiceKind::Content, i * 100, Ending::Ok)));
+        calls.extend([
+            call_to(ServiceKind::Content, 8_000, Ending::GaveUp),
+            call_to(ServiceKind::Content, 6_600, Ending::Rejected),
+            call_to(ServiceKind::Content, 8_900, Ending::Rejected),
+            call(8_950, Ending::Shed),
+        ]);
         let with = RunReport {
             calls,
             hang_ms: 6_000,
@@ -284,9 +384,16 @@ mod tests {
                 .unwrap()
         };
         assert_eq!(row("breaker opened")[2..4], ["0.56", "never"]);
-        assert_eq!(row("no answer at all")[2..4], ["1.90", "1.90"]);
-        // 6.1 s to 8 s, and 8 s to 8.9 s.
-        assert_eq!(row("in stretches")[2..4], ["2.80", "2.80"]);
-        assert!(table.contains("from t=6.10s to t=8.00s"), "{table}");
+        assert_eq!(row("from content-service (s)")[2..4], ["2.30", "2.30"]);
+        assert_eq!(row("at all, any service")[2..4], ["0.10", "0.10"]);
+        assert_eq!(row("requests to the gateway")[2], "152");
+        assert_eq!(row("shed by the gateway")[2], "1");
+        assert_eq!(row("given up at the deadline")[2], "1");
+        assert_eq!(row("rejected by the breaker")[2], "2");
+        assert_eq!(row("healthy services answered")[2], "89");
+        assert!(
+            table.contains("from content-service, with breaker: from t=6.60s to t=8.90s"),
+            "{table}"
+        );
     }
 }

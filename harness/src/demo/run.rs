@@ -3,16 +3,14 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cb_core::breaker::StateKind;
 
-use super::load::{gateway_worker, lock, CallRecord, Calls, CLIENT_DEADLINE, WORKERS};
+use super::load::{CallRecord, Gateway, ARRIVAL_EVERY};
 use super::report::{header_line, second_line};
-use super::{display_path, output_dir, FilterBuild, Phases};
-use crate::envoy::{http_request, Envoy, Launch, Metrics, RunFiles};
+use super::{display_path, output_dir, Phases, TEMPLATE};
+use crate::envoy::{http_request, Build, Envoy, Launch, Metrics, RunFiles};
 use crate::services::{Fault, ServiceKind, Upstreams};
 
 /// How often the admin interface is read for the breaker opening: the time to open is measured to
@@ -22,7 +20,7 @@ const OPEN_POLL: Duration = Duration::from_millis(20);
 /// What one run measured.
 #[derive(Debug, Default, Clone)]
 pub(super) struct RunReport {
-    /// Every call, in the order they ended.
+    /// Every request, in the order they ended.
     pub(super) calls: Vec<CallRecord>,
     /// Per second, the state of each breaker as the health endpoint told it.
     pub(super) states: Vec<(u64, HashMap<String, StateKind>)>,
@@ -35,8 +33,10 @@ pub(super) struct RunReport {
     /// When the content breaker first opened during the outage (ms since the start of the run), as
     /// `circuit_breaker_open_total{upstream="content"}` told it; `None` if it never did.
     pub(super) opened_ms: Option<u64>,
-    /// When the load stopped (ms since the start of the run).
+    /// When the arrivals stopped (ms since the start of the run).
     pub(super) end_ms: u64,
+    /// The furthest behind schedule a request arrived (ms): a stall of the harness itself.
+    pub(super) max_lag_ms: f64,
 }
 
 /// One run: services, Envoy from `build`'s bootstrap with `config`, the gateway's load, the outage.
@@ -46,13 +46,13 @@ pub(super) async fn one_run(
     name: &str,
     config: &str,
     phases: Phases,
-    build: FilterBuild,
+    build: Build,
 ) -> Result<RunReport, String> {
     let upstreams = Upstreams::start()
         .await
         .map_err(|e| format!("demo: cannot start the services: {e}"))?;
     let envoy = Launch::new(name)
-        .template(build.template())
+        .template(&build.template(TEMPLATE))
         .ports(upstreams.ports())
         .filter_config(config)
         .files(RunFiles::Fixed(output_dir()))
@@ -71,19 +71,14 @@ pub(super) async fn one_run(
     println!("{}", header_line());
 
     let start = Instant::now();
-    let calls: Calls = Arc::new(Mutex::new(Vec::new()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let workers: Vec<_> = (0..WORKERS)
-        .map(|w| {
-            tokio::spawn(gateway_worker(
-                w,
-                channel.clone(),
-                start,
-                calls.clone(),
-                stop.clone(),
-            ))
-        })
-        .collect();
+    let gateway = Gateway::new(channel, tokio::time::Instant::from_std(start));
+    // The arrivals end at the run's planned end, whatever the timeline's reads of Envoy cost; the
+    // count bound holds should the clock misbehave.
+    let load_ms = phases.total() * 1000;
+    let until = tokio::time::Instant::from_std(start + Duration::from_millis(load_ms));
+    let per_second = Duration::from_secs(1).as_millis() / ARRIVAL_EVERY.as_millis().max(1);
+    let max_requests = (phases.total() + 1) * u64::try_from(per_second).unwrap_or(1000);
+    let arrivals = tokio::spawn(gateway.clone().arrivals(until, max_requests));
 
     let mut report = RunReport::default();
     let mut opening = None;
@@ -120,15 +115,17 @@ pub(super) async fn one_run(
             println!("-- t={second}s: content-service is back");
         }
         let states = breaker_states(&envoy).await;
-        let snapshot: Vec<CallRecord> = lock(&calls).clone();
-        println!("{}", second_line(second, &snapshot, &states));
+        let snapshot: Vec<CallRecord> = gateway.calls();
+        println!(
+            "{}",
+            second_line(second, &snapshot, gateway.in_flight(), &states)
+        );
         report.states.push((second * 1000, states));
     }
-    stop.store(true, Ordering::Relaxed);
-    report.end_ms = ms_since(start);
-    for w in workers {
-        let _ = tokio::time::timeout(CLIENT_DEADLINE + Duration::from_secs(1), w).await;
-    }
+    report.end_ms = load_ms;
+    let _ = tokio::time::timeout_at(until + Duration::from_secs(1), arrivals).await;
+    gateway.drain().await;
+    report.max_lag_ms = gateway.max_lag_ms();
     if let Some(task) = opening {
         report.opened_ms = task
             .await
@@ -136,7 +133,7 @@ pub(super) async fn one_run(
             .flatten()
             .map(|at| at.saturating_duration_since(start).as_millis() as u64);
     }
-    report.calls = lock(&calls).clone();
+    report.calls = gateway.calls();
     Ok(report)
 }
 
