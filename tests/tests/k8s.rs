@@ -328,6 +328,9 @@ struct ProxySettings {
     prefixes: Vec<String>,
     /// `runtimeValues`
     runtime: BTreeMap<String, String>,
+    /// The runtime layers of a `sidecar.istio.io/bootstrapOverride` ConfigMap's custom bootstrap,
+    /// which Istio merges into the generated one (a proto merge: appended after Istio's own layers).
+    override_layers: Vec<Value>,
 }
 
 impl ProxySettings {
@@ -339,6 +342,7 @@ impl ProxySettings {
             tags,
             prefixes,
             runtime: BTreeMap::new(),
+            override_layers: Vec::new(),
         }
     }
 
@@ -366,6 +370,14 @@ impl ProxySettings {
                 let value = value.as_str().expect("runtimeValues are strings");
                 self.runtime.insert(key.clone(), value.to_string());
             }
+        }
+        self
+    }
+
+    /// These settings with a custom bootstrap (the JSON of a bootstrapOverride ConfigMap) merged in.
+    fn with_bootstrap_override(mut self, custom_bootstrap: &Value) -> Self {
+        if let Some(layers) = custom_bootstrap["layered_runtime"]["layers"].as_array() {
+            self.override_layers.extend(layers.iter().cloned());
         }
         self
     }
@@ -399,6 +411,15 @@ fn sidecar_bootstrap(
         .replace("@@EXTRA_STATS_TAGS@@", &tag_rules.join("\n"))
         .replace("@@INCLUSION_PREFIXES@@", &prefix_rules.join("\n"))
         .replace("@@RUNTIME_VALUES@@", &runtime.join("\n"))
+        .replace(
+            "@@OVERRIDE_LAYERS@@",
+            &settings
+                .override_layers
+                .iter()
+                .map(|l| format!("  - {l}"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        )
         // JSON is YAML: the filter goes in as one flow mapping.
         .replace("@@HTTP_FILTER@@", &filter.to_string());
     temp_config(name, &rendered)

@@ -97,6 +97,17 @@ fn use_search_path(module: &Path) {
 }
 
 /// The ProxyConfig that `workload-patch.yaml` gives the native sidecars.
+/// The custom bootstrap of `bootstrap-override.yaml`, which the workload patch's
+/// `sidecar.istio.io/bootstrapOverride` names.
+fn native_bootstrap_override() -> Value {
+    let map = yaml_file("components/native-envoyfilter/bootstrap-override.yaml");
+    assert_eq!(map["metadata"]["name"], "circuit-breaker-native-bootstrap");
+    let text = map["data"]["custom_bootstrap.json"]
+        .as_str()
+        .expect("custom_bootstrap.json");
+    serde_json::from_str(text).expect("custom_bootstrap.json is JSON")
+}
+
 fn native_workload_proxy_config() -> Value {
     let patch = yaml_file("components/native-envoyfilter/workload-patch.yaml");
     let annotations = &patch["spec"]["template"]["metadata"]["annotations"];
@@ -137,7 +148,17 @@ fn native_workload_patch_gives_the_sidecar_what_it_needs() {
         search_path, &mounts[0]["mountPath"],
         "Envoy must look for {MODULE_FILE} where the volume is mounted"
     );
-    assert_eq!(proxy_config["runtimeValues"][STRIP_PREFIX_FLAG], "true");
+    // The flag comes from the bootstrap override, as a boolean: from runtimeValues it would be a
+    // string, which Envoy does not take for a feature flag.
+    assert!(proxy_config["runtimeValues"]
+        .get(STRIP_PREFIX_FLAG)
+        .is_none());
+    assert_eq!(
+        annotations["sidecar.istio.io/bootstrapOverride"],
+        "circuit-breaker-native-bootstrap"
+    );
+    let layers = &native_bootstrap_override()["layered_runtime"]["layers"];
+    assert_eq!(layers[0]["static_layer"][STRIP_PREFIX_FLAG], true);
     let settings = ProxySettings::default().with_workload(&proxy_config);
     assert!(
         settings
@@ -172,7 +193,9 @@ fn native_workload_patch_gives_the_sidecar_what_it_needs() {
 async fn native_envoy_filter_works_in_a_sidecar() {
     let overlay = Overlay::find("prod-native");
     let filter = sidecar_filter(&kustomize(&overlay.path()), overlay.loader);
-    let settings = ProxySettings::mesh().with_workload(&native_workload_proxy_config());
+    let settings = ProxySettings::mesh()
+        .with_workload(&native_workload_proxy_config())
+        .with_bootstrap_override(&native_bootstrap_override());
     let module = native_module();
     if !module.is_file() {
         let refused = Sidecar::start_istio("k8s-prod-native", &filter, &settings)
