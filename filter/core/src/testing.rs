@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::config::FilterConfig;
 use crate::host::Host;
 use crate::reply::LocalReply;
-use crate::store::{MemoryStore, SharedData};
+use crate::store::{CasToken, MemoryStore, SharedData, SharedStore, StoreError};
 use crate::telemetry::{report, Event, Level, Metric, Series, Telemetry};
 use crate::worker::Worker;
 
@@ -175,4 +175,21 @@ pub fn worker(json: &str, store: &Arc<MemoryStore>) -> Worker<SharedData<Arc<Mem
     );
     w.prepare().expect("prepare");
     w
+}
+
+/// Shared data in memory that counts its reads, to see which ones an optimisation spares.
+#[derive(Debug, Default)]
+pub struct CountingStore {
+    pub inner: MemoryStore,
+    pub gets: std::cell::Cell<u64>,
+}
+
+impl SharedStore for CountingStore {
+    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, CasToken)>, StoreError> {
+        self.gets.set(self.gets.get() + 1);
+        self.inner.get(key)
+    }
+    fn set(&self, key: &str, value: &[u8], cas: Option<CasToken>) -> Result<(), StoreError> {
+        self.inner.set(key, value, cas)
+    }
 }

@@ -333,39 +333,44 @@ impl NativeHost<'_> {
     }
 }
 
+/// One of Envoy's four metric updates (counter or gauge, through a stream or a configuration): they
+/// share one shape.
+type MetricUpdate = unsafe extern "C" fn(
+    *mut std::ffi::c_void,
+    usize,
+    *const ModuleBuffer,
+    usize,
+    u64,
+) -> abi::MetricsResult;
+
+/// Applies `update` to `series` with `value`, through `envoy` (a live stream or configuration
+/// object, as `update` expects), if the configuration defined the metric.
+fn update_metric(
+    update: MetricUpdate,
+    envoy: *mut std::ffi::c_void,
+    ids: &MetricIds,
+    series: &Series<'_>,
+    value: u64,
+) {
+    let Some(id) = ids.get(series.metric) else {
+        return;
+    };
+    let (labels, count) = buffers(series.label_values());
+    // SAFETY: the callers pass the object `update` takes (the running hook's filter, or a
+    // configuration alive until `config_destroy`); Envoy's stat updates are thread-safe; the label
+    // buffers outlive the call.
+    let _ = unsafe { update(envoy, id, labels.as_ptr(), count, value) };
+}
+
 impl Telemetry for NativeHost<'_> {
     fn add(&mut self, series: &Series<'_>, n: u64) {
-        let Some(id) = self.config.metrics.get(series.metric) else {
-            return;
-        };
-        let (labels, count) = buffers(series.label_values());
-        // SAFETY: `envoy` is the live filter of the running hook; the label buffers outlive the call.
-        let _ = unsafe {
-            abi::envoy_dynamic_module_callback_http_filter_increment_counter(
-                self.envoy,
-                id,
-                labels.as_ptr(),
-                count,
-                n,
-            )
-        };
+        let add = abi::envoy_dynamic_module_callback_http_filter_increment_counter;
+        update_metric(add, self.envoy, &self.config.metrics, series, n);
     }
 
     fn set(&mut self, series: &Series<'_>, value: u64) {
-        let Some(id) = self.config.metrics.get(series.metric) else {
-            return;
-        };
-        let (labels, count) = buffers(series.label_values());
-        // SAFETY: as in `add`.
-        let _ = unsafe {
-            abi::envoy_dynamic_module_callback_http_filter_set_gauge(
-                self.envoy,
-                id,
-                labels.as_ptr(),
-                count,
-                value,
-            )
-        };
+        let set = abi::envoy_dynamic_module_callback_http_filter_set_gauge;
+        update_metric(set, self.envoy, &self.config.metrics, series, value);
     }
 
     #[track_caller]
@@ -389,38 +394,19 @@ impl<'a> ConfigTelemetry<'a> {
 
 impl Telemetry for ConfigTelemetry<'_> {
     fn add(&mut self, series: &Series<'_>, n: u64) {
-        let Some(id) = self.config.metrics.get(series.metric) else {
-            return;
-        };
-        let (labels, count) = buffers(series.label_values());
-        // SAFETY: the config object lives until `config_destroy` drops `self.config`; the counter
-        // update is thread-safe in Envoy; the label buffers outlive the call.
-        let _ = unsafe {
-            abi::envoy_dynamic_module_callback_http_filter_config_increment_counter(
-                self.config.envoy.0,
-                id,
-                labels.as_ptr(),
-                count,
-                n,
-            )
-        };
+        let add = abi::envoy_dynamic_module_callback_http_filter_config_increment_counter;
+        update_metric(add, self.config.envoy.0, &self.config.metrics, series, n);
     }
 
     fn set(&mut self, series: &Series<'_>, value: u64) {
-        let Some(id) = self.config.metrics.get(series.metric) else {
-            return;
-        };
-        let (labels, count) = buffers(series.label_values());
-        // SAFETY: as in `add`.
-        let _ = unsafe {
-            abi::envoy_dynamic_module_callback_http_filter_config_set_gauge(
-                self.config.envoy.0,
-                id,
-                labels.as_ptr(),
-                count,
-                value,
-            )
-        };
+        let set = abi::envoy_dynamic_module_callback_http_filter_config_set_gauge;
+        update_metric(
+            set,
+            self.config.envoy.0,
+            &self.config.metrics,
+            series,
+            value,
+        );
     }
 
     #[track_caller]

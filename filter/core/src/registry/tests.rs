@@ -1,12 +1,12 @@
 //! The slot table: shared by workers, bounded, evicting only idle Closed breakers, at a cost that does
 //! not grow with the number of keys.
 
-use std::cell::Cell;
 use std::sync::Arc;
 
 use super::*;
 use crate::classify::Outcome;
-use crate::store::{CasToken, MemoryStore, SharedData, SharedStore, StoreError};
+use crate::store::{MemoryStore, SharedData};
+use crate::testing::CountingStore;
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test as test;
 
@@ -111,31 +111,12 @@ fn an_idle_closed_breaker_gives_its_slot_up_and_an_open_one_never() {
     );
 }
 
-/// Counts reads, to price a lookup.
-struct Counting {
-    inner: MemoryStore,
-    gets: Cell<u64>,
-}
-
-impl SharedStore for Counting {
-    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, CasToken)>, StoreError> {
-        self.gets.set(self.gets.get() + 1);
-        self.inner.get(key)
-    }
-    fn set(&self, key: &str, value: &[u8], cas: Option<CasToken>) -> Result<(), StoreError> {
-        self.inner.set(key, value, cas)
-    }
-}
-
 #[test]
 fn registration_costs_the_same_however_many_keys_exist() {
-    let store = Counting {
-        inner: MemoryStore::new(),
-        gets: Cell::new(0),
-    };
+    let store = CountingStore::default();
     let mut t = SharedData::new(&store, 4096);
     t.prepare().unwrap();
-    let cost = |t: &mut SharedData<&Counting>, key: &str| {
+    let cost = |t: &mut SharedData<&CountingStore>, key: &str| {
         let before = store.gets.get();
         let _ = locate(t, key, &cfg(), 0, IDLE, 0);
         store.gets.get() - before

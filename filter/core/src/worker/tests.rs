@@ -10,7 +10,7 @@ use crate::classify::ResponseFlags;
 use crate::host::Action;
 use crate::session::Session;
 use crate::store::{CasToken, MemoryStore, SharedData, SharedStore, StoreError};
-use crate::testing::{worker, FakeHost};
+use crate::testing::{worker, CountingStore, FakeHost};
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test as test;
 
@@ -299,28 +299,9 @@ fn forced_open_rejects_and_reports_the_forced_opening_once() {
     );
 }
 
-/// Counts reads, to see which ones the open-until memory spares.
-struct Reads {
-    inner: MemoryStore,
-    gets: Cell<u32>,
-}
-
-impl SharedStore for Reads {
-    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, CasToken)>, StoreError> {
-        self.gets.set(self.gets.get() + 1);
-        self.inner.get(key)
-    }
-    fn set(&self, key: &str, value: &[u8], cas: Option<CasToken>) -> Result<(), StoreError> {
-        self.inner.set(key, value, cas)
-    }
-}
-
 #[test]
 fn while_open_a_worker_rejects_without_reading_the_store_until_the_open_time_is_up() {
-    let store = Reads {
-        inner: MemoryStore::new(),
-        gets: Cell::new(0),
-    };
+    let store = CountingStore::default();
     let config =
         FilterConfig::from_json(br#"{"failure_threshold": 1, "open_timeout": "1s"}"#).unwrap();
     let mut w = Worker::new(Arc::new(config), 0, SharedData::new(&store, 1024));
