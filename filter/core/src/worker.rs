@@ -37,9 +37,6 @@ struct KeyEntry {
     slot: Option<u32>,
     /// The state this worker last set the gauge to.
     gauge: Option<StateKind>,
-    /// The breaker was seen Open until then (host ms): until that time every worker rejects, since
-    /// Open ends only when its time is up, so this worker rejects without reading the store.
-    open_until: Option<u64>,
 }
 
 /// A call let through, held by its session until its outcome is recorded.
@@ -166,26 +163,15 @@ impl<S: BreakerStore> Worker<S> {
             breaker: config.resolve(key),
             slot: None,
             gauge: None,
-            open_until: None,
         })
     }
 
     /// Decides on a new call of `key` at `now_ms`. Every event goes to `t`.
     pub fn admit<T: Telemetry + ?Sized>(&mut self, key: &str, now_ms: u64, t: &mut T) -> Admission {
         self.retry_queued(RETRIES_PER_CALL, t);
-        let KeyEntry {
-            breaker,
-            open_until,
-            ..
-        } = *self.entry(key);
+        let breaker = self.entry(key).breaker;
         if self.config.breaker(breaker).mode == Mode::Disabled {
             return Admission::Untracked;
-        }
-        if let Some(until) = open_until.filter(|u| now_ms < *u) {
-            return Admission::Reject(Rejection {
-                state: StateKind::Open,
-                retry_after_ms: Some(until - now_ms),
-            });
         }
         // A slot remembered from earlier may have gone to another key since (an idle breaker
         // evicted): then the key is looked up again, once.
@@ -255,7 +241,6 @@ impl<S: BreakerStore> Worker<S> {
         if let Some(e) = self.keys.get_mut(key) {
             e.slot = None;
             e.gauge = None;
-            e.open_until = None;
         }
     }
 
@@ -306,12 +291,7 @@ impl<S: BreakerStore> Worker<S> {
                     stuck,
                 })
             }
-            Decision::Reject(r) => {
-                if let (StateKind::Open, Some(ms)) = (r.state, r.retry_after_ms) {
-                    self.entry(key).open_until = Some(now_ms.saturating_add(ms));
-                }
-                Admission::Reject(r)
-            }
+            Decision::Reject(r) => Admission::Reject(r),
             Decision::DryRunReject(r) => {
                 t.event(key, &Event::DryRun(r));
                 Admission::DryRun(r)

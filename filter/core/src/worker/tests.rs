@@ -10,7 +10,7 @@ use crate::classify::ResponseFlags;
 use crate::host::Action;
 use crate::session::Session;
 use crate::store::{CasToken, MemoryStore, SharedData, SharedStore, StoreError};
-use crate::testing::{worker, CountingStore, FakeHost};
+use crate::testing::{worker, FakeHost};
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test as test;
 
@@ -297,41 +297,4 @@ fn forced_open_rejects_and_reports_the_forced_opening_once() {
         t.counter("circuit_breaker_rejected_calls_total{upstream=content}"),
         3
     );
-}
-
-#[test]
-fn while_open_a_worker_rejects_without_reading_the_store_until_the_open_time_is_up() {
-    let store = CountingStore::default();
-    let config =
-        FilterConfig::from_json(br#"{"failure_threshold": 1, "open_timeout": "1s"}"#).unwrap();
-    let mut w = Worker::new(Arc::new(config), 0, SharedData::new(&store, 1024));
-    w.prepare().unwrap();
-    let (mut s, mut h) = start(&mut w, 0);
-    answer(&mut w, &mut s, &mut h, "14");
-    let mut first = FakeHost::grpc(10);
-    assert_eq!(Session::new().on_request(&mut w, &mut first), Action::Stop);
-    let reads = store.gets.get();
-    let mut t = FakeHost::default();
-    for now in [20, 500, 999] {
-        let mut h = FakeHost::grpc(now);
-        assert_eq!(Session::new().on_request(&mut w, &mut h), Action::Stop);
-        let pushback = h.replies[0]
-            .headers
-            .iter()
-            .find(|(k, _)| k == "grpc-retry-pushback-ms")
-            .map(|(_, v)| v.clone());
-        assert_eq!(pushback, Some((1_000 - now).to_string()));
-        t.absorb(h);
-    }
-    assert_eq!(store.gets.get(), reads, "no read while the open time runs");
-    assert_eq!(
-        t.counter("circuit_breaker_rejected_calls_total{upstream=content}"),
-        3
-    );
-    // At the open time, the store decides again: the probe goes through.
-    let mut h = FakeHost::grpc(1_000);
-    let mut probe = Session::new();
-    assert_eq!(probe.on_request(&mut w, &mut h), Action::Continue);
-    assert!(probe.holds_probe());
-    assert!(store.gets.get() > reads);
 }
