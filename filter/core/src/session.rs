@@ -30,7 +30,8 @@ use crate::worker::{Admission, Call, Worker};
 struct Tracked {
     call: Call,
     grpc: bool,
-    /// `:status` of an HTTP response, or Envoy's response code at the end of the stream.
+    /// `:status` of the response headers, kept for the trailers (or the end) that settle a gRPC
+    /// call; Envoy's response code at the end of the stream.
     http_status: Option<u16>,
 }
 
@@ -147,16 +148,15 @@ impl Session {
         if let Some(state) = self.dry_run.take() {
             host.add_response_header("x-circuit-breaker-dry-run", state.as_str());
         }
-        let Some(tracked) = self.call.as_ref() else {
+        let Some(tracked) = self.call.as_mut() else {
             return Action::Continue;
         };
+        // Read here for gRPC too, where only a response without grpc-status needs it: in the
+        // trailers callback the headers may no longer be readable (wasm answers BadArgument).
+        tracked.http_status = host
+            .response_header(":status")
+            .and_then(|s| parse_status(&s));
         if !tracked.grpc {
-            let status = host
-                .response_header(":status")
-                .and_then(|s| parse_status(&s));
-            if let Some(t) = self.call.as_mut() {
-                t.http_status = status;
-            }
             self.settle(w, host, CallFacts::default());
         } else if end_of_stream {
             // Trailers-only gRPC: the status is in the headers.
@@ -229,13 +229,6 @@ impl Session {
         let now = host.now_ms().unwrap_or(tracked.call.start_ms);
         facts.grpc = tracked.grpc;
         facts.http_status = tracked.http_status;
-        if facts.grpc && facts.grpc_status.is_none() && facts.http_status.is_none() {
-            // A gRPC response without grpc-status: what the client makes of it depends on :status,
-            // which is read only then.
-            facts.http_status = host
-                .response_header(":status")
-                .and_then(|s| parse_status(&s));
-        }
         facts.duration_ms = Some(now.saturating_sub(tracked.call.start_ms));
         let (_, cfg) = w.settings(&tracked.call.key);
         let mut verdict = classify(cfg, &facts);
