@@ -39,6 +39,7 @@ test: test-core test-native test-harness test-wasm test-k8s test-e2e
 
 test-core:
 	cargo test -p circuit-breaker-core
+	cargo test -p circuit-breaker-wasm
 
 ## test-native: the module's hooks over stub callbacks, and the built .so's symbols against Envoy's
 test-native: build envoy

@@ -1,16 +1,13 @@
 //! The host, in one place: Envoy shared data as the core's [`SharedStore`], and one stream's view of
-//! Envoy as the core's [`Host`]. Every host status is turned into a domain answer here, so the rest of
-//! the glue never sees a `Status` (and never unwraps one).
-
-use std::time::UNIX_EPOCH;
+//! Envoy as the core's [`Host`]. Every host status (from [`abi`], which never panics) is turned into a
+//! domain answer here, so the rest of the glue never sees one.
 
 use cb_core::host::Host;
 use cb_core::reply::LocalReply;
 use cb_core::store::{CasToken, SharedStore, StoreError};
 use cb_core::telemetry::{Level, Series, Telemetry};
-use proxy_wasm::hostcalls;
-use proxy_wasm::types::{LogLevel, MapType, Status};
 
+use crate::abi::{self, Map, Status};
 use crate::metrics::Metrics;
 
 /// Envoy shared data of this plugin's `vm_id`.
@@ -18,24 +15,18 @@ pub struct HostStore;
 
 impl SharedStore for HostStore {
     fn get(&self, key: &str) -> Result<Option<(Vec<u8>, CasToken)>, StoreError> {
-        match hostcalls::get_shared_data(key) {
-            Ok((Some(bytes), cas)) => Ok(Some((bytes, cas.unwrap_or(0)))),
-            // Envoy answers an existing zero-length value with a CAS token and no data, which the SDK
-            // turns into `None`: it is there (and corrupt), not missing.
-            Ok((None, Some(cas))) => Ok(Some((Vec::new(), cas))),
-            Ok((None, None)) => Ok(None),
-            Err(status) => Err(StoreError::Host(format!(
-                "get_shared_data({key}): {status:?}"
-            ))),
-        }
+        // An existing zero-length value comes back as empty bytes with its token: it is there (and
+        // corrupt), not missing.
+        abi::get_shared_data(key)
+            .map_err(|Status(s)| StoreError::Host(format!("get_shared_data({key}): status {s}")))
     }
 
     fn set(&self, key: &str, value: &[u8], cas: Option<CasToken>) -> Result<(), StoreError> {
-        match hostcalls::set_shared_data(key, Some(value), cas) {
+        match abi::set_shared_data(key, value, cas.unwrap_or(0)) {
             Ok(()) => Ok(()),
-            Err(Status::CasMismatch) => Err(StoreError::CasMismatch),
-            Err(status) => Err(StoreError::Host(format!(
-                "set_shared_data({key}): {status:?}"
+            Err(Status::CAS_MISMATCH) => Err(StoreError::CasMismatch),
+            Err(Status(s)) => Err(StoreError::Host(format!(
+                "set_shared_data({key}): status {s}"
             ))),
         }
     }
@@ -43,48 +34,31 @@ impl SharedStore for HostStore {
 
 /// Host time in ms since the Unix epoch; `None` if the host cannot say.
 pub fn now_ms() -> Option<u64> {
-    let t = hostcalls::get_current_time().ok()?;
-    t.duration_since(UNIX_EPOCH)
-        .ok()
-        .and_then(|d| u64::try_from(d.as_millis()).ok())
+    abi::now_ns().ok().map(|ns| ns / 1_000_000)
 }
 
 /// Logs a line; logging never fails a request.
 pub fn log(level: Level, message: &str) {
+    // proxy-wasm's levels: trace 0 ... critical 5.
     let level = match level {
-        Level::Trace => LogLevel::Trace,
-        Level::Debug => LogLevel::Debug,
-        Level::Info => LogLevel::Info,
-        Level::Warn => LogLevel::Warn,
-        Level::Error => LogLevel::Error,
-        Level::Critical => LogLevel::Critical,
+        Level::Trace => 0,
+        Level::Debug => 1,
+        Level::Info => 2,
+        Level::Warn => 3,
+        Level::Error => 4,
+        Level::Critical => 5,
     };
-    let _ = hostcalls::log(level, message);
+    let _ = abi::log(level, message);
 }
 
 /// The plugin configuration bytes (empty when none was given).
 pub fn plugin_configuration() -> Vec<u8> {
-    hostcalls::get_buffer(
-        proxy_wasm::types::BufferType::PluginConfiguration,
-        0,
-        usize::MAX,
-    )
-    .ok()
-    .flatten()
-    .unwrap_or_default()
-}
-
-fn map_value(map: MapType, name: &str) -> Option<Vec<u8>> {
-    hostcalls::get_map_value_bytes(map, name).ok().flatten()
-}
-
-fn property(path: &[&str]) -> Option<Vec<u8>> {
-    hostcalls::get_property(path.to_vec()).ok().flatten()
+    abi::plugin_configuration().unwrap_or_default()
 }
 
 /// An integer attribute: Envoy serialises them as 8 little-endian bytes.
 fn property_u64(path: &[&str]) -> Option<u64> {
-    let bytes = property(path)?;
+    let bytes = abi::property(path).ok().flatten()?;
     let arr: [u8; 8] = bytes.as_slice().try_into().ok()?;
     Some(u64::from_le_bytes(arr))
 }
@@ -111,16 +85,16 @@ impl Host for WasmHost<'_> {
         now_ms()
     }
     fn request_header(&mut self, name: &str) -> Option<Vec<u8>> {
-        map_value(MapType::HttpRequestHeaders, name)
+        abi::header(Map::RequestHeaders, name).ok().flatten()
     }
     fn response_header(&mut self, name: &str) -> Option<Vec<u8>> {
-        map_value(MapType::HttpResponseHeaders, name)
+        abi::header(Map::ResponseHeaders, name).ok().flatten()
     }
     fn response_trailer(&mut self, name: &str) -> Option<Vec<u8>> {
-        map_value(MapType::HttpResponseTrailers, name)
+        abi::header(Map::ResponseTrailers, name).ok().flatten()
     }
     fn cluster_name(&mut self) -> Option<Vec<u8>> {
-        property(&["xds", "cluster_name"])
+        abi::property(&["xds", "cluster_name"]).ok().flatten()
     }
     fn response_code(&mut self) -> Option<u16> {
         property_u64(&["response", "code"]).and_then(|c| u16::try_from(c).ok())
@@ -129,10 +103,10 @@ impl Host for WasmHost<'_> {
         property_u64(&["response", "flags"])
     }
     fn set_request_header(&mut self, name: &str, value: &str) {
-        let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value));
+        let _ = abi::set_header(Map::RequestHeaders, name, value);
     }
     fn add_response_header(&mut self, name: &str, value: &str) {
-        let _ = hostcalls::add_map_value(MapType::HttpResponseHeaders, name, value);
+        let _ = abi::add_header(Map::ResponseHeaders, name, value);
     }
     fn send_reply(&mut self, reply: &LocalReply) -> bool {
         let headers: Vec<(&str, &str)> = reply
@@ -140,7 +114,6 @@ impl Host for WasmHost<'_> {
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
-        let body = (!reply.body.is_empty()).then_some(reply.body.as_slice());
-        hostcalls::send_http_response(u32::from(reply.status), headers, body).is_ok()
+        abi::send_local_response(u32::from(reply.status), &headers, &reply.body).is_ok()
     }
 }

@@ -5,10 +5,13 @@
 //!   [`cb_core::worker::Worker`] and metric ids, runs the stuck-call check on its tick, creates the
 //!   per-stream contexts.
 //! - [`http`]: one per stream: each callback is one call of the core's [`cb_core::session::Session`].
+//! - [`abi`]: the proxy-wasm host calls, declared here so that none can panic (the SDK's do on any
+//!   status they do not expect); the SDK provides the exports.
 //! - [`host`]: the host calls, each answer translated once: shared data as the core's store, the
 //!   stream as the core's `Host`.
 //! - [`metrics`]: the Prometheus metrics of the contract, as stats whose names carry their labels.
 
+pub mod abi;
 pub mod host;
 pub mod http;
 pub mod metrics;

@@ -11,8 +11,8 @@
 
 use cb_core::telemetry::{Metric, MetricKind, Series};
 use hashbrown::HashMap;
-use proxy_wasm::hostcalls;
-use proxy_wasm::types::MetricType;
+
+use crate::abi;
 
 /// Upstreams whose metric ids are kept at most.
 const MAX_UPSTREAMS_KEPT: usize = 4096;
@@ -30,14 +30,14 @@ impl Metrics {
     /// Adds `n` to a counter.
     pub fn add(&mut self, series: &Series<'_>, n: u64) {
         if let Some(id) = self.id(series) {
-            let _ = hostcalls::increment_metric(id, i64::try_from(n).unwrap_or(i64::MAX));
+            let _ = abi::increment_metric(id, i64::try_from(n).unwrap_or(i64::MAX));
         }
     }
 
     /// Sets a gauge.
     pub fn set(&mut self, series: &Series<'_>, value: u64) {
         if let Some(id) = self.id(series) {
-            let _ = hostcalls::record_metric(id, value);
+            let _ = abi::record_metric(id, value);
         }
     }
 
@@ -52,11 +52,12 @@ impl Metrics {
         if let Some(id) = ids.get(&local) {
             return Some(*id);
         }
+        // proxy-wasm's metric types: counter 0, gauge 1.
         let kind = match series.metric.kind() {
-            MetricKind::Counter => MetricType::Counter,
-            MetricKind::Gauge => MetricType::Gauge,
+            MetricKind::Counter => 0,
+            MetricKind::Gauge => 1,
         };
-        let id = hostcalls::define_metric(kind, &stat_name(series)).ok()?;
+        let id = abi::define_metric(kind, &stat_name(series)).ok()?;
         ids.insert(local, id);
         Some(id)
     }

@@ -5,7 +5,6 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
 
 use cb_core::config::FilterConfig;
 use cb_core::store::SharedData;
@@ -18,8 +17,8 @@ use crate::host::{self, HostStore, WasmHost};
 use crate::http::Stream;
 use crate::metrics::Metrics;
 
-/// How often the stuck-call check runs: calls are recorded within this of crossing the limit.
-const STUCK_CHECK_PERIOD: Duration = Duration::from_millis(50);
+/// How often the stuck-call check runs (ms): calls are recorded within this of crossing the limit.
+const STUCK_CHECK_PERIOD_MS: u32 = 50;
 
 /// This worker's breakers over Envoy shared data.
 pub type WasmWorker = Worker<SharedData<HostStore>>;
@@ -102,7 +101,7 @@ impl Root {
             );
         }
         if stuck {
-            let _ = proxy_wasm::hostcalls::set_tick_period(STUCK_CHECK_PERIOD);
+            let _ = crate::abi::set_tick_period(STUCK_CHECK_PERIOD_MS);
         }
         self.shared = Some(Rc::new(Shared {
             worker: RefCell::new(worker),
