@@ -230,7 +230,7 @@ impl Session {
         facts.grpc = tracked.grpc;
         facts.http_status = tracked.http_status;
         facts.duration_ms = Some(now.saturating_sub(tracked.call.start_ms));
-        let (_, cfg) = w.settings(&tracked.call.key);
+        let cfg = w.config().breaker(tracked.call.breaker);
         let mut verdict = classify(cfg, &facts);
         // Flags can only make an outcome a failure, and only Envoy's own replies (never OK) carry the
         // ones that do on a complete response: on a failure already, or on an upstream's OK, reading

@@ -31,8 +31,10 @@ const MAX_RETRY_ROUNDS: u8 = 8;
 const RETRIES_PER_CALL: usize = 4;
 
 /// What the worker remembers of one upstream key.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct KeyEntry {
+    /// The key, shared with the calls in flight (a call holds it without copying it).
+    key: Arc<str>,
     breaker: BreakerId,
     slot: Option<u32>,
     /// The state this worker last set the gauge to.
@@ -43,7 +45,7 @@ struct KeyEntry {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Call {
     /// The upstream key.
-    pub key: String,
+    pub key: Arc<str>,
     /// Its breaker's slot.
     pub slot: u32,
     /// Its breaker settings.
@@ -73,7 +75,7 @@ pub enum Admission {
 #[derive(Debug, Clone)]
 struct InFlight {
     id: u64,
-    key: String,
+    key: Arc<str>,
     breaker: BreakerId,
     ticket: Ticket,
     stuck_after_ms: u64,
@@ -83,7 +85,7 @@ struct InFlight {
 /// An outcome waiting for a retry.
 #[derive(Debug, Clone)]
 struct Retry {
-    key: String,
+    key: Arc<str>,
     slot: u32,
     breaker: BreakerId,
     ticket: Ticket,
@@ -160,6 +162,7 @@ impl<S: BreakerStore> Worker<S> {
         }
         let config = &self.config;
         self.keys.entry_ref(key).or_insert_with(|| KeyEntry {
+            key: Arc::from(key),
             breaker: config.resolve(key),
             slot: None,
             gauge: None,
@@ -169,22 +172,22 @@ impl<S: BreakerStore> Worker<S> {
     /// Decides on a new call of `key` at `now_ms`. Every event goes to `t`.
     pub fn admit<T: Telemetry + ?Sized>(&mut self, key: &str, now_ms: u64, t: &mut T) -> Admission {
         self.retry_queued(RETRIES_PER_CALL, t);
-        let breaker = self.entry(key).breaker;
-        if self.config.breaker(breaker).mode == Mode::Disabled {
+        let mut entry = self.entry(key).clone();
+        if self.config.breaker(entry.breaker).mode == Mode::Disabled {
             return Admission::Untracked;
         }
         // A slot remembered from earlier may have gone to another key since (an idle breaker
         // evicted): then the key is looked up again, once.
         for _ in 0..2 {
-            let slot = match self.keys.get(key).and_then(|e| e.slot) {
+            let slot = match entry.slot {
                 Some(slot) => slot,
-                None => match self.locate(key, breaker, now_ms, t) {
+                None => match self.locate(key, entry.breaker, now_ms, t) {
                     Some(slot) => slot,
                     None => return Admission::Untracked,
                 },
             };
             self.check_stuck_slot(slot, now_ms, t);
-            let cfg = self.config.breaker(breaker);
+            let cfg = self.config.breaker(entry.breaker);
             let (idle, shaped) = (self.config.idle_timeout_ms, self.configured_ms);
             let on_slot =
                 match registry::admit(&mut self.store, slot, key, cfg, now_ms, idle, shaped) {
@@ -196,10 +199,16 @@ impl<S: BreakerStore> Worker<S> {
                 };
             store_events(key, on_slot.retries, on_slot.corrupt, t);
             match on_slot.value {
-                None => self.forget_slot(key),
+                None => {
+                    self.forget_slot(key);
+                    entry.slot = None;
+                }
                 Some(a) => {
-                    self.state_seen(key, a.state, a.transition, t);
-                    return self.decided(key, slot, breaker, a.decision, now_ms, t);
+                    if entry.gauge != Some(a.state) || a.transition.is_some() {
+                        self.state_seen(key, a.state, a.transition, t);
+                    }
+                    entry.slot = Some(slot);
+                    return self.decided(&entry, a.decision, now_ms, t);
                 }
             }
         }
@@ -266,13 +275,12 @@ impl<S: BreakerStore> Worker<S> {
 
     fn decided<T: Telemetry + ?Sized>(
         &mut self,
-        key: &str,
-        slot: u32,
-        breaker: BreakerId,
+        entry: &KeyEntry,
         decision: Decision,
         now_ms: u64,
         t: &mut T,
     ) -> Admission {
+        let (key, slot, breaker) = (&entry.key, entry.slot.unwrap_or(0), entry.breaker);
         match decision {
             Decision::Allow(ticket) => {
                 t.event(
@@ -283,7 +291,7 @@ impl<S: BreakerStore> Worker<S> {
                 );
                 let stuck = self.track(key, slot, breaker, ticket, now_ms);
                 Admission::Allow(Call {
-                    key: key.to_string(),
+                    key: Arc::clone(key),
                     slot,
                     breaker,
                     ticket,
@@ -302,7 +310,7 @@ impl<S: BreakerStore> Worker<S> {
     /// Enters a call in the stuck-call table, when its breaker tracks stuck calls.
     fn track(
         &mut self,
-        key: &str,
+        key: &Arc<str>,
         slot: u32,
         breaker: BreakerId,
         ticket: Ticket,
@@ -313,7 +321,7 @@ impl<S: BreakerStore> Worker<S> {
         let id = self.next_call;
         self.in_flight.entry(slot).or_default().push_back(InFlight {
             id,
-            key: key.to_string(),
+            key: Arc::clone(key),
             breaker,
             ticket,
             stuck_after_ms: after,
