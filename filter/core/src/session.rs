@@ -54,6 +54,12 @@ impl Session {
         self.call.is_some()
     }
 
+    /// Whether the stream has nothing left to do: no call to settle, no response to mark. The
+    /// response-side callbacks of such a stream (a rejected call, an untracked one) need no worker.
+    pub fn idle(&self) -> bool {
+        self.call.is_none() && self.dry_run.is_none()
+    }
+
     /// Whether that call holds a HalfOpen probe permit.
     pub fn holds_probe(&self) -> bool {
         self.call.as_ref().is_some_and(|t| t.call.ticket.probe)

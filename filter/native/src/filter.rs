@@ -57,17 +57,27 @@ impl Stream {
     }
 
     /// Response headers: the dry-run marker; the outcome of an HTTP call or a trailers-only gRPC one.
+    /// (The response side of a stream with nothing left to do, such as a rejection's own reply, takes
+    /// no worker.)
     pub fn response_headers(&mut self, h: &mut NativeHost<'_>, end_of_stream: bool) -> Action {
+        if self.session.idle() {
+            return Action::Continue;
+        }
         self.with(h, |s, w, h| s.on_response_headers(w, h, end_of_stream))
     }
 
     /// Response trailers: the outcome of a gRPC call.
     pub fn response_trailers(&mut self, h: &mut NativeHost<'_>) -> Action {
+        if self.session.idle() {
+            return Action::Continue;
+        }
         self.with(h, |s, w, h| s.on_response_trailers(w, h))
     }
 
     /// The stream is over (before access logs and `filter_destroy`): settles a call still open.
     pub fn stream_complete(&mut self, h: &mut NativeHost<'_>) {
-        self.with(h, |s, w, h| s.on_end(w, h));
+        if !self.session.idle() {
+            self.with(h, |s, w, h| s.on_end(w, h));
+        }
     }
 }

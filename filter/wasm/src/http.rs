@@ -65,15 +65,25 @@ impl HttpContext for Stream {
         action(self.with(|s, w, h| s.on_request(w, h)))
     }
 
+    // The response side of a stream with nothing left to do (a rejection, an untracked call) borrows
+    // nothing.
     fn on_http_response_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
+        if self.session.idle() {
+            return Action::Continue;
+        }
         action(self.with(|s, w, h| s.on_response_headers(w, h, end_of_stream)))
     }
 
     fn on_http_response_trailers(&mut self, _trailers: usize) -> Action {
+        if self.session.idle() {
+            return Action::Continue;
+        }
         action(self.with(|s, w, h| s.on_response_trailers(w, h)))
     }
 
     fn on_log(&mut self) {
-        self.with(|s, w, h| s.on_end(w, h));
+        if !self.session.idle() {
+            self.with(|s, w, h| s.on_end(w, h));
+        }
     }
 }

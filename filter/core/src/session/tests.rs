@@ -510,3 +510,20 @@ fn every_request_is_a_call_a_rejection_or_untracked() {
     assert!(rejected > 0 && untracked > 0 && calls > 0);
     assert_eq!(calls + rejected + untracked, requests);
 }
+
+#[test]
+fn a_stream_is_idle_once_nothing_is_left_to_settle_or_mark() {
+    let (_, mut w) = setup(r#"{"failure_threshold": 1}"#);
+    let mut h = FakeHost::grpc(0);
+    let mut s = Session::new();
+    assert!(s.idle());
+    s.on_request(&mut w, &mut h);
+    assert!(!s.idle(), "a call to settle");
+    h.resp(":status", "200").resp("grpc-status", "14");
+    s.on_response_headers(&mut w, &mut h, true);
+    assert!(s.idle(), "settled");
+    let mut h = FakeHost::grpc(1);
+    let mut rejected = Session::new();
+    assert_eq!(rejected.on_request(&mut w, &mut h), Action::Stop);
+    assert!(rejected.idle(), "a rejection has nothing left to do");
+}
