@@ -207,17 +207,34 @@ fn the_state_gauge_follows_the_stored_state_not_a_workers_first_look() {
     assert_eq!(h3.gauges["circuit_breaker_state{upstream=content}"], 1);
 }
 
+/// Shared data that refuses every call.
+struct Broken;
+
+impl SharedStore for Broken {
+    fn get(&self, _: &str) -> Result<Option<(Vec<u8>, CasToken)>, StoreError> {
+        Err(StoreError::Host("get: BadArgument".into()))
+    }
+    fn set(&self, _: &str, _: &[u8], _: Option<CasToken>) -> Result<(), StoreError> {
+        Err(StoreError::Host("set: BadArgument".into()))
+    }
+}
+
+#[test]
+fn health_answers_unknown_when_the_store_cannot_be_read() {
+    let mut w = Worker::new(
+        Arc::new(FilterConfig::default()),
+        0,
+        SharedData::new(Broken, 16),
+    );
+    let reply = w.health(Some(0));
+    assert_eq!(reply.status, 503);
+    let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+    assert_eq!(body["status"], "unknown", "never healthy without knowing");
+    assert!(body["error"].as_str().unwrap().contains("BadArgument"));
+}
+
 #[test]
 fn store_errors_are_not_counted_as_cas_retries() {
-    struct Broken;
-    impl SharedStore for Broken {
-        fn get(&self, _: &str) -> Result<Option<(Vec<u8>, CasToken)>, StoreError> {
-            Err(StoreError::Host("get: BadArgument".into()))
-        }
-        fn set(&self, _: &str, _: &[u8], _: Option<CasToken>) -> Result<(), StoreError> {
-            Err(StoreError::Host("set: BadArgument".into()))
-        }
-    }
     let config = FilterConfig::default();
     let mut w = Worker::new(Arc::new(config), 0, SharedData::new(Broken, 1024));
     let mut h = FakeHost::grpc(0);
