@@ -94,6 +94,7 @@ lint: targets
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo clippy -p circuit-breaker-native --all-targets --features stubs -- -D warnings
 	cargo clippy -p circuit-breaker-core -p circuit-breaker-wasm --target wasm32-wasip1 -- -D warnings
+	cargo check --manifest-path fuzz/Cargo.toml
 
 targets:
 	@rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1

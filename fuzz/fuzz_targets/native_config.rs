@@ -5,7 +5,7 @@
 #![no_main]
 
 use circuit_breaker::abi::{stubs, LogLevel};
-use circuit_breaker::config::{config_from_bytes, config_new, rejected_line};
+use circuit_breaker::config::{config_from_bytes, config_new};
 use cb_core::telemetry::Metric;
 use libfuzzer_sys::fuzz_target;
 
@@ -20,7 +20,7 @@ fuzz_target!(|data: &[u8]| {
         }
         Err(e) => {
             assert!(kept.is_none());
-            let line = rejected_line(&e);
+            let line = e.rejected_line();
             assert!(line.len() < 4 * 1024, "a {}-byte log line", line.len());
             assert_eq!(recorded.logs, vec![(LogLevel::Error, line)]);
             assert!(recorded.defined.is_empty(), "metrics defined for a refused configuration");
