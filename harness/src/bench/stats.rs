@@ -41,14 +41,24 @@ pub(super) struct CoreResults {
     pub(super) figures: BTreeMap<(String, String), Spread>,
 }
 
-pub(super) const CORE_GROUPS: [&str; 2] = ["breakers_1_thread", "breakers_2_threads"];
-pub(super) const CORE_FUNCTIONS: [&str; 3] = ["core", "failsafe", "recloser"];
+/// The criterion benches `make bench` runs, by group: `harness/benches/breakers.rs` (the core against
+/// other breakers, 1 thread and 2 racing) and `filter/core/benches/admit_record.rs` (the core's call
+/// through each store, and under 1 or 10,000 glob overrides).
+pub(super) const CORE_BENCHES: [(&str, &[&str]); 3] = [
+    ("breakers_1_thread", &CORE_FUNCTIONS),
+    ("breakers_2_threads", &CORE_FUNCTIONS),
+    (
+        "admit_record",
+        &["shared_data", "local", "globs_1", "globs_10000"],
+    ),
+];
+pub(super) const CORE_FUNCTIONS: [&str; 4] = ["core", "core_native", "failsafe", "recloser"];
 
 impl CoreResults {
     pub(super) fn read(dir: &Path) -> Self {
         let mut figures = BTreeMap::new();
-        for group in CORE_GROUPS {
-            for function in CORE_FUNCTIONS {
+        for (group, functions) in CORE_BENCHES {
+            for function in functions.iter().copied() {
                 let file = dir.join(group).join(function).join("new/sample.json");
                 let Some(json) = fs::read_to_string(&file)
                     .ok()
