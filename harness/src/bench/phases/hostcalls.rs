@@ -36,11 +36,11 @@ pub(in crate::bench) const PROBES: [(&str, &str, (f64, f64), bool); 8] = [
     ),
     (
         "shared_get",
-        "`get_shared_data` (64 bytes): the admit's read, and the record's unless it can start from the latest read",
+        "`get_shared_data` (one slot): the admit's read, and the record's unless it can start from the latest read",
         (1.0, 2.0),
         true,
     ),
-    ("shared_set", "`set_shared_data` (64 bytes)", (1.0, 1.0), false),
+    ("shared_set", "`set_shared_data` (one slot)", (1.0, 1.0), false),
     ("clock", "`get_current_time`", (2.0, 2.0), false),
     ("metric", "`increment_metric`", (1.0, 1.0), false),
     (
