@@ -2,8 +2,8 @@
 
 use std::fmt::Write as _;
 
-use super::super::stats::CORE_FUNCTIONS;
-use super::{f1, show, Report};
+use super::super::stats::{CORE_FUNCTIONS, INTERLEAVED};
+use super::{f1, f3, show, Report};
 
 /// What each row of the breakers table is.
 const WHAT: [(&str, &str); 4] = [
@@ -64,10 +64,16 @@ impl Report<'_> {
             self.core.get("breakers_1_thread", "core"),
             self.core.get("breakers_1_thread", "core_native"),
         );
+        let _ = writeln!(
+            md,
+            "\nInterleaved on one thread (rounds of 20,000 calls of each, the order alternating, so a \
+             change in the machine's speed hits both alike): `core_native` / `failsafe` per round {}.",
+            show(self.core.round_ratio(INTERLEAVED[0]), |x| format!("{x:.2}×")),
+        );
         let _ =
             writeln!(
             md,
-            "\nThe native store against the shared-data layout, the same call in the same run: {} \
+            "The native store against the shared-data layout, the same call in the same run: {} \
              (1 thread), {} (2 threads racing).\n",
             ratio(local.map(|s| s.median), shared.map(|s| s.median), "×"),
             ratio(
@@ -104,12 +110,14 @@ impl Report<'_> {
         }
         let _ = writeln!(
             md,
-            "\n10,000 globs / 1 glob: {}.\n",
+            "\n10,000 globs / 1 glob: {} from criterion's medians (measured seconds apart); {} per round \
+             of the interleaved runs (rounds of 20,000 calls of each, the order alternating).\n",
             ratio(
                 get("globs_10000").map(|s| s.median),
                 get("globs_1").map(|s| s.median),
                 ""
-            )
+            ),
+            show(self.core.round_ratio(INTERLEAVED[1]), f3),
         );
     }
 }

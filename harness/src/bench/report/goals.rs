@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 
 use super::super::phases::{vname, BUILDS};
-use super::super::stats::{differences, of, ratios, Spread};
+use super::super::stats::{differences, of, ratios, Spread, INTERLEAVED};
 use super::{f2, f3, num, show, verdict, Report};
 use crate::envoy::Build;
 
@@ -12,8 +12,8 @@ use crate::envoy::Build;
 /// issue 12 started from (BENCHMARKS.md of 2026-11-22, 5 rounds): the figure to halve.
 pub(super) const WASM_BREAKER_COST_BEFORE_US: f64 = 25.8;
 
-/// How much slower than with 1 glob a call may be with 10,000 and still count as "no slower":
-/// criterion's medians of two identical benches differ by a few percent on this shared machine.
+/// How much slower than with 1 glob a call may be with 10,000 and still count as "no slower": the
+/// per-round ratio of two identical configurations moves by a few percent on this shared machine.
 const GLOBS_NOISE: f64 = 1.05;
 
 /// A row of a goals table.
@@ -90,20 +90,18 @@ impl Report<'_> {
         }
         let core = self.core.get("breakers_1_thread", "core_native");
         let failsafe = self.core.get("breakers_1_thread", "failsafe");
+        let vs = self.core.round_ratio(INTERLEAVED[0]);
         row(
             md,
-            "native: core per call (admit + record, criterion, 1 thread) vs failsafe-rs",
+            "native: core per call (admit + record, 1 thread) vs failsafe-rs, interleaved rounds",
             "≤ 1.0×",
-            match (core, failsafe) {
-                (Some(c), Some(f)) if f.median > 0.0 => format!(
-                    "{:.2}× ({:.0} ns vs {:.0} ns)",
-                    c.median / f.median,
-                    c.median,
-                    f.median
-                ),
-                _ => "–".into(),
-            },
-            core.zip(failsafe).map(|(c, f)| c.median <= f.median),
+            format!(
+                "{} (criterion: {} ns vs {} ns)",
+                show(vs, |x| format!("{x:.2}×")),
+                core.map_or("–".into(), |c| format!("{:.0}", c.median)),
+                failsafe.map_or("–".into(), |f| format!("{:.0}", f.median)),
+            ),
+            vs.map(|s| s.median <= 1.0),
         );
         if let Some(c) = &self.closed {
             let cost = |b| {
@@ -135,21 +133,18 @@ impl Report<'_> {
             self.core.get("admit_record", "globs_1"),
             self.core.get("admit_record", "globs_10000"),
         );
+        let globs = self.core.round_ratio(INTERLEAVED[1]);
         row(
             md,
-            "core per call with 10,000 glob overrides / with 1 (criterion `admit_record/globs_*`)",
+            "core per call with 10,000 glob overrides / with 1, interleaved rounds",
             &format!("≤ {GLOBS_NOISE:.2} (no slower, within noise)"),
-            match (one, many) {
-                (Some(a), Some(b)) if a.median > 0.0 => format!(
-                    "{:.2} ({:.0} ns vs {:.0} ns)",
-                    b.median / a.median,
-                    b.median,
-                    a.median
-                ),
-                _ => "–".into(),
-            },
-            one.zip(many)
-                .map(|(a, b)| b.median <= a.median * GLOBS_NOISE),
+            format!(
+                "{} (criterion `admit_record/globs_*`: {} ns vs {} ns)",
+                show(globs, f3),
+                many.map_or("–".into(), |m| format!("{:.0}", m.median)),
+                one.map_or("–".into(), |o| format!("{:.0}", o.median)),
+            ),
+            globs.map(|s| s.median <= GLOBS_NOISE),
         );
         let _ = writeln!(md);
         self.per_build_goals(md);
