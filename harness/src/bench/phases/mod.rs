@@ -134,11 +134,19 @@ pub(super) async fn closed_phase(
 
 pub(super) const OPEN_LISTENERS: [&str; 2] = ["floor", "rejected"];
 
+/// The filter of the open phase: one failure opens the breaker, for longer than the phase lasts, so
+/// every measured call meets a breaker Open as an outage leaves it (not `forced_open`, whose
+/// rejections take another path: they consult the stored breaker on every call, where an Open one is
+/// answered from the worker's memory of "Open until T").
+pub(super) const OPEN_FILTER_CONFIG: &str = r#"{"failure_threshold": 1, "open_timeout": "1h"}"#;
+
 /// What one build's Envoy counted in the open phase.
 pub(super) struct OpenCounts {
     pub(super) build: Build,
-    /// Requests that reached the guarded cluster (must be 0).
+    /// Requests that reached the guarded cluster while the breaker was Open (must be 0).
     pub(super) guarded_upstream_rq: u64,
+    /// Requests that reached it before: the call that opened the breaker.
+    pub(super) tripping_rq: u64,
     /// `circuit_breaker_rejected_calls_total`.
     pub(super) rejected_total: u64,
 }
@@ -165,7 +173,7 @@ pub(super) async fn open_phase(ctx: &mut Ctx, opts: &Options) -> Result<Open> {
     hang.set_fault(Fault::Hang)
         .await
         .map_err(|e| format!("cannot make the upstream hang: {e}"))?;
-    let filter_config = r#"{"mode": "forced_open"}"#.to_string();
+    let filter_config = OPEN_FILTER_CONFIG.to_string();
     let cpus = ctx.proxy_cpus.clone();
     let proxies = start_builds(ctx, "bench-open", "envoy/bench-open.yaml", "open", |l| {
         l.var("HANG_PORT", hang.port().to_string())
@@ -178,8 +186,27 @@ pub(super) async fn open_phase(ctx: &mut Ctx, opts: &Options) -> Result<Open> {
         return Err("the open phase needs both builds' Envoys".into());
     };
 
-    // What a client sees from each listener, checked once with a real gRPC client.
+    // One call through each build's filter to the hanging upstream opens its breaker.
     let mut sanity = Vec::new();
+    let mut tripped = Vec::new();
+    for (build, proxy) in BUILDS.into_iter().zip(&proxies) {
+        let answer = grpc_probe(port(proxy, "rejected")?).await;
+        let opened = prometheus(proxy)
+            .await?
+            .sum("circuit_breaker_open_total", &[]);
+        if opened < 1.0 {
+            return Err(format!(
+                "the {} breaker did not open after one failing call ({answer})",
+                build.name()
+            ));
+        }
+        sanity.push(format!(
+            "the call that opened the breaker ({}): {answer}",
+            build.name()
+        ));
+        tripped.push(stat(proxy, "cluster.guarded.upstream_rq_total").await?);
+    }
+    // What a client sees from each listener, checked once with a real gRPC client.
     for (proxy, listener, what) in [
         (wasm, "rejected", "`rejected` (wasm)"),
         (native, "rejected", "`rejected` (native)"),
@@ -217,10 +244,12 @@ pub(super) async fn open_phase(ctx: &mut Ctx, opts: &Options) -> Result<Open> {
         hanging.rps, hanging.p50_us
     );
     let mut counts = Vec::new();
-    for (build, proxy) in BUILDS.into_iter().zip(&proxies) {
+    for ((build, proxy), tripping_rq) in BUILDS.into_iter().zip(&proxies).zip(tripped) {
+        let guarded = stat(proxy, "cluster.guarded.upstream_rq_total").await?;
         counts.push(OpenCounts {
             build,
-            guarded_upstream_rq: stat(proxy, "cluster.guarded.upstream_rq_total").await?,
+            guarded_upstream_rq: guarded.saturating_sub(tripping_rq),
+            tripping_rq,
             rejected_total: prometheus(proxy)
                 .await?
                 .sum("circuit_breaker_rejected_calls_total", &[])

@@ -236,7 +236,7 @@ impl Report<'_> {
                 },
             );
             line(
-                "open: requests reaching the guarded upstream",
+                "open: requests reaching the guarded upstream while Open",
                 "0",
                 &|b| match o.counts.iter().find(|c| c.build == b) {
                     Some(c) => (

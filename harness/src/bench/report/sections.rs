@@ -148,9 +148,10 @@ impl Report<'_> {
             md,
             "Two Envoys, one per build (`envoy/bench-open.yaml` and `envoy/bench-open-native.yaml`), one \
              worker each, pinned to the same core, in the same rounds. `rejected`: the filter (`{}`) in \
-             front of a hanging upstream; `floor`: Envoy's own `direct_response` with the same \
-             trailers-only UNAVAILABLE; `hanging` (wasm Envoy): no breaker, the hanging upstream, route \
-             timeout {HANG_TIMEOUT}.\n",
+             front of a hanging upstream, opened by one call that timed out before the runs, and Open \
+             throughout them; `floor`: Envoy's own `direct_response` with the same trailers-only \
+             UNAVAILABLE; `hanging` (wasm Envoy): no breaker, the hanging upstream, route timeout \
+             {HANG_TIMEOUT}.\n",
             o.filter_config
         );
         let _ = writeln!(
@@ -224,10 +225,11 @@ impl Report<'_> {
             .iter()
             .map(|c| {
                 format!(
-                    "{}: **{}** after {} rejected calls",
+                    "{}: **{}** while Open, after {} rejected calls ({} before: the call that opened it)",
                     c.build.name(),
                     c.guarded_upstream_rq,
-                    num(c.rejected_total as f64)
+                    num(c.rejected_total as f64),
+                    c.tripping_rq
                 )
             })
             .collect();
