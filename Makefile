@@ -205,12 +205,14 @@ fuzz-tools:
 
 ## ---- Benchmarks (issue 6; not part of `make test`) ---------------------------------------------------
 
-## bench: the filter in a real Envoy measured against Envoy's own floor, side by side in one run, and
-## the breaker core against the failsafe and recloser crates; writes BENCHMARKS.md (see its "Method").
-## About 7 minutes on two cores, plus builds. Installs h2load (Debian's nghttp2-client) when missing.
+## bench: both builds of the filter in a real Envoy, side by side in the same rounds, measured against
+## Envoy's own floor; the breaker core against the failsafe and recloser crates, and under 1 and 10,000
+## glob overrides; writes BENCHMARKS.md (see its "Method").
+## About 13 minutes on two cores, plus builds. Installs h2load (Debian's nghttp2-client) when missing.
 bench: build envoy bench-tools bench-probe
 	cargo bench -p circuit-breaker-harness --bench breakers -- --warm-up-time 1 --measurement-time 3 --noplot
 	cargo bench -p circuit-breaker-harness --bench tune -- --noplot
+	cargo bench -p circuit-breaker-core --bench admit_record -- --warm-up-time 1 --measurement-time 3 --noplot
 	cargo run -q -p circuit-breaker-harness -- bench
 
 ## the host-call probe (harness/benches/hostcall-probe, its own workspace): prices each kind of host

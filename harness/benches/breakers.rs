@@ -18,10 +18,18 @@
 //!   thread, timed from a common start to the last thread's end: the time shown is the per-call
 //!   latency under contention.
 //!
+//! Criterion measures one function after the other, and on a shared machine the speed of a core moves
+//! by half between seconds, so two functions measured a few seconds apart differ by more than what
+//! tells them apart. `core_native` and `failsafe` are therefore also measured interleaved, on one
+//! thread: rounds of a block of calls on each, the order alternating, written as ns per call per round
+//! to `<target>/criterion/breakers_1_thread/native_vs_failsafe.json` (`[[failsafe, core_native],
+//! ...]`), from which `make bench` reports the per-round ratio.
+//!
 //! `cargo bench -p circuit-breaker-harness --bench breakers` (`make bench` runs it and reports it in
 //! BENCHMARKS.md).
 
 use std::hint::black_box;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
@@ -29,7 +37,7 @@ use std::time::{Duration, Instant};
 use cb_core::classify::{Classification, Outcome};
 use cb_core::config::FilterConfig;
 use cb_core::store::{BreakerStore, LocalStore, MemoryStore, SharedData};
-use cb_core::telemetry::{Event, Level, Series, Telemetry};
+use cb_core::telemetry::{Event, Level, Series, StoreEvent, Telemetry};
 use cb_core::worker::{Admission, Worker};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
@@ -39,13 +47,16 @@ const OK: Classification = Classification {
     slow: false,
 };
 
-/// Calls each library did not let through (or, for the core, whose outcome was not stored at once):
-/// printed at the end, and 0 unless a breaker misbehaved under the race.
+/// Calls each library did not let through: printed at the end, and 0 unless a breaker misbehaved
+/// under the race.
 static CORE_ANOMALIES: AtomicU64 = AtomicU64::new(0);
-/// Outcomes the core could not store at once ([`cb_core::store::MAX_CAS_ATTEMPTS`] lost races).
-static CORE_LOST: AtomicU64 = AtomicU64::new(0);
 static FAILSAFE_ANOMALIES: AtomicU64 = AtomicU64::new(0);
 static RECLOSER_ANOMALIES: AtomicU64 = AtomicU64::new(0);
+/// The core's store under the race: compare-and-swap attempts lost and retried (shared data only),
+/// and updates given up after [`cb_core::store::MAX_CAS_ATTEMPTS`] lost races or outcomes lost
+/// otherwise (each one an outcome the breaker did not count).
+static CORE_RETRIES: AtomicU64 = AtomicU64::new(0);
+static CORE_GIVEN_UP: AtomicU64 = AtomicU64::new(0);
 
 /// The metrics sink of a benchmark: counts what the breaker would report, and formats nothing.
 struct Quiet;
@@ -55,8 +66,14 @@ impl Telemetry for Quiet {
     fn set(&mut self, _: &Series<'_>, _: u64) {}
     fn log(&mut self, _: Level, _: &str) {}
     fn event(&mut self, _: &str, event: &Event) {
-        if matches!(event, Event::Store(_)) {
-            CORE_LOST.fetch_add(1, Ordering::Relaxed);
+        match event {
+            Event::Store(StoreEvent::Retries(n)) => {
+                CORE_RETRIES.fetch_add(u64::from(*n), Ordering::Relaxed);
+            }
+            Event::Store(StoreEvent::Failed { .. } | StoreEvent::OutcomeLost(_)) => {
+                CORE_GIVEN_UP.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
         }
     }
 }
@@ -120,6 +137,53 @@ fn one_thread(c: &mut Criterion) {
     group.bench_function("recloser", |b| b.iter(|| recloser_call(&recloser)));
 
     group.finish();
+    let rounds = interleaved(|| failsafe_call(&failsafe), || native.call());
+    write_rounds("breakers_1_thread/native_vs_failsafe.json", &rounds);
+}
+
+/// Rounds of one block of calls of `a` and one of `b`, the order alternating per round: ns per call
+/// of each, per round.
+fn interleaved(mut a: impl FnMut(), mut b: impl FnMut()) -> Vec<(f64, f64)> {
+    const ROUNDS: usize = 100;
+    const CALLS: u32 = 20_000;
+    let block = |f: &mut dyn FnMut()| {
+        let started = Instant::now();
+        for _ in 0..CALLS {
+            f();
+        }
+        started.elapsed().as_secs_f64() * 1e9 / f64::from(CALLS)
+    };
+    (0..ROUNDS)
+        .map(|round| {
+            if round % 2 == 0 {
+                let x = block(&mut a);
+                (x, block(&mut b))
+            } else {
+                let y = block(&mut b);
+                (block(&mut a), y)
+            }
+        })
+        .collect()
+}
+
+/// `rounds` as JSON under criterion's directory, `<target>/criterion/<name>`, for `make bench`.
+fn write_rounds(name: &str, rounds: &[(f64, f64)]) {
+    let Some(target) = Path::new(env!("CARGO_TARGET_TMPDIR")).parent() else {
+        return;
+    };
+    let path = target.join("criterion").join(name);
+    let pairs: Vec<String> = rounds
+        .iter()
+        .map(|(a, b)| format!("[{a:.3},{b:.3}]"))
+        .collect();
+    let written = path
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| std::fs::write(&path, format!("[{}]\n", pairs.join(","))));
+    match written {
+        Ok(()) => println!("interleaved rounds written to {}", path.display()),
+        Err(e) => eprintln!("cannot write {}: {e}", path.display()),
+    }
 }
 
 /// Runs `iters` calls on each of `THREADS` threads from a common start; the time until the last one
@@ -197,11 +261,12 @@ fn two_threads(c: &mut Criterion) {
 
     group.finish();
     println!(
-        "calls not let through: core {}, failsafe {}, recloser {}; store trouble events in the core: {}",
+        "calls not let through: core {}, failsafe {}, recloser {}; the core's store: {} CAS retries, {} updates given up or outcomes lost",
         CORE_ANOMALIES.load(Ordering::Relaxed),
         FAILSAFE_ANOMALIES.load(Ordering::Relaxed),
         RECLOSER_ANOMALIES.load(Ordering::Relaxed),
-        CORE_LOST.load(Ordering::Relaxed)
+        CORE_RETRIES.load(Ordering::Relaxed),
+        CORE_GIVEN_UP.load(Ordering::Relaxed)
     );
 }
 

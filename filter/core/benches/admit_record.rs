@@ -9,13 +9,22 @@
 //!   one glob override or ten thousand (none matching the key): a key's settings are resolved once per
 //!   worker and kept, so the two must cost the same.
 //!
+//! Criterion measures one function after the other, and on a shared machine the speed of a core moves
+//! by half between seconds, so two functions measured a few seconds apart differ by more than what
+//! tells them apart. The two glob configurations are therefore also measured interleaved: rounds of
+//! a block of calls on each, the order alternating, written as ns per call per round to
+//! `<target>/criterion/admit_record/globs_interleaved.json` (`[[1 glob, 10,000 globs], ...]`), from
+//! which `make bench` reports the per-round ratio.
+//!
 //! `cargo bench -p circuit-breaker-core --bench admit_record`. Native only: criterion is not a wasm
 //! dev-dependency, so on wasm this is an empty program.
 
 #[cfg(not(target_arch = "wasm32"))]
 mod native {
     use std::hint::black_box;
+    use std::path::Path;
     use std::sync::Arc;
+    use std::time::Instant;
 
     use cb_core::classify::{Classification, Outcome};
     use cb_core::config::FilterConfig;
@@ -85,17 +94,70 @@ mod native {
                 call(&mut local, now)
             })
         });
-        for n in [1, 10_000] {
-            let table = LocalStore::new(1024);
-            let mut w = worker(globs(n), &table);
-            group.bench_function(format!("globs_{n}"), |b| {
+        let (one_table, many_table) = (LocalStore::new(1024), LocalStore::new(1024));
+        let mut one = worker(globs(1), &one_table);
+        let mut many = worker(globs(10_000), &many_table);
+        for (name, w) in [("globs_1", &mut one), ("globs_10000", &mut many)] {
+            group.bench_function(name, |b| {
                 b.iter(|| {
                     now += 1;
-                    call(&mut w, now)
+                    call(w, now)
                 })
             });
         }
         group.finish();
+        let rounds = interleaved(|n| call(&mut one, n), |n| call(&mut many, n), &mut now);
+        write_rounds("admit_record/globs_interleaved.json", &rounds);
+    }
+
+    /// Rounds of one block of calls of `a` and one of `b`, the order alternating per round: ns per
+    /// call of each, per round. `now` is the clock both share.
+    fn interleaved(
+        mut a: impl FnMut(u64),
+        mut b: impl FnMut(u64),
+        now: &mut u64,
+    ) -> Vec<(f64, f64)> {
+        const ROUNDS: usize = 100;
+        const CALLS: u32 = 20_000;
+        let block = |f: &mut dyn FnMut(u64), now: &mut u64| {
+            let started = Instant::now();
+            for _ in 0..CALLS {
+                *now += 1;
+                f(*now);
+            }
+            started.elapsed().as_secs_f64() * 1e9 / f64::from(CALLS)
+        };
+        (0..ROUNDS)
+            .map(|round| {
+                if round % 2 == 0 {
+                    let x = block(&mut a, now);
+                    (x, block(&mut b, now))
+                } else {
+                    let y = block(&mut b, now);
+                    (block(&mut a, now), y)
+                }
+            })
+            .collect()
+    }
+
+    /// `rounds` as JSON under criterion's directory, `<target>/criterion/<name>`, for `make bench`.
+    fn write_rounds(name: &str, rounds: &[(f64, f64)]) {
+        let Some(target) = Path::new(env!("CARGO_TARGET_TMPDIR")).parent() else {
+            return;
+        };
+        let path = target.join("criterion").join(name);
+        let pairs: Vec<String> = rounds
+            .iter()
+            .map(|(a, b)| format!("[{a:.3},{b:.3}]"))
+            .collect();
+        let written = path
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::write(&path, format!("[{}]\n", pairs.join(","))));
+        match written {
+            Ok(()) => println!("interleaved rounds written to {}", path.display()),
+            Err(e) => eprintln!("cannot write {}: {e}", path.display()),
+        }
     }
 }
 

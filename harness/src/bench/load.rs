@@ -222,39 +222,36 @@ pub(super) fn read_latencies(path: &Path) -> Vec<f64> {
         .collect()
 }
 
-/// Interleaved rounds: every round runs each listener once, the order rotating so no variant always
-/// runs first (or right after the same neighbour). Results per listener, in round order.
-pub(super) async fn rounds(
-    ctx: &mut Ctx,
-    proxy: &Envoy,
-    listeners: &[&str],
-    spec: &LoadSpec,
-    n: usize,
-    label: &str,
-) -> Result<BTreeMap<String, Vec<Run>>> {
-    let variants: Vec<Variant> = listeners
-        .iter()
-        .map(|l| Variant {
-            name: l.to_string(),
-            listener: l.to_string(),
-            headers: Vec::new(),
-        })
-        .collect();
-    rounds_of(ctx, proxy, &variants, spec, n, label).await
-}
-
-/// One thing to measure: a listener, and request headers that select what it does.
+/// One thing to measure: a listener of one of the proxies of a phase, and request headers that select
+/// what it does.
 #[derive(Debug, Clone)]
 pub(super) struct Variant {
     pub(super) name: String,
+    /// Which of the proxies given to [`rounds_of`] serves it (an index into them).
+    pub(super) proxy: usize,
     pub(super) listener: String,
     pub(super) headers: Vec<String>,
 }
 
-/// [`rounds`] over variants; results by variant name.
+impl Variant {
+    /// `listener` of proxy `proxy`, as it is, under `name`.
+    pub(super) fn new(name: impl Into<String>, proxy: usize, listener: &str) -> Self {
+        Self {
+            name: name.into(),
+            proxy,
+            listener: listener.to_string(),
+            headers: Vec::new(),
+        }
+    }
+}
+
+/// Interleaved rounds: every round runs each variant once, the order rotating so no variant always
+/// runs first (or right after the same neighbour). Variants may live in different proxies (one per
+/// build, pinned to the same core): only the one being measured is loaded, so each proxy's CPU per
+/// call is its own. Results by variant name, in round order.
 pub(super) async fn rounds_of(
     ctx: &mut Ctx,
-    proxy: &Envoy,
+    proxies: &[&Envoy],
     variants: &[Variant],
     spec: &LoadSpec,
     n: usize,
@@ -266,6 +263,14 @@ pub(super) async fn rounds_of(
             let Some(v) = variants.get((i + round) % variants.len()) else {
                 continue;
             };
+            let proxy = proxies.get(v.proxy).ok_or_else(|| {
+                format!(
+                    "variant {} names proxy {} of {}",
+                    v.name,
+                    v.proxy,
+                    proxies.len()
+                )
+            })?;
             let spec = LoadSpec {
                 headers: v.headers.clone(),
                 ..spec.clone()
@@ -285,8 +290,9 @@ pub(super) async fn rounds_of(
     Ok(out)
 }
 
-/// A short unrecorded run on each listener: V8's JIT, connection pools and allocators warm up.
-pub(super) async fn warm_up(ctx: &mut Ctx, proxy: &Envoy, listeners: &[&str]) -> Result<()> {
+/// A short unrecorded run on each variant's listener: V8's JIT, connection pools and allocators warm
+/// up.
+pub(super) async fn warm_up(ctx: &mut Ctx, proxies: &[&Envoy], variants: &[Variant]) -> Result<()> {
     let spec = LoadSpec {
         clients: 4,
         streams: 16,
@@ -297,8 +303,14 @@ pub(super) async fn warm_up(ctx: &mut Ctx, proxy: &Envoy, listeners: &[&str]) ->
         latencies: false,
         headers: Vec::new(),
     };
-    for l in listeners {
-        measure(ctx, proxy, l, &spec).await?;
+    let mut done = std::collections::BTreeSet::new();
+    for v in variants {
+        let Some(proxy) = proxies.get(v.proxy) else {
+            continue;
+        };
+        if done.insert((v.proxy, v.listener.clone())) {
+            measure(ctx, proxy, &v.listener, &spec).await?;
+        }
     }
     Ok(())
 }
@@ -356,39 +368,39 @@ pub(super) struct Loads {
     pub(super) rate: f64,
 }
 
-/// Warms `listeners` up, then measures them under the three loads of [`Loads`]; `label` names the
-/// phase in the progress lines.
+/// Warms the variants up, then measures them under the three loads of [`Loads`], all in the same
+/// interleaved rounds; `label` names the phase in the progress lines.
 pub(super) async fn loads(
     ctx: &mut Ctx,
-    proxy: &Envoy,
-    listeners: &[&str],
+    proxies: &[&Envoy],
+    variants: &[Variant],
     opts: &Options,
     label: &str,
 ) -> Result<Loads> {
-    warm_up(ctx, proxy, listeners).await?;
-    let throughput = rounds(
+    warm_up(ctx, proxies, variants).await?;
+    let throughput = rounds_of(
         ctx,
-        proxy,
-        listeners,
+        proxies,
+        variants,
         &saturating(opts.secs, 4),
         opts.rounds,
         &format!("{label} throughput"),
     )
     .await?;
     let rate = half_capacity(&throughput);
-    let latency = rounds(
+    let latency = rounds_of(
         ctx,
-        proxy,
-        listeners,
+        proxies,
+        variants,
         &fixed_rate(opts.secs, rate),
         opts.rounds,
         &format!("{label} latency"),
     )
     .await?;
-    let unloaded = rounds(
+    let unloaded = rounds_of(
         ctx,
-        proxy,
-        listeners,
+        proxies,
+        variants,
         &one_at_a_time(opts.secs),
         opts.rounds.div_ceil(2).max(2),
         &format!("{label} unloaded latency"),

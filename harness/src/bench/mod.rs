@@ -1,38 +1,47 @@
-//! `harness bench`, what `make bench` runs (issue 6): the filter measured against Envoy's own floor,
-//! side by side in one run, and written up as `BENCHMARKS.md`.
+//! `harness bench`, what `make bench` runs (issues 6 and 12): both builds of the filter (the wasm filter
+//! in V8 and the native dynamic module) measured against Envoy's own floor, side by side in one run,
+//! and written up as `BENCHMARKS.md`.
 //!
-//! Every comparison is made inside one Envoy process, between listeners that differ only in what is
-//! measured, with the variants run in interleaved rounds (the order rotates every round). A shared,
+//! Every comparison is made between listeners that differ only in what is measured, with the variants
+//! run in interleaved rounds (the order rotates every round). Each build runs in an Envoy of its own,
+//! from its own bootstrap (`envoy/<name>.yaml`, `envoy/<name>-native.yaml`), both pinned to the same
+//! core and measured in the same rounds, each against the floor listener of its own Envoy. A shared,
 //! noisy machine then shifts both sides of a ratio alike, which is why the report leads with ratios
 //! and gives every figure as a median with its min–max over the rounds.
 //!
-//! 1. Closed-state overhead (`envoy/bench.yaml`, one worker pinned to one core): gRPC unary
-//!    calls through `ingress` (the filter, enforcing), `filter_disabled` (the filter in `mode:
-//!    disabled`: the wasm floor) and `baseline` (router only), all to a second Envoy that answers every
-//!    call with a trailers-only gRPC OK (`envoy/bench-upstream.yaml`). Saturated throughput, proxy CPU
-//!    per request (`/proc/<pid>/stat` utime+stime over Envoy's own request counter), and p50/p99 at a
-//!    fixed rate of half the baseline's capacity.
-//! 2. Open-state fail-fast (`envoy/bench-open.yaml`): the filter held open (`forced_open`) against
-//!    Envoy's `direct_response` with the same trailers-only UNAVAILABLE, and against no breaker in front
-//!    of a hanging upstream with a route timeout. The guarded cluster must see no request at all.
-//! 3. Core: the criterion bench `harness/benches/breakers.rs` (run by `make bench` just before this),
-//!    read back from `target/criterion`.
-//! 4. Contention: `ingress` and `baseline` with 1, 2 and 4 Envoy workers; CAS retries per call.
-//! 5. Memory: shared-data bytes per upstream (from the codec), the `.wasm` size, Envoy's RSS with 1
-//!    and with 1000 upstream keys (`upstream_key: header:x-tenant`).
+//! 1. Closed-state overhead (`envoy/bench.yaml` and `envoy/bench-native.yaml`, one worker each): gRPC
+//!    unary calls through `ingress` (the filter, enforcing), `filter_disabled` (the filter in `mode:
+//!    disabled`: the price of the wasm VM, or of the module's hooks) and `baseline` (router only), all
+//!    to a second Envoy that answers every call with a trailers-only gRPC OK
+//!    (`envoy/bench-upstream.yaml`). Saturated throughput, proxy CPU per request (`/proc/<pid>/stat`
+//!    utime+stime over Envoy's own request counter), and p50/p99 at a fixed rate of half the slowest
+//!    variant's capacity.
+//! 2. Open-state fail-fast (`envoy/bench-open.yaml`, `envoy/bench-open-native.yaml`): the filter held
+//!    open (`forced_open`) against Envoy's `direct_response` with the same trailers-only UNAVAILABLE,
+//!    and against no breaker in front of a hanging upstream with a route timeout. The guarded cluster
+//!    must see no request at all.
+//! 3. Core: the criterion benches `harness/benches/breakers.rs` and
+//!    `filter/core/benches/admit_record.rs` (run by `make bench` just before this), read back from
+//!    `target/criterion`.
+//! 4. Contention: `ingress` and `baseline` of both builds with 1, 2 and 4 Envoy workers; CAS retries
+//!    per call (wasm).
+//! 5. Memory: shared-data bytes per upstream (from the codec), the artifacts' sizes, Envoy's RSS with
+//!    1 and with 1000 upstream keys (`upstream_key: header:x-tenant`, wasm build).
+//! 6. Host calls: the price of each kind the wasm filter makes, from a probe module.
 //!
 //! Every Envoy is started by the one launcher, [`crate::envoy::Launch`]. Load comes from h2load
 //! (nghttp2); the load generator and the upstream share the cores the proxy is not pinned to. Every
 //! load run is bounded in time (h2load `-D`, or `-n` with a route timeout) and killed if it overruns.
 //!
 //! ```text
-//! harness bench [--out BENCHMARKS.md] [--rounds 5] [--secs 3] [--only closed,open,contention,memory]
+//! harness bench [--out BENCHMARKS.md] [--rounds 5] [--secs 3] [--only closed,open,hostcalls,contention,memory]
 //!               [--criterion target/criterion] [--quick]
 //! ```
 //!
 //! The modules, by concern: `machine` (CPUs, placement, versions, a process's CPU time and memory),
-//! `load` (h2load runs, in interleaved rounds), `stats` (Envoy's counters, medians, ratios, the
-//! criterion results), `phases` (what each measurement starts and runs), `report` (`BENCHMARKS.md`).
+//! `load` (h2load runs, in interleaved rounds over one or more Envoys), `stats` (Envoy's counters,
+//! medians, ratios, the criterion results), `phases` (what each measurement starts and runs),
+//! `report` (`BENCHMARKS.md`).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -40,7 +49,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::envoy::{
-    envoy_binary, wasm_path, workspace_root, Envoy, Launch, Metrics, RunFiles, UpstreamPorts,
+    envoy_binary, native_path, wasm_path, workspace_root, Envoy, Launch, Metrics, RunFiles,
+    UpstreamPorts,
 };
 
 mod load;
@@ -146,6 +156,8 @@ struct Ctx {
     dir: PathBuf,
     envoy: PathBuf,
     wasm: PathBuf,
+    /// The native module (`dist/libcircuit_breaker.so`), which the native Envoys load.
+    native: PathBuf,
     body: PathBuf,
     /// The core the proxy under test is pinned to (None: one core only, nothing pinned).
     proxy_cpus: Option<String>,
@@ -194,6 +206,7 @@ async fn run_all(opts: Options) -> Result<()> {
         dir,
         envoy: envoy_binary().map_err(|e| e.to_string())?,
         wasm: wasm_path().map_err(|e| e.to_string())?,
+        native: native_path().map_err(|e| e.to_string())?,
         body,
         proxy_cpus,
         load_cpus,

@@ -39,16 +39,39 @@ pub(super) fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
 pub(super) struct CoreResults {
     /// (group, function) → ns per call: median, min, max over criterion's samples.
     pub(super) figures: BTreeMap<(String, String), Spread>,
+    /// [`INTERLEAVED`] file → ns per call of (a, b), per round of the benches' interleaved runs.
+    pub(super) rounds: BTreeMap<&'static str, Vec<(f64, f64)>>,
 }
 
-pub(super) const CORE_GROUPS: [&str; 2] = ["breakers_1_thread", "breakers_2_threads"];
-pub(super) const CORE_FUNCTIONS: [&str; 3] = ["core", "failsafe", "recloser"];
+/// The interleaved comparisons the criterion benches write under `target/criterion/`: rounds of a
+/// block of calls of `a` then of `b` (the order alternating), ns per call of each, as
+/// `[[a, b], ...]`. Two criterion functions are measured seconds apart, and a shared machine's speed
+/// moves more than that between them; these rounds put both sides of a ratio side by side.
+pub(super) const INTERLEAVED: [&str; 2] = [
+    // a = failsafe, b = core_native
+    "breakers_1_thread/native_vs_failsafe.json",
+    // a = 1 glob, b = 10,000 globs
+    "admit_record/globs_interleaved.json",
+];
+
+/// The criterion benches `make bench` runs, by group: `harness/benches/breakers.rs` (the core against
+/// other breakers, 1 thread and 2 racing) and `filter/core/benches/admit_record.rs` (the core's call
+/// through each store, and under 1 or 10,000 glob overrides).
+pub(super) const CORE_BENCHES: [(&str, &[&str]); 3] = [
+    ("breakers_1_thread", &CORE_FUNCTIONS),
+    ("breakers_2_threads", &CORE_FUNCTIONS),
+    (
+        "admit_record",
+        &["shared_data", "local", "globs_1", "globs_10000"],
+    ),
+];
+pub(super) const CORE_FUNCTIONS: [&str; 4] = ["core", "core_native", "failsafe", "recloser"];
 
 impl CoreResults {
     pub(super) fn read(dir: &Path) -> Self {
         let mut figures = BTreeMap::new();
-        for group in CORE_GROUPS {
-            for function in CORE_FUNCTIONS {
+        for (group, functions) in CORE_BENCHES {
+            for function in functions.iter().copied() {
                 let file = dir.join(group).join(function).join("new/sample.json");
                 let Some(json) = fs::read_to_string(&file)
                     .ok()
@@ -71,7 +94,17 @@ impl CoreResults {
                 }
             }
         }
-        Self { figures }
+        let rounds = INTERLEAVED
+            .into_iter()
+            .filter_map(|name| Some((name, read_rounds(&dir.join(name))?)))
+            .collect();
+        Self { figures, rounds }
+    }
+
+    /// Per round, b / a of an [`INTERLEAVED`] comparison.
+    pub(super) fn round_ratio(&self, name: &str) -> Option<Spread> {
+        let rounds = self.rounds.get(name)?;
+        spread(rounds.iter().filter(|(a, _)| *a > 0.0).map(|(a, b)| b / a))
     }
 
     pub(super) fn get(&self, group: &str, function: &str) -> Option<Spread> {
@@ -79,6 +112,20 @@ impl CoreResults {
             .get(&(group.to_string(), function.to_string()))
             .copied()
     }
+}
+
+/// `[[a, b], ...]`, as the benches write it.
+fn read_rounds(path: &Path) -> Option<Vec<(f64, f64)>> {
+    let json: serde_json::Value = serde_json::from_str(&fs::read_to_string(path).ok()?).ok()?;
+    let rounds: Vec<(f64, f64)> = json
+        .as_array()?
+        .iter()
+        .filter_map(|pair| {
+            let pair = pair.as_array()?;
+            Some((pair.first()?.as_f64()?, pair.get(1)?.as_f64()?))
+        })
+        .collect();
+    (!rounds.is_empty()).then_some(rounds)
 }
 
 // ---- medians, ratios, differences ---------------------------------------------------------------
@@ -149,6 +196,22 @@ pub(super) fn of(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn interleaved_rounds_give_per_round_ratios() {
+        let dir = std::env::temp_dir().join(format!("bench-rounds-{}", std::process::id()));
+        let file = dir.join(INTERLEAVED[1]);
+        fs::create_dir_all(file.parent().unwrap()).unwrap();
+        fs::write(&file, "[[100.0,110.0],[200.0,180.0],[100.0,100.0]]\n").unwrap();
+        let core = CoreResults::read(&dir);
+        let r = core.round_ratio(INTERLEAVED[1]).unwrap();
+        assert_eq!((r.median, r.min, r.max), (1.0, 0.9, 1.1));
+        assert!(
+            core.round_ratio(INTERLEAVED[0]).is_none(),
+            "no file, no figure"
+        );
+        let _ = fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn spreads_and_percentiles() {

@@ -11,44 +11,68 @@
 //! | `property_cluster` | `get_property(xds.cluster_name)` | yes |
 //! | `property_flags` | `get_property(response.flags)` | yes |
 //! | `request_header` | `get_header_map_value(request, content-type)` | yes |
-//! | `shared_get` | `get_shared_data` of a 64-byte value | yes |
-//! | `shared_set` | `set_shared_data` of a 64-byte value | no |
+//! | `shared_get` | `get_shared_data` of one breaker's slot, as the filter stores it | yes |
+//! | `shared_set` | `set_shared_data` of that slot | no |
 //! | `clock` | `get_current_time` | no |
 //! | `metric` | `increment_metric` | no |
-//! | `core` | none: one `Registry::admit` + `record` of the breaker core on an in-VM store (decode, decide, encode, CAS), the filter's own compute per call | – |
+//! | `core` | none: one `Worker::admit` + `record` of the breaker core through shared data on an in-VM store (decode, decide, encode, CAS), the filter's own compute per call | – |
 
 use std::cell::RefCell;
+use std::sync::Arc;
 
+use cb_core::breaker::Breaker;
 use cb_core::classify::{Classification, Outcome};
-use cb_core::config::BreakerConfig;
-use cb_core::registry::{Admission, Registry};
-use cb_core::store::MemoryStore;
+use cb_core::codec;
+use cb_core::config::{BreakerConfig, FilterConfig};
+use cb_core::store::{MemoryStore, SharedData, Slot};
+use cb_core::telemetry::{Event, Level, Series, Telemetry};
+use cb_core::worker::{Admission, Worker};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, MapType, MetricType};
 
 const KEY: &str = "hostcall_probe.state";
-/// The size of a breaker's state with a count window of 100.
-const VALUE: [u8; 64] = [0xCB; 64];
+const UPSTREAM: &str = "outbound|8080||content.default.svc.cluster.local";
 
-/// `x-probe: core`: a breaker as after its first call (one VM per worker, so per thread).
+/// One breaker's slot as the filter keeps it in shared data: the key, its times, a Closed breaker with
+/// a count window of 100.
+fn slot_bytes() -> Vec<u8> {
+    codec::encode_slot(Some(&Slot {
+        key: UPSTREAM.to_string(),
+        last_call_ms: 1,
+        shaped_ms: 0,
+        breaker: Breaker::new(&BreakerConfig::default()),
+    }))
+}
+
+/// The telemetry of `x-probe: core`: nothing is reported, as only the core's compute is priced.
+struct Quiet;
+
+impl Telemetry for Quiet {
+    fn add(&mut self, _: &Series<'_>, _: u64) {}
+    fn set(&mut self, _: &Series<'_>, _: u64) {}
+    fn log(&mut self, _: Level, _: &str) {}
+    fn event(&mut self, _: &str, _: &Event) {}
+}
+
+/// `x-probe: core`: the core worker of this VM (one VM per Envoy worker, so per thread), over shared
+/// data kept in the VM.
 struct Core {
-    registry: Registry,
-    store: MemoryStore,
-    config: BreakerConfig,
+    worker: Worker<SharedData<MemoryStore>>,
     now_ms: u64,
 }
 
 thread_local! {
     static CORE: RefCell<Core> = RefCell::new(Core {
-        registry: Registry::new(1024),
-        store: MemoryStore::new(),
-        config: BreakerConfig::default(),
+        worker: Worker::new(
+            Arc::new(FilterConfig::default()),
+            0,
+            SharedData::new(MemoryStore::new(), 1024),
+        ),
         now_ms: 0,
     });
+    static SLOT: Vec<u8> = slot_bytes();
 }
-
-const UPSTREAM: &str = "outbound|8080||content.default.svc.cluster.local";
 
 fn core_call() {
     CORE.with(|core| {
@@ -57,20 +81,18 @@ fn core_call() {
         };
         let core = &mut *core;
         core.now_ms += 1;
-        let admitted = core
-            .registry
-            .admit(&core.store, UPSTREAM, &core.config, core.now_ms);
-        if let Admission::Allow(ticket) = admitted.admission {
+        if let Admission::Allow(call) = core.worker.admit(UPSTREAM, core.now_ms, &mut Quiet) {
             let ok = Classification {
                 outcome: Outcome::Success,
                 slow: false,
             };
-            let recorded =
-                core.registry
-                    .record(&core.store, UPSTREAM, &core.config, ticket, core.now_ms, ok);
-            drop(recorded);
+            core.worker.record(call, ok, core.now_ms, &mut Quiet);
         }
     });
+}
+
+fn set_slot() -> bool {
+    SLOT.with(|v| hostcalls::set_shared_data(KEY, Some(v), None).is_ok())
 }
 
 proxy_wasm::main! {{
@@ -98,11 +120,11 @@ impl RootContext for Root {
         self.metric =
             hostcalls::define_metric(MetricType::Counter, "hostcall_probe_total").unwrap_or(0);
         CORE.with(|core| {
-            if let Ok(core) = core.try_borrow() {
-                let _ = Registry::ensure_index(&core.store);
+            if let Ok(mut core) = core.try_borrow_mut() {
+                let _ = core.worker.prepare();
             }
         });
-        hostcalls::set_shared_data(KEY, Some(&VALUE), None).is_ok()
+        set_slot()
     }
 
     fn create_http_context(&self, _: u32) -> Option<Box<dyn HttpContext>> {
@@ -140,7 +162,7 @@ impl HttpContext for Probe {
                     "content-type",
                 )),
                 b"shared_get" => drop(hostcalls::get_shared_data(KEY)),
-                b"shared_set" => drop(hostcalls::set_shared_data(KEY, Some(&VALUE), None)),
+                b"shared_set" => drop(set_slot()),
                 b"clock" => drop(hostcalls::get_current_time()),
                 b"metric" => drop(hostcalls::increment_metric(self.metric, 1)),
                 b"core" => core_call(),

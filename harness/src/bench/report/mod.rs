@@ -1,5 +1,6 @@
 //! The report: the generated block of `BENCHMARKS.md`, between markers so the text around it is kept.
-//! The goals table, the machine and the commands are here; each phase's section is in `sections.rs`.
+//! The machine and the commands are here; the goals table in `goals.rs`, the criterion benches' section
+//! in `breakers.rs`, each Envoy phase's section in `sections.rs`.
 
 use std::fmt::Write as _;
 use std::fs;
@@ -8,9 +9,11 @@ use std::time::Duration;
 
 use super::machine::Machine;
 use super::phases::{Closed, Contention, HostCalls, Memory, Open};
-use super::stats::{differences, of, ratios, CoreResults, Spread};
+use super::stats::{CoreResults, Spread};
 use super::{Ctx, Options, Result};
 
+mod breakers;
+mod goals;
 mod sections;
 
 /// Markers around the generated part of `BENCHMARKS.md`; text outside them is kept as written.
@@ -102,107 +105,6 @@ impl Report<'_> {
         md
     }
 
-    pub(super) fn summary(&self, md: &mut String) {
-        let _ = writeln!(md, "### Goals\n");
-        let _ = writeln!(
-            md,
-            "| goal | target | measured (median, min–max over rounds) | |"
-        );
-        let _ = writeln!(md, "| --- | --- | --- | --- |");
-        let mut row = |goal: &str, target: &str, measured: String, ok: Option<bool>| {
-            // A row without a target is there for reference.
-            let verdict = if target == "–" { "" } else { verdict(ok) };
-            let _ = writeln!(md, "| {goal} | {target} | {measured} | {verdict} |");
-        };
-        if let Some(c) = &self.closed {
-            let thr = ratios(&c.throughput, "ingress", "baseline", |r| Some(r.rps));
-            row(
-                "closed: throughput, filter on / off",
-                "≥ 0.95",
-                show(thr, f3),
-                thr.map(|s| s.median >= 0.95),
-            );
-            let p99 = ratios(&c.latency, "ingress", "baseline", |r| r.p99_us);
-            row(
-                "closed: p99 at half capacity, on / off",
-                "≤ 1.10",
-                show(p99, f2),
-                p99.map(|s| s.median <= 1.10),
-            );
-            let p99 = ratios(&c.unloaded, "ingress", "baseline", |r| r.p99_us);
-            row(
-                "closed: p99 one call at a time, on / off",
-                "≤ 1.10",
-                show(p99, f2),
-                p99.map(|s| s.median <= 1.10),
-            );
-            let work = differences(&c.throughput, "ingress", "filter_disabled", |r| r.cpu_us);
-            row(
-                "closed: everything the breaker adds to a wasm filter (proxy CPU, `ingress` − `filter_disabled`)",
-                "–",
-                show(work, |x| format!("{x:.1} µs")),
-                None,
-            );
-        }
-        if let Some(h) = &self.hostcalls {
-            let (low, high) = h.shared_data_work();
-            row(
-                "shared-data work per call (host-call prices × calls, + the core in the VM)",
-                "≤ 5 µs",
-                match (low, high) {
-                    (Some(l), Some(h)) => format!("{l:.1}–{h:.1} µs (fewest–most reads)"),
-                    _ => "–".into(),
-                },
-                high.map(|h| h <= 5.0),
-            );
-        }
-        if let Some(o) = &self.open {
-            let thr = ratios(&o.throughput, "rejected", "floor", |r| Some(r.rps));
-            row(
-                "open: rejected-call throughput / direct_response",
-                "≥ 0.7",
-                show(thr, f3),
-                thr.map(|s| s.median >= 0.7),
-            );
-            let p99 = of(&o.latency, "rejected", |r| r.p99_us);
-            row(
-                "open: p99 of a rejected call, at half capacity",
-                "< 1 ms",
-                show(p99, |x| format!("{x:.0} µs")),
-                p99.map(|s| s.median < 1000.0),
-            );
-            let p99 = of(&o.unloaded, "rejected", |r| r.p99_us);
-            row(
-                "open: p99 of a rejected call, one call at a time",
-                "< 1 ms",
-                show(p99, |x| format!("{x:.0} µs")),
-                p99.map(|s| s.median < 1000.0),
-            );
-            row(
-                "open: requests reaching the guarded upstream",
-                "0",
-                format!(
-                    "{} (of {} rejected)",
-                    o.guarded_upstream_rq,
-                    num(o.rejected_total as f64)
-                ),
-                Some(o.guarded_upstream_rq == 0),
-            );
-        }
-        let core = self.core.get("breakers_1_thread", "core");
-        let failsafe = self.core.get("breakers_1_thread", "failsafe");
-        row(
-            "core: ns per admit+record, 1 thread, vs failsafe",
-            "≤ failsafe",
-            match (core, failsafe) {
-                (Some(c), Some(f)) => format!("{:.0} ns vs {:.0} ns", c.median, f.median),
-                _ => "–".into(),
-            },
-            core.zip(failsafe).map(|(c, f)| c.median <= f.median),
-        );
-        let _ = writeln!(md);
-    }
-
     pub(super) fn machine_section(&self, md: &mut String) {
         let m = &self.machine;
         let _ = writeln!(md, "### Machine\n");
@@ -232,11 +134,13 @@ impl Report<'_> {
         let _ = writeln!(md, "```sh");
         let _ = writeln!(
             md,
-            "make bench   # builds the filter, installs Envoy and h2load if missing, then:"
+            "make bench   # builds both builds of the filter, installs Envoy and h2load if missing, then:"
         );
         let _ = writeln!(
             md,
-            "cargo build --manifest-path harness/benches/hostcall-probe/Cargo.toml --target wasm32-wasip1 --release --target-dir target/fixtures\ncargo bench -p circuit-breaker-harness --bench breakers -- --warm-up-time 1 --measurement-time 3 --noplot"
+            "cargo build --manifest-path harness/benches/hostcall-probe/Cargo.toml --target wasm32-wasip1 --release --target-dir target/fixtures\n\
+             cargo bench -p circuit-breaker-harness --bench breakers -- --warm-up-time 1 --measurement-time 3 --noplot\n\
+             cargo bench -p circuit-breaker-core --bench admit_record -- --warm-up-time 1 --measurement-time 3 --noplot"
         );
         let _ = writeln!(md, "cargo run -q -p circuit-breaker-harness -- bench");
         let _ = writeln!(md, "```\n");

@@ -1,44 +1,85 @@
-//! The report's sections, one per phase.
+//! The report's sections for the phases that run Envoy, one per phase.
 
 use std::fmt::Write as _;
 
+use super::super::load::Run;
 use super::super::phases::{
-    tenant, CLOSED_LISTENERS, HANG_TIMEOUT, MANY_KEYS, OPEN_LISTENERS, PROBES,
+    tenant, vname, Closed, BUILDS, CLOSED_LISTENERS, HANG_TIMEOUT, MANY_KEYS, OPEN_LISTENERS,
+    PROBES,
 };
-use super::super::stats::{differences, of, ratios, CORE_FUNCTIONS};
+use super::super::stats::{differences, of, ratios};
 use super::{f1, f2, f3, num, show, Report};
+use crate::envoy::Build;
+
+use std::collections::BTreeMap;
+
+/// The per-round ratios of one pair of variants, as a row of a ratio table: throughput, CPU per call,
+/// and the latencies of each load.
+fn ratio_row(md: &mut String, c: &Closed, a: &str, b: &str, label: &str) {
+    let _ = writeln!(
+        md,
+        "| {label} | {} | {} | {} | {} | {} | {} |",
+        show(ratios(&c.throughput, a, b, |r| Some(r.rps)), f3),
+        show(ratios(&c.throughput, a, b, |r| r.cpu_us), f2),
+        show(ratios(&c.latency, a, b, |r| r.p50_us), f2),
+        show(ratios(&c.latency, a, b, |r| r.p99_us), f2),
+        show(ratios(&c.unloaded, a, b, |r| r.p50_us), f2),
+        show(ratios(&c.unloaded, a, b, |r| r.p99_us), f2),
+    );
+}
+
+/// The CPU difference per round of two variants, in µs.
+fn diff(runs: &BTreeMap<String, Vec<Run>>, a: &str, b: &str) -> String {
+    show(differences(runs, a, b, |r| r.cpu_us), f1)
+}
 
 impl Report<'_> {
     pub(super) fn closed_section(&self, md: &mut String) {
         let Some(c) = &self.closed else {
             return;
         };
-        let _ = writeln!(md, "### 1. Closed state: what the filter costs a call\n");
         let _ = writeln!(
             md,
-            "One Envoy, one worker pinned to one core; three listeners identical but for the filter, \
-             in front of an upstream Envoy answering every call with a trailers-only gRPC OK. Filter \
-             configuration on `ingress`: `{}` (defaults: `upstream_key: cluster`, count window of 100).\n",
+            "### 1. Closed state: what the filter costs a call
+"
+        );
+        let _ = writeln!(
+            md,
+            "Two Envoys, one per build (`envoy/bench.yaml` and its native twin `envoy/bench-native.yaml`), \
+             each with one worker, both pinned to the same core and measured in the same interleaved \
+             rounds (only one is loaded at a time); in each, three listeners identical but for the \
+             filter, in front of an upstream Envoy answering every call with a trailers-only gRPC OK. \
+             `baseline`: router only, each build's floor; `filter_disabled`: the filter in `mode: \
+             disabled` (Envoy still enters the wasm VM, or calls the module's hooks, for every stream); \
+             `ingress`: the filter, configured `{}` (defaults: `upstream_key: cluster`, count window of \
+             100).\n",
             c.filter_config
         );
         let _ = writeln!(
             md,
-            "| listener | saturated throughput (req/s) | proxy CPU per call (µs) | proxy busy (cores) | p50 at {} req/s (µs) | p99 (µs) | p50, one call at a time (µs) | p99 (µs) |",
+            "| build | listener | saturated throughput (req/s) | proxy CPU per call (µs) | proxy busy (cores) | p50 at {} req/s (µs) | p99 (µs) | p50, one call at a time (µs) | p99 (µs) |",
             num(c.rate)
         );
-        let _ = writeln!(md, "| --- | --- | --- | --- | --- | --- | --- | --- |");
-        for l in CLOSED_LISTENERS {
-            let _ = writeln!(
-                md,
-                "| `{l}` | {} | {} | {} | {} | {} | {} | {} |",
-                show(of(&c.throughput, l, |r| Some(r.rps)), num),
-                show(of(&c.throughput, l, |r| r.cpu_us), f1),
-                show(of(&c.throughput, l, |r| r.busy), f2),
-                show(of(&c.latency, l, |r| r.p50_us), num),
-                show(of(&c.latency, l, |r| r.p99_us), num),
-                show(of(&c.unloaded, l, |r| r.p50_us), num),
-                show(of(&c.unloaded, l, |r| r.p99_us), num),
-            );
+        let _ = writeln!(
+            md,
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        );
+        for b in BUILDS {
+            for l in CLOSED_LISTENERS {
+                let v = vname(b, l);
+                let _ = writeln!(
+                    md,
+                    "| {} | `{l}` | {} | {} | {} | {} | {} | {} | {} |",
+                    b.name(),
+                    show(of(&c.throughput, &v, |r| Some(r.rps)), num),
+                    show(of(&c.throughput, &v, |r| r.cpu_us), f1),
+                    show(of(&c.throughput, &v, |r| r.busy), f2),
+                    show(of(&c.latency, &v, |r| r.p50_us), num),
+                    show(of(&c.latency, &v, |r| r.p99_us), num),
+                    show(of(&c.unloaded, &v, |r| r.p50_us), num),
+                    show(of(&c.unloaded, &v, |r| r.p99_us), num),
+                );
+            }
         }
         let _ = writeln!(md);
         let _ = writeln!(
@@ -46,144 +87,162 @@ impl Report<'_> {
             "| ratio (per round, then median) | throughput | CPU per call | p50 | p99 | p50, one at a time | p99, one at a time |"
         );
         let _ = writeln!(md, "| --- | --- | --- | --- | --- | --- | --- |");
-        for (a, b) in [
-            ("ingress", "baseline"),
-            ("filter_disabled", "baseline"),
-            ("ingress", "filter_disabled"),
-        ] {
+        for b in BUILDS {
+            for (x, y) in [
+                ("ingress", "baseline"),
+                ("filter_disabled", "baseline"),
+                ("ingress", "filter_disabled"),
+            ] {
+                let label = format!("{}: `{x}` / `{y}`", b.name());
+                ratio_row(md, c, &vname(b, x), &vname(b, y), &label);
+            }
+        }
+        let (w, n) = (Build::Wasm, Build::Native);
+        ratio_row(
+            md,
+            c,
+            &vname(n, "ingress"),
+            &vname(w, "ingress"),
+            "`ingress`, native / wasm",
+        );
+        ratio_row(
+            md,
+            c,
+            &vname(n, "baseline"),
+            &vname(w, "baseline"),
+            "`baseline`, native Envoy / wasm Envoy (the floors agree?)",
+        );
+        let _ = writeln!(md);
+        for b in BUILDS {
+            let (on, off, floor) = (
+                vname(b, "ingress"),
+                vname(b, "filter_disabled"),
+                vname(b, "baseline"),
+            );
             let _ = writeln!(
                 md,
-                "| `{a}` / `{b}` | {} | {} | {} | {} | {} | {} |",
-                show(ratios(&c.throughput, a, b, |r| Some(r.rps)), f3),
-                show(ratios(&c.throughput, a, b, |r| r.cpu_us), f2),
-                show(ratios(&c.latency, a, b, |r| r.p50_us), f2),
-                show(ratios(&c.latency, a, b, |r| r.p99_us), f2),
-                show(ratios(&c.unloaded, a, b, |r| r.p50_us), f2),
-                show(ratios(&c.unloaded, a, b, |r| r.p99_us), f2),
+                "**{}**: proxy CPU per call, difference per round: the whole filter (`ingress` − `baseline`) \
+                 {} µs; the breaker's own work (`ingress` − `filter_disabled`) {} µs; the filter doing \
+                 nothing (`filter_disabled` − `baseline`) {} µs. At the fixed rate: {} µs, {} µs and {} µs.\n",
+                b.name(),
+                diff(&c.throughput, &on, &floor),
+                diff(&c.throughput, &on, &off),
+                diff(&c.throughput, &off, &floor),
+                diff(&c.latency, &on, &floor),
+                diff(&c.latency, &on, &off),
+                diff(&c.latency, &off, &floor),
             );
         }
-        let _ = writeln!(md);
-        let _ = writeln!(
-            md,
-            "Proxy CPU per call, difference per round: the whole filter (`ingress` − `baseline`) {} µs; \
-             the breaker's own work — shared data, core, and the response-side host calls — (`ingress` − \
-             `filter_disabled`) {} µs; a wasm filter that does nothing (`filter_disabled` − `baseline`) {} µs. \
-             At the fixed rate: {} µs, {} µs and {} µs.\n",
-            show(differences(&c.throughput, "ingress", "baseline", |r| r.cpu_us), f1),
-            show(differences(&c.throughput, "ingress", "filter_disabled", |r| r.cpu_us), f1),
-            show(differences(&c.throughput, "filter_disabled", "baseline", |r| r.cpu_us), f1),
-            show(differences(&c.latency, "ingress", "baseline", |r| r.cpu_us), f1),
-            show(differences(&c.latency, "ingress", "filter_disabled", |r| r.cpu_us), f1),
-            show(differences(&c.latency, "filter_disabled", "baseline", |r| r.cpu_us), f1),
-        );
     }
 
     pub(super) fn open_section(&self, md: &mut String) {
         let Some(o) = &self.open else {
             return;
         };
-        let _ = writeln!(md, "### 2. Open state: failing fast\n");
         let _ = writeln!(
             md,
-            "One Envoy, one worker pinned to one core. `rejected`: the filter (`{}`) in front of a \
-             hanging upstream; `floor`: Envoy's own `direct_response` with the same trailers-only \
-             UNAVAILABLE; `hanging`: no breaker, the hanging upstream, route timeout {HANG_TIMEOUT}.\n",
+            "### 2. Open state: failing fast
+"
+        );
+        let _ = writeln!(
+            md,
+            "Two Envoys, one per build (`envoy/bench-open.yaml` and `envoy/bench-open-native.yaml`), one \
+             worker each, pinned to the same core, in the same rounds. `rejected`: the filter (`{}`) in \
+             front of a hanging upstream, opened by one call that timed out before the runs, and Open \
+             throughout them; `floor`: Envoy's own `direct_response` with the same trailers-only \
+             UNAVAILABLE; `hanging` (wasm Envoy): no breaker, the hanging upstream, route timeout \
+             {HANG_TIMEOUT}.\n",
             o.filter_config
         );
         let _ = writeln!(
             md,
-            "| listener | saturated throughput (req/s) | proxy CPU per call (µs) | p50 at {} req/s (µs) | p99 (µs) | max (µs) | p50, one call at a time (µs) | p99 (µs) |",
+            "| build | listener | saturated throughput (req/s) | proxy CPU per call (µs) | p50 at {} req/s (µs) | p99 (µs) | max (µs) | p50, one call at a time (µs) | p99 (µs) |",
             num(o.rate)
         );
-        let _ = writeln!(md, "| --- | --- | --- | --- | --- | --- | --- | --- |");
-        for l in OPEN_LISTENERS {
-            let _ = writeln!(
-                md,
-                "| `{l}` | {} | {} | {} | {} | {} | {} | {} |",
-                show(of(&o.throughput, l, |r| Some(r.rps)), num),
-                show(of(&o.throughput, l, |r| r.cpu_us), f1),
-                show(of(&o.latency, l, |r| r.p50_us), num),
-                show(of(&o.latency, l, |r| r.p99_us), num),
-                show(of(&o.latency, l, |r| r.max_us), num),
-                show(of(&o.unloaded, l, |r| r.p50_us), num),
-                show(of(&o.unloaded, l, |r| r.p99_us), num),
-            );
+        let _ = writeln!(
+            md,
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        );
+        for b in BUILDS {
+            for l in OPEN_LISTENERS {
+                let v = vname(b, l);
+                let _ = writeln!(
+                    md,
+                    "| {} | `{l}` | {} | {} | {} | {} | {} | {} | {} |",
+                    b.name(),
+                    show(of(&o.throughput, &v, |r| Some(r.rps)), num),
+                    show(of(&o.throughput, &v, |r| r.cpu_us), f1),
+                    show(of(&o.latency, &v, |r| r.p50_us), num),
+                    show(of(&o.latency, &v, |r| r.p99_us), num),
+                    show(of(&o.latency, &v, |r| r.max_us), num),
+                    show(of(&o.unloaded, &v, |r| r.p50_us), num),
+                    show(of(&o.unloaded, &v, |r| r.p99_us), num),
+                );
+            }
         }
         let h = &o.hanging;
         let _ = writeln!(
             md,
-            "| `hanging` (no breaker; {} calls, 100 in flight) | {} | – | {} | {} | {} | – | – |\n",
+            "| – | `hanging` (no breaker; {} calls, 100 in flight) | {} | – | {} | {} | {} | – | – |\n",
             o.hanging_requests,
             num(h.rps),
             h.p50_us.map_or("–".into(), num),
             h.p99_us.map_or("–".into(), num),
             h.max_us.map_or("–".into(), num),
         );
+        for b in BUILDS {
+            let (r, f) = (vname(b, "rejected"), vname(b, "floor"));
+            let _ = writeln!(
+                md,
+                "Ratios per round, {} `rejected` / `floor`: throughput {}, CPU per call {}, p50 {}, p99 {}.",
+                b.name(),
+                show(ratios(&o.throughput, &r, &f, |r| Some(r.rps)), f3),
+                show(ratios(&o.throughput, &r, &f, |r| r.cpu_us), f2),
+                show(ratios(&o.latency, &r, &f, |r| r.p50_us), f2),
+                show(ratios(&o.latency, &r, &f, |r| r.p99_us), f2),
+            );
+        }
         let _ = writeln!(
             md,
-            "Ratios per round, `rejected` / `floor`: throughput {}, CPU per call {}, p50 {}, p99 {}. \
-             Without a breaker every call waits for the route timeout: {} of a rejected call's p50.\n",
-            show(ratios(&o.throughput, "rejected", "floor", |r| Some(r.rps)), f3),
-            show(ratios(&o.throughput, "rejected", "floor", |r| r.cpu_us), f2),
-            show(ratios(&o.latency, "rejected", "floor", |r| r.p50_us), f2),
-            show(ratios(&o.latency, "rejected", "floor", |r| r.p99_us), f2),
-            match (h.p50_us, of(&o.latency, "rejected", |r| r.p50_us)) {
+            "The two floors, native Envoy / wasm Envoy: throughput {}. Without a breaker every call waits \
+             for the route timeout: {} of a (wasm) rejected call's p50.\n",
+            show(
+                ratios(
+                    &o.throughput,
+                    &vname(Build::Native, "floor"),
+                    &vname(Build::Wasm, "floor"),
+                    |r| Some(r.rps)
+                ),
+                f3
+            ),
+            match (h.p50_us, of(&o.latency, &vname(Build::Wasm, "rejected"), |r| r.p50_us)) {
                 (Some(hp), Some(rp)) if rp.median > 0.0 => format!("{}×", num(hp / rp.median)),
                 _ => "–".into(),
             }
         );
+        let counts: Vec<String> = o
+            .counts
+            .iter()
+            .map(|c| {
+                format!(
+                    "{}: **{}** while Open, after {} rejected calls ({} before: the call that opened it)",
+                    c.build.name(),
+                    c.guarded_upstream_rq,
+                    num(c.rejected_total as f64),
+                    c.tripping_rq
+                )
+            })
+            .collect();
         let _ = writeln!(
             md,
-            "Upstream requests: `cluster.guarded.upstream_rq_total` = **{}** after {} rejected calls \
-             (`circuit_breaker_rejected_calls_total`); the unguarded `cluster.hang.upstream_rq_total` = {}.\n",
-            o.guarded_upstream_rq,
-            num(o.rejected_total as f64),
+            "Upstream requests: `cluster.guarded.upstream_rq_total` ({}, counted by \
+             `circuit_breaker_rejected_calls_total`); the unguarded `cluster.hang.upstream_rq_total` = {}.\n",
+            counts.join("; "),
             o.hang_upstream_rq
         );
         let _ = writeln!(md, "What a gRPC client gets (one `GetPost` each):\n");
         for s in &o.sanity {
             let _ = writeln!(md, "- {s}");
-        }
-        let _ = writeln!(md);
-    }
-
-    pub(super) fn core_section(&self, md: &mut String) {
-        let _ = writeln!(md, "### 3. Core: admit + record against other breakers\n");
-        if self.core.figures.is_empty() {
-            let _ = writeln!(
-                md,
-                "Not measured: no criterion results under `{}` (`make bench` runs \
-                 `cargo bench -p circuit-breaker-harness --bench breakers` first).\n",
-                self.opts.criterion.display()
-            );
-            return;
-        }
-        let _ = writeln!(
-            md,
-            "`harness/benches/breakers.rs` (criterion; ns per call: median, min–max over its samples). \
-             `core` is one admit + one record of a success through the in-memory store — read, decode, \
-             decide, encode, compare-and-swap — as the filter does per call; `failsafe` and `recloser` \
-             call through their breaker with a closure that succeeds. With 2 threads, both race on one \
-             breaker; the figure is the time per call on each thread.\n"
-        );
-        let _ = writeln!(
-            md,
-            "| | 1 thread (ns/call) | 2 threads racing (ns/call) | vs failsafe, 1 thread |"
-        );
-        let _ = writeln!(md, "| --- | --- | --- | --- |");
-        let failsafe = self.core.get("breakers_1_thread", "failsafe");
-        for f in CORE_FUNCTIONS {
-            let one = self.core.get("breakers_1_thread", f);
-            let _ = writeln!(
-                md,
-                "| `{f}` | {} | {} | {} |",
-                show(one, f1),
-                show(self.core.get("breakers_2_threads", f), f1),
-                match (one, failsafe) {
-                    (Some(a), Some(b)) if b.median > 0.0 => format!("{:.2}×", a.median / b.median),
-                    _ => "–".into(),
-                }
-            );
         }
         let _ = writeln!(md);
     }
@@ -198,37 +257,44 @@ impl Report<'_> {
         );
         let _ = writeln!(
             md,
-            "`envoy/bench.yaml` with N workers, not pinned (the {} cores are shared with the \
-             load generator and the upstream), 8 connections spread evenly over the workers. Every call \
-             goes to one upstream key, so all workers update the same shared-data entry.\n",
+            "`envoy/bench.yaml` and `envoy/bench-native.yaml` with N workers each, in the same rounds, \
+             not pinned (the {} cores are shared with the load generator and the upstream), 8 \
+             connections spread evenly over the workers. Every call goes to one upstream key, so all \
+             workers update the same breaker: one shared-data entry (wasm, compare-and-swap), one \
+             slot's mutex (native, no retries to count).\n",
             self.machine.nproc
         );
         let _ = writeln!(
             md,
-            "| workers | `baseline` (req/s) | `ingress` (req/s) | on / off | proxy CPU per call, on (µs) | CAS retries per call | give-ups |"
+            "| workers | build | `baseline` (req/s) | `ingress` (req/s) | on / off | proxy CPU per call, on (µs) | CAS retries per call | give-ups |"
         );
-        let _ = writeln!(md, "| --- | --- | --- | --- | --- | --- | --- |");
+        let _ = writeln!(md, "| --- | --- | --- | --- | --- | --- | --- | --- |");
         for c in cs {
-            let _ = writeln!(
-                md,
-                "| {} | {} | {} | {} | {} | {} ({} in {} calls) | {} |",
-                c.workers,
-                show(of(&c.throughput, "baseline", |r| Some(r.rps)), num),
-                show(of(&c.throughput, "ingress", |r| Some(r.rps)), num),
-                show(
-                    ratios(&c.throughput, "ingress", "baseline", |r| Some(r.rps)),
-                    f3
-                ),
-                show(of(&c.throughput, "ingress", |r| r.cpu_us), f1),
-                if c.calls > 0 {
-                    format!("{:.4}", c.cas_retries as f64 / c.calls as f64)
-                } else {
-                    "–".into()
-                },
-                num(c.cas_retries as f64),
-                num(c.calls as f64),
-                c.give_ups
-            );
+            for counts in &c.counts {
+                let b = counts.build;
+                let (on, off) = (vname(b, "ingress"), vname(b, "baseline"));
+                let retries = match b {
+                    Build::Native => "– (a lock per slot)".to_string(),
+                    Build::Wasm if counts.calls > 0 => format!(
+                        "{:.4} ({} in {} calls)",
+                        counts.cas_retries as f64 / counts.calls as f64,
+                        num(counts.cas_retries as f64),
+                        num(counts.calls as f64)
+                    ),
+                    Build::Wasm => "–".to_string(),
+                };
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {} | {} | {} | {} | {retries} | {} |",
+                    c.workers,
+                    b.name(),
+                    show(of(&c.throughput, &off, |r| Some(r.rps)), num),
+                    show(of(&c.throughput, &on, |r| Some(r.rps)), num),
+                    show(ratios(&c.throughput, &on, &off, |r| Some(r.rps)), f3),
+                    show(of(&c.throughput, &on, |r| r.cpu_us), f1),
+                    counts.give_ups
+                );
+            }
         }
         let _ = writeln!(md);
     }
@@ -244,6 +310,12 @@ impl Report<'_> {
             "| `.wasm` size | {} bytes ({:.0} KiB) |",
             num(m.wasm_bytes as f64),
             m.wasm_bytes as f64 / 1024.0
+        );
+        let _ = writeln!(
+            md,
+            "| `libcircuit_breaker.so` size | {} bytes ({:.0} KiB) |",
+            num(m.native_bytes as f64),
+            m.native_bytes as f64 / 1024.0
         );
         let _ = writeln!(
             md,
@@ -265,7 +337,7 @@ impl Report<'_> {
         let kib = |v: Option<u64>| v.map_or("–".into(), |k| format!("{} KiB", num(k as f64)));
         let _ = writeln!(
             md,
-            "| Envoy RSS ({} workers), idle after start | {} |",
+            "| Envoy RSS, wasm build ({} workers), idle after start | {} |",
             m.workers,
             kib(m.rss_idle_kib)
         );
