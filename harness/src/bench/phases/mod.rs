@@ -135,9 +135,8 @@ pub(super) async fn closed_phase(
 pub(super) const OPEN_LISTENERS: [&str; 2] = ["floor", "rejected"];
 
 /// The filter of the open phase: one failure opens the breaker, for longer than the phase lasts, so
-/// every measured call meets a breaker Open as an outage leaves it (not `forced_open`, whose
-/// rejections take another path: they consult the stored breaker on every call, where an Open one is
-/// answered from the worker's memory of "Open until T").
+/// every measured call meets a breaker Open as an outage leaves it, with the reply an outage gives
+/// (`retry-after` or `grpc-retry-pushback-ms`), not `forced_open`'s.
 pub(super) const OPEN_FILTER_CONFIG: &str = r#"{"failure_threshold": 1, "open_timeout": "1h"}"#;
 
 /// What one build's Envoy counted in the open phase.
