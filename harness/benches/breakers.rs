@@ -29,7 +29,6 @@
 //! BENCHMARKS.md).
 
 use std::hint::black_box;
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
@@ -40,6 +39,11 @@ use cb_core::store::{BreakerStore, LocalStore, MemoryStore, SharedData};
 use cb_core::telemetry::{Event, Level, Series, StoreEvent, Telemetry};
 use cb_core::worker::{Admission, Worker};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+
+// The interleaved rounds, shared with the core's admit_record bench.
+#[path = "../../filter/core/benches/support/rounds.rs"]
+mod rounds;
+use rounds::{interleaved, write_rounds};
 
 const KEY: &str = "outbound|8080||content.default.svc.cluster.local";
 const OK: Classification = Classification {
@@ -139,51 +143,6 @@ fn one_thread(c: &mut Criterion) {
     group.finish();
     let rounds = interleaved(|| failsafe_call(&failsafe), || native.call());
     write_rounds("breakers_1_thread/native_vs_failsafe.json", &rounds);
-}
-
-/// Rounds of one block of calls of `a` and one of `b`, the order alternating per round: ns per call
-/// of each, per round.
-fn interleaved(mut a: impl FnMut(), mut b: impl FnMut()) -> Vec<(f64, f64)> {
-    const ROUNDS: usize = 100;
-    const CALLS: u32 = 20_000;
-    let block = |f: &mut dyn FnMut()| {
-        let started = Instant::now();
-        for _ in 0..CALLS {
-            f();
-        }
-        started.elapsed().as_secs_f64() * 1e9 / f64::from(CALLS)
-    };
-    (0..ROUNDS)
-        .map(|round| {
-            if round % 2 == 0 {
-                let x = block(&mut a);
-                (x, block(&mut b))
-            } else {
-                let y = block(&mut b);
-                (block(&mut a), y)
-            }
-        })
-        .collect()
-}
-
-/// `rounds` as JSON under criterion's directory, `<target>/criterion/<name>`, for `make bench`.
-fn write_rounds(name: &str, rounds: &[(f64, f64)]) {
-    let Some(target) = Path::new(env!("CARGO_TARGET_TMPDIR")).parent() else {
-        return;
-    };
-    let path = target.join("criterion").join(name);
-    let pairs: Vec<String> = rounds
-        .iter()
-        .map(|(a, b)| format!("[{a:.3},{b:.3}]"))
-        .collect();
-    let written = path
-        .parent()
-        .map_or(Ok(()), std::fs::create_dir_all)
-        .and_then(|()| std::fs::write(&path, format!("[{}]\n", pairs.join(","))));
-    match written {
-        Ok(()) => println!("interleaved rounds written to {}", path.display()),
-        Err(e) => eprintln!("cannot write {}: {e}", path.display()),
-    }
 }
 
 /// Runs `iters` calls on each of `THREADS` threads from a common start; the time until the last one

@@ -12,7 +12,10 @@
 )]
 
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Command;
+
+mod cli;
+use cli::{run, temp_file};
 
 use cb_core::config::FilterConfig;
 use cb_core::key::UpstreamKey;
@@ -62,22 +65,6 @@ fn upstream<'a>(r: &'a Report, key: &str) -> &'a UpstreamReport {
 
 fn at(t: &str) -> u64 {
     parse_rfc3339_ms(t).unwrap()
-}
-
-fn run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_circuit-breaker"))
-        .arg("simulate")
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn temp_file(name: &str, contents: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("cb-simulate-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
-    std::fs::write(&path, contents).unwrap();
-    path
 }
 
 #[test]

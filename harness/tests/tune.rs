@@ -14,7 +14,9 @@
 )]
 
 use std::path::PathBuf;
-use std::process::{Command, Output};
+
+mod cli;
+use cli::{run, temp_file};
 
 use cb_core::config::{FilterConfig, WindowConfig};
 use cb_core::key::UpstreamKey;
@@ -79,22 +81,6 @@ fn sample(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("samples")
         .join(name)
-}
-
-fn run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_circuit-breaker"))
-        .arg("simulate")
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn temp_file(name: &str, contents: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("cb-tune-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
-    std::fs::write(&path, contents).unwrap();
-    path
 }
 
 #[test]

@@ -247,16 +247,7 @@ async fn consecutive_failures_open_the_breaker_across_workers() {
 
     // The rejection on the wire: a trailers-only response (grpc-status in the headers, no body, no
     // trailers frame), HTTP 200, application/grpc.
-    let raw = raw_grpc(
-        &a,
-        "/social.v1.ContentService/GetPost",
-        &[],
-        &e2e::pb::GetPostRequest {
-            post_id: "1".into(),
-        },
-    )
-    .await
-    .unwrap();
+    let raw = raw_get_post(&a).await;
     assert_eq!(raw.status, 200, "{raw:?}");
     assert_eq!(
         raw.header("content-type"),
@@ -1044,16 +1035,7 @@ async fn a_grpc_fallback_is_a_trailers_only_answer_with_the_status_meant() {
     let channel = bed.envoy.channel().await.unwrap();
     let mut client = content(&channel).await;
     assert_upstream_failure(get_post(&mut client, "1").await, Code::Unavailable);
-    let raw = raw_grpc(
-        &channel,
-        "/social.v1.ContentService/GetPost",
-        &[],
-        &e2e::pb::GetPostRequest {
-            post_id: "1".into(),
-        },
-    )
-    .await
-    .unwrap();
+    let raw = raw_get_post(&channel).await;
     assert_eq!(raw.status, 200, "{raw:?}");
     assert_eq!(raw.header("grpc-status"), Some("0"), "{raw:?}");
     assert_eq!(raw.header("grpc-message"), Some("cached"), "{raw:?}");
@@ -1518,4 +1500,14 @@ async fn spoofed_request_headers_change_nothing() {
         ),
         Some(2.0)
     );
+}
+
+/// `GetPost` of post 1 as raw HTTP/2, to see the response's frames as they came.
+async fn raw_get_post(channel: &Channel) -> e2e::RawGrpcResponse {
+    let message = e2e::pb::GetPostRequest {
+        post_id: "1".into(),
+    };
+    raw_grpc(channel, "/social.v1.ContentService/GetPost", &[], &message)
+        .await
+        .unwrap()
 }

@@ -20,11 +20,14 @@
 //! dev-dependency, so on wasm this is an empty program.
 
 #[cfg(not(target_arch = "wasm32"))]
+#[path = "support/rounds.rs"]
+mod rounds;
+
+#[cfg(not(target_arch = "wasm32"))]
 mod native {
+    use super::rounds::{interleaved, write_rounds};
     use std::hint::black_box;
-    use std::path::Path;
     use std::sync::Arc;
-    use std::time::Instant;
 
     use cb_core::classify::{Classification, Outcome};
     use cb_core::config::FilterConfig;
@@ -106,58 +109,13 @@ mod native {
             });
         }
         group.finish();
-        let rounds = interleaved(|n| call(&mut one, n), |n| call(&mut many, n), &mut now);
+        let clock = std::cell::Cell::new(now);
+        let tick = || {
+            clock.set(clock.get() + 1);
+            clock.get()
+        };
+        let rounds = interleaved(|| call(&mut one, tick()), || call(&mut many, tick()));
         write_rounds("admit_record/globs_interleaved.json", &rounds);
-    }
-
-    /// Rounds of one block of calls of `a` and one of `b`, the order alternating per round: ns per
-    /// call of each, per round. `now` is the clock both share.
-    fn interleaved(
-        mut a: impl FnMut(u64),
-        mut b: impl FnMut(u64),
-        now: &mut u64,
-    ) -> Vec<(f64, f64)> {
-        const ROUNDS: usize = 100;
-        const CALLS: u32 = 20_000;
-        let block = |f: &mut dyn FnMut(u64), now: &mut u64| {
-            let started = Instant::now();
-            for _ in 0..CALLS {
-                *now += 1;
-                f(*now);
-            }
-            started.elapsed().as_secs_f64() * 1e9 / f64::from(CALLS)
-        };
-        (0..ROUNDS)
-            .map(|round| {
-                if round % 2 == 0 {
-                    let x = block(&mut a, now);
-                    (x, block(&mut b, now))
-                } else {
-                    let y = block(&mut b, now);
-                    (block(&mut a, now), y)
-                }
-            })
-            .collect()
-    }
-
-    /// `rounds` as JSON under criterion's directory, `<target>/criterion/<name>`, for `make bench`.
-    fn write_rounds(name: &str, rounds: &[(f64, f64)]) {
-        let Some(target) = Path::new(env!("CARGO_TARGET_TMPDIR")).parent() else {
-            return;
-        };
-        let path = target.join("criterion").join(name);
-        let pairs: Vec<String> = rounds
-            .iter()
-            .map(|(a, b)| format!("[{a:.3},{b:.3}]"))
-            .collect();
-        let written = path
-            .parent()
-            .map_or(Ok(()), std::fs::create_dir_all)
-            .and_then(|()| std::fs::write(&path, format!("[{}]\n", pairs.join(","))));
-        match written {
-            Ok(()) => println!("interleaved rounds written to {}", path.display()),
-            Err(e) => eprintln!("cannot write {}: {e}", path.display()),
-        }
     }
 }
 
