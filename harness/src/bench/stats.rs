@@ -163,11 +163,7 @@ pub(super) fn ratios(
     den: &str,
     field: impl Fn(&Run) -> Option<f64>,
 ) -> Option<Spread> {
-    let (a, b) = (runs.get(num)?, runs.get(den)?);
-    spread(a.iter().zip(b).filter_map(|(x, y)| {
-        let (x, y) = (field(x)?, field(y)?);
-        (y > 0.0).then_some(x / y)
-    }))
+    per_round(runs, num, den, field, |x, y| (y > 0.0).then_some(x / y))
 }
 
 /// Per-round differences of `field` (num − den).
@@ -177,11 +173,22 @@ pub(super) fn differences(
     den: &str,
     field: impl Fn(&Run) -> Option<f64>,
 ) -> Option<Spread> {
+    per_round(runs, num, den, field, |x, y| Some(x - y))
+}
+
+/// `combine` of `field` in the two listeners' runs of each round, spread over the rounds.
+fn per_round(
+    runs: &BTreeMap<String, Vec<Run>>,
+    num: &str,
+    den: &str,
+    field: impl Fn(&Run) -> Option<f64>,
+    combine: impl Fn(f64, f64) -> Option<f64>,
+) -> Option<Spread> {
     let (a, b) = (runs.get(num)?, runs.get(den)?);
     spread(
         a.iter()
             .zip(b)
-            .filter_map(|(x, y)| Some(field(x)? - field(y)?)),
+            .filter_map(|(x, y)| combine(field(x)?, field(y)?)),
     )
 }
 
