@@ -10,9 +10,7 @@ use std::time::Duration;
 use e2e::pb::content_service_client::ContentServiceClient;
 use e2e::pb::feed_service_client::FeedServiceClient;
 use e2e::pb::user_service_client::UserServiceClient;
-use e2e::{
-    raw_grpc, worker_channels, Envoy, Fault, Metrics, TestBed, UpstreamPorts, MISSING_POST_ID,
-};
+use e2e::{raw_grpc, worker_channels, Envoy, Fault, Metrics, TestBed, MISSING_POST_ID};
 use serde_json::{json, Value};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
@@ -1331,13 +1329,6 @@ async fn prometheus_metrics_carry_labels_through_a_full_cycle() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_configs_are_refused_naming_the_field() {
-    let ports = UpstreamPorts {
-        user: 1,
-        content: 2,
-        feed: 3,
-        auth: 4,
-        web: 5,
-    };
     let cases = [
         (
             json!({"error_rate_threshold": 2}).to_string(),
@@ -1368,7 +1359,7 @@ async fn bad_configs_are_refused_naming_the_field() {
         ),
     ];
     for (i, (config, field)) in cases.iter().enumerate() {
-        let log = Envoy::start_expecting_failure(&format!("bad_config_{i}"), &ports, config)
+        let log = Envoy::start_expecting_failure(&format!("bad_config_{i}"), config)
             .await
             .unwrap();
         let line = log

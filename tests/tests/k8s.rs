@@ -1070,14 +1070,7 @@ async fn a_broken_overlay_config_is_refused_with_the_field_named() {
         "failure_treshold",
     );
 
-    let ports = UpstreamPorts {
-        user: free_port(),
-        content: free_port(),
-        feed: free_port(),
-        auth: free_port(),
-        web: free_port(),
-    };
-    let log = Envoy::start_expecting_failure("k8s-broken", &ports, &config.to_string())
+    let log = Envoy::start_expecting_failure("k8s-broken", &config.to_string())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let line = log
@@ -1096,7 +1089,7 @@ async fn a_broken_overlay_config_is_refused_with_the_field_named() {
         "failure_threshold",
     );
     config["upstreams"]["*media-service*"]["open_timeout"] = json!("a minute");
-    let log = Envoy::start_expecting_failure("k8s-broken", &ports, &config.to_string())
+    let log = Envoy::start_expecting_failure("k8s-broken", &config.to_string())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let line = log

@@ -1349,16 +1349,7 @@ async fn thousands_of_overrides_load_and_apply() {
 
 /// Starts Envoy with a filter configuration it must refuse, and returns the filter's rejection line.
 async fn refused(name: &str, config: &str) -> String {
-    let ports = UpstreamPorts {
-        user: 1,
-        content: 2,
-        feed: 3,
-        auth: 4,
-        web: 5,
-    };
-    let log = Envoy::start_expecting_failure(name, &ports, config)
-        .await
-        .unwrap();
+    let log = Envoy::start_expecting_failure(name, config).await.unwrap();
     for marker in TRAP_MARKERS {
         assert!(
             !log.contains(marker),

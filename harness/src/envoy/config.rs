@@ -20,6 +20,18 @@ pub struct UpstreamPorts {
     pub web: u16,
 }
 
+impl UpstreamPorts {
+    /// Ports for an Envoy that never routes a call (a configuration it must refuse): valid in the
+    /// bootstrap, and nothing listens on them.
+    pub const NEVER_ROUTED: Self = Self {
+        user: 1,
+        content: 2,
+        feed: 3,
+        auth: 4,
+        web: 5,
+    };
+}
+
 /// Renders a bootstrap template (a path relative to the workspace root, e.g. `envoy/e2e.yaml`). Ports 0
 /// for admin and listener let Envoy pick them.
 pub fn render_config(

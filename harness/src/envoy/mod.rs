@@ -218,14 +218,11 @@ impl Envoy {
     }
 
     /// Starts Envoy from `envoy/e2e.yaml` with a configuration it should refuse, and returns its log
-    /// once it has exited. Fails if Envoy comes up and serves instead.
-    pub async fn start_expecting_failure(
-        name: &str,
-        ports: &UpstreamPorts,
-        filter_config: &str,
-    ) -> Result<String> {
+    /// once it has exited. Fails if Envoy comes up and serves instead. It is never to route a call, so
+    /// its upstreams are [`UpstreamPorts::NEVER_ROUTED`].
+    pub async fn start_expecting_failure(name: &str, filter_config: &str) -> Result<String> {
         Launch::new(name)
-            .ports(*ports)
+            .ports(UpstreamPorts::NEVER_ROUTED)
             .filter_config(filter_config)
             .start_expecting_failure()
             .await
