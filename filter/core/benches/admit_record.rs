@@ -32,7 +32,7 @@ mod native {
     use cb_core::classify::{Classification, Outcome};
     use cb_core::config::FilterConfig;
     use cb_core::store::{BreakerStore, LocalStore, MemoryStore, SharedData};
-    use cb_core::telemetry::{Event, Level, Series, Telemetry};
+    use cb_core::telemetry::Discard;
     use cb_core::worker::{Admission, Worker};
     use criterion::{Criterion, Throughput};
 
@@ -42,15 +42,6 @@ mod native {
         slow: false,
     };
 
-    struct Quiet;
-
-    impl Telemetry for Quiet {
-        fn add(&mut self, _: &Series<'_>, _: u64) {}
-        fn set(&mut self, _: &Series<'_>, _: u64) {}
-        fn log(&mut self, _: Level, _: &str) {}
-        fn event(&mut self, _: &str, _: &Event) {}
-    }
-
     fn worker<S: BreakerStore>(config: FilterConfig, store: S) -> Worker<S> {
         let mut w = Worker::new(Arc::new(config), 0, store);
         let _ = w.prepare();
@@ -59,8 +50,8 @@ mod native {
 
     /// One call's worth of breaker work.
     fn call<S: BreakerStore>(w: &mut Worker<S>, now_ms: u64) {
-        if let Admission::Allow(c) = w.admit(KEY, now_ms, &mut Quiet) {
-            w.record(c, OK, now_ms, &mut Quiet);
+        if let Admission::Allow(c) = w.admit(KEY, now_ms, &mut Discard) {
+            w.record(c, OK, now_ms, &mut Discard);
         }
         black_box(w);
     }

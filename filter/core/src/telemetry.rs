@@ -205,6 +205,18 @@ pub trait Telemetry {
     }
 }
 
+/// Telemetry that reports nothing, not even through [`report`]: for pricing the core's own work
+/// (the criterion benches, the host-call probe's `x-probe: core`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Discard;
+
+impl Telemetry for Discard {
+    fn add(&mut self, _: &Series<'_>, _: u64) {}
+    fn set(&mut self, _: &Series<'_>, _: u64) {}
+    fn log(&mut self, _: Level, _: &str) {}
+    fn event(&mut self, _: &str, _: &Event) {}
+}
+
 /// Something that happened to a call or a breaker, as the session and the worker see it. Each one is
 /// handed to [`Telemetry::event`] with its upstream key, and [`report`] turns it into metrics and log
 /// lines.

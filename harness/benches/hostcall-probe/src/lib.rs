@@ -25,7 +25,7 @@ use cb_core::classify::{Classification, Outcome};
 use cb_core::codec;
 use cb_core::config::{BreakerConfig, FilterConfig};
 use cb_core::store::{MemoryStore, SharedData, Slot};
-use cb_core::telemetry::{Event, Level, Series, Telemetry};
+use cb_core::telemetry::Discard;
 use cb_core::worker::{Admission, Worker};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -43,16 +43,6 @@ fn slot_bytes() -> Vec<u8> {
         shaped_ms: 0,
         breaker: Breaker::new(&BreakerConfig::default()),
     }))
-}
-
-/// The telemetry of `x-probe: core`: nothing is reported, as only the core's compute is priced.
-struct Quiet;
-
-impl Telemetry for Quiet {
-    fn add(&mut self, _: &Series<'_>, _: u64) {}
-    fn set(&mut self, _: &Series<'_>, _: u64) {}
-    fn log(&mut self, _: Level, _: &str) {}
-    fn event(&mut self, _: &str, _: &Event) {}
 }
 
 /// `x-probe: core`: the core worker of this VM (one VM per Envoy worker, so per thread), over shared
@@ -81,12 +71,12 @@ fn core_call() {
         };
         let core = &mut *core;
         core.now_ms += 1;
-        if let Admission::Allow(call) = core.worker.admit(UPSTREAM, core.now_ms, &mut Quiet) {
+        if let Admission::Allow(call) = core.worker.admit(UPSTREAM, core.now_ms, &mut Discard) {
             let ok = Classification {
                 outcome: Outcome::Success,
                 slow: false,
             };
-            core.worker.record(call, ok, core.now_ms, &mut Quiet);
+            core.worker.record(call, ok, core.now_ms, &mut Discard);
         }
     });
 }
