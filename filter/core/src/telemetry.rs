@@ -32,6 +32,9 @@ pub enum Metric {
     UntrackedCalls,
     /// `circuit_breaker_stuck_calls_total{upstream}`: calls recorded as failures while still waiting.
     StuckCalls,
+    /// `circuit_breaker_cut_calls_total{upstream}`: stuck calls answered by the breaker while Open or
+    /// HalfOpen (`cut_stuck_calls`).
+    CutCalls,
     /// `circuit_breaker_evicted_total`: idle breakers that gave their slot to a new upstream.
     Evicted,
     /// `circuit_breaker_corrupt_state_total`: stored state that did not decode and was restarted.
@@ -42,6 +45,10 @@ pub enum Metric {
     CasRetries,
     /// `circuit_breaker_shared_data_errors_total`: store calls the host refused.
     SharedDataErrors,
+    /// `circuit_breaker_lost_outcomes_total`: outcomes that could not be stored (their slot went to
+    /// another upstream, or their retries ran out), so that calls + rejected + untracked + lost =
+    /// requests.
+    LostOutcomes,
     /// `circuit_breaker_panics_total`: native hooks that panicked and failed open.
     Panics,
 }
@@ -57,7 +64,7 @@ pub enum MetricKind {
 
 impl Metric {
     /// All of them, in the order above.
-    pub const ALL: [Metric; 15] = [
+    pub const ALL: [Metric; 17] = [
         Metric::State,
         Metric::Calls,
         Metric::SlowCalls,
@@ -67,11 +74,13 @@ impl Metric {
         Metric::DryRunRejections,
         Metric::UntrackedCalls,
         Metric::StuckCalls,
+        Metric::CutCalls,
         Metric::Evicted,
         Metric::CorruptState,
         Metric::CasGiveUps,
         Metric::CasRetries,
         Metric::SharedDataErrors,
+        Metric::LostOutcomes,
         Metric::Panics,
     ];
 
@@ -87,11 +96,13 @@ impl Metric {
             Metric::DryRunRejections => "circuit_breaker_dry_run_rejections_total",
             Metric::UntrackedCalls => "circuit_breaker_untracked_calls_total",
             Metric::StuckCalls => "circuit_breaker_stuck_calls_total",
+            Metric::CutCalls => "circuit_breaker_cut_calls_total",
             Metric::Evicted => "circuit_breaker_evicted_total",
             Metric::CorruptState => "circuit_breaker_corrupt_state_total",
             Metric::CasGiveUps => "circuit_breaker_cas_give_ups_total",
             Metric::CasRetries => "circuit_breaker_cas_retries_total",
             Metric::SharedDataErrors => "circuit_breaker_shared_data_errors_total",
+            Metric::LostOutcomes => "circuit_breaker_lost_outcomes_total",
             Metric::Panics => "circuit_breaker_panics_total",
         }
     }
@@ -111,7 +122,8 @@ impl Metric {
             | Metric::SlowCalls
             | Metric::RejectedCalls
             | Metric::DryRunRejections
-            | Metric::StuckCalls => &["upstream"],
+            | Metric::StuckCalls
+            | Metric::CutCalls => &["upstream"],
             Metric::Calls => &["upstream", "result"],
             Metric::StateChanges => &["upstream", "from_state", "to_state"],
             Metric::Open => &["upstream", "reason"],
@@ -121,6 +133,7 @@ impl Metric {
             | Metric::CasGiveUps
             | Metric::CasRetries
             | Metric::SharedDataErrors
+            | Metric::LostOutcomes
             | Metric::Panics => &[],
         }
     }
@@ -365,10 +378,13 @@ fn store<T: Telemetry + ?Sized>(upstream: &str, e: &StoreEvent, t: &mut T) {
             t.add(&Series::global(Metric::CorruptState), 1);
         }
         StoreEvent::Failed { during, error } => failed(upstream, during, error, t),
-        StoreEvent::OutcomeLost(why) => t.log(
-            Level::Warn,
-            &format!("circuit breaker: outcome for upstream={upstream} lost: {why}"),
-        ),
+        StoreEvent::OutcomeLost(why) => {
+            t.log(
+                Level::Warn,
+                &format!("circuit breaker: outcome for upstream={upstream} lost: {why}"),
+            );
+            t.add(&Series::global(Metric::LostOutcomes), 1);
+        }
     }
 }
 

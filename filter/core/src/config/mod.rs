@@ -112,12 +112,21 @@ pub struct BreakerConfig {
     /// A call still waiting for its complete response after this long (ms) is recorded as a failure
     /// then; `None` turns it off.
     pub stuck_call_duration_ms: Option<u64>,
+    /// While the breaker is Open or HalfOpen, answer this upstream's stuck calls at once (contract
+    /// section 4, `x-circuit-breaker: cut`). Only with `stuck_call_duration`.
+    pub cut_stuck_calls: bool,
     /// Time Open before probes are let through, in ms.
     pub open_timeout_ms: u64,
     /// Factor applied to the open time on each re-open straight from HalfOpen.
     pub backoff_multiplier: f64,
     /// Ceiling of the backed-off open time, in ms.
     pub max_open_timeout_ms: u64,
+    /// Each opening adds a random extra of up to this fraction of the open time (after backoff), in
+    /// parts per million, so that a fleet's probes do not arrive together.
+    pub open_timeout_jitter_ppm: u32,
+    /// After HalfOpen closes the breaker, admit a share of calls rising from 10 % to all over this
+    /// long (ms); `None`: all calls at once.
+    pub recovery_ramp_ms: Option<u64>,
     /// Probes in flight at once in HalfOpen, across all workers.
     pub half_open_max_requests: u16,
     /// Successful probes that close the breaker.
@@ -144,9 +153,12 @@ impl Default for BreakerConfig {
             slow_call_duration_ms: None,
             slow_call_rate_threshold_ppm: 1_000_000,
             stuck_call_duration_ms: None,
+            cut_stuck_calls: false,
             open_timeout_ms: 60_000,
             backoff_multiplier: 1.0,
             max_open_timeout_ms: 300_000,
+            open_timeout_jitter_ppm: 0,
+            recovery_ramp_ms: None,
             half_open_max_requests: 1,
             success_threshold: 2,
             failure_grpc_statuses: GrpcCodeSet::default_failures(),

@@ -52,9 +52,13 @@ pub(crate) struct RawBreaker {
     pub slow_call_rate_threshold: Option<f64>,
     #[serde(default, deserialize_with = "nullable")]
     pub stuck_call_duration: Nullable<String>,
+    pub cut_stuck_calls: Option<bool>,
     pub open_timeout: Option<String>,
     pub backoff_multiplier: Option<f64>,
     pub max_open_timeout: Option<String>,
+    pub open_timeout_jitter: Option<f64>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub recovery_ramp: Nullable<String>,
     pub half_open_max_requests: Option<u32>,
     pub success_threshold: Option<u32>,
     pub failure_grpc_statuses: Option<Vec<NameOrNumber>>,

@@ -376,3 +376,74 @@ fn a_refusal_is_one_line_whatever_the_value_held() {
         "circuit breaker configured: upstream_key=cluster mode=enforce overrides=0 max_upstreams=1024"
     );
 }
+
+#[test]
+fn cut_stuck_calls_needs_stuck_call_duration_in_the_same_resolved_settings() {
+    let c = parse(r#"{"stuck_call_duration": "300ms", "cut_stuck_calls": true}"#).unwrap();
+    assert!(c.defaults().cut_stuck_calls);
+    assert!(!parse("{}").unwrap().defaults().cut_stuck_calls);
+    // An override inherits the top level's duration, or brings its own.
+    let c = parse(
+        r#"{"stuck_call_duration": "1s",
+            "upstreams": {"inbound|*": {"cut_stuck_calls": true}, "b": {"stuck_call_duration": "2s"}}}"#,
+    )
+    .unwrap();
+    assert!(c.breaker_for("inbound|8080||").cut_stuck_calls);
+    assert!(!c.breaker_for("b").cut_stuck_calls);
+    let e = err(r#"{"cut_stuck_calls": true}"#);
+    assert_eq!(
+        e,
+        "cut_stuck_calls must be false unless stuck_call_duration is set in the same resolved \
+         settings (the top level, plus the upstreams entry that matches): a call is cut only once \
+         it is stuck, got true"
+    );
+    // An override that unsets the duration it would inherit is refused too, by its own path.
+    let e = err(r#"{"stuck_call_duration": "1s", "cut_stuck_calls": true,
+            "upstreams": {"a": {"stuck_call_duration": null}}}"#);
+    assert!(
+        e.starts_with("upstreams.\"a\".cut_stuck_calls must be false unless stuck_call_duration"),
+        "{e}"
+    );
+    let e = err(r#"{"cut_stuck_calls": "yes"}"#);
+    assert!(e.starts_with("cut_stuck_calls"), "{e}");
+}
+
+#[test]
+fn open_timeout_jitter_and_recovery_ramp_are_breaker_fields() {
+    let c = parse(
+        r#"{"open_timeout_jitter": 0.2, "recovery_ramp": "30s",
+            "upstreams": {"a": {"open_timeout_jitter": 0, "recovery_ramp": null}}}"#,
+    )
+    .unwrap();
+    assert_eq!(c.defaults().open_timeout_jitter_ppm, 200_000);
+    assert_eq!(c.defaults().recovery_ramp_ms, Some(30_000));
+    assert_eq!(c.breaker_for("a").open_timeout_jitter_ppm, 0);
+    assert_eq!(c.breaker_for("a").recovery_ramp_ms, None);
+    let d = parse("{}").unwrap();
+    assert_eq!(d.defaults().open_timeout_jitter_ppm, 0);
+    assert_eq!(d.defaults().recovery_ramp_ms, None);
+    assert_eq!(
+        parse(r#"{"open_timeout_jitter": 1}"#)
+            .unwrap()
+            .defaults()
+            .open_timeout_jitter_ppm,
+        1_000_000
+    );
+    for bad in ["-0.1", "1.5", "\"0.2\""] {
+        let e = err(&format!(r#"{{"open_timeout_jitter": {bad}}}"#));
+        assert!(e.starts_with("open_timeout_jitter"), "{e}");
+    }
+    assert_eq!(
+        err(r#"{"open_timeout_jitter": 2}"#),
+        "open_timeout_jitter must be a number in [0, 1], got 2"
+    );
+    assert_eq!(
+        err(r#"{"recovery_ramp": "0s"}"#),
+        "recovery_ramp must be a duration above zero, got \"0s\""
+    );
+    let e = err(r#"{"upstreams": {"a": {"recovery_ramp": "soon"}}}"#);
+    assert!(
+        e.starts_with("upstreams.\"a\".recovery_ramp must be a duration"),
+        "{e}"
+    );
+}

@@ -191,7 +191,23 @@ impl RawBreaker {
         if let Some(v) = self.stuck_call_duration {
             c.stuck_call_duration_ms = optional_duration(&f("stuck_call_duration"), v)?;
         }
+        if let Some(v) = self.cut_stuck_calls {
+            c.cut_stuck_calls = v;
+        }
         apply_open_times(&mut c, self.open_timeout, self.max_open_timeout, &f)?;
+        if let Some(v) = self.open_timeout_jitter {
+            if !(v.is_finite() && (0.0..=1.0).contains(&v)) {
+                return Err(ConfigError::new(
+                    f("open_timeout_jitter"),
+                    v,
+                    "a number in [0, 1]",
+                ));
+            }
+            c.open_timeout_jitter_ppm = ratio_to_ppm(v);
+        }
+        if let Some(v) = self.recovery_ramp {
+            c.recovery_ramp_ms = optional_duration(&f("recovery_ramp"), v)?;
+        }
         if let Some(v) = self.backoff_multiplier {
             if !(v.is_finite() && (1.0..=100.0).contains(&v)) {
                 return Err(ConfigError::new(
@@ -293,6 +309,14 @@ fn check_combination(c: &BreakerConfig, prefix: &str) -> Result<(), ConfigError>
             format!("{prefix}max_open_timeout"),
             format!("{}ms", c.max_open_timeout_ms),
             format!("at least open_timeout ({}ms)", c.open_timeout_ms),
+        ));
+    }
+    if c.cut_stuck_calls && c.stuck_call_duration_ms.is_none() {
+        return Err(ConfigError::new(
+            format!("{prefix}cut_stuck_calls"),
+            "true",
+            "false unless stuck_call_duration is set in the same resolved settings (the top level, plus \
+             the upstreams entry that matches): a call is cut only once it is stuck",
         ));
     }
     if let WindowConfig::Count(n) = c.window {
