@@ -127,7 +127,7 @@ fn the_fifth_failure_opens_and_the_next_grpc_call_gets_unavailable_at_once() {
         .logs
         .iter()
         .any(|(_, l)| l
-            == "circuit breaker state change: upstream=\"content\" from=closed to=open reason=consecutive_failures"));
+            == "circuit breaker state change: upstream=content from=closed to=open reason=consecutive_failures"));
 
     let mut h = FakeHost::grpc(1_000);
     let mut s = Session::new();
