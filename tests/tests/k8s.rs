@@ -1783,7 +1783,11 @@ async fn prometheus_sees_the_breaker_open_and_close() {
             );
         }
     }
-    for name in ["CircuitBreakerHighRejectionRate", "CircuitBreakerFlapping"] {
+    for name in [
+        "CircuitBreakerHighRejectionRate",
+        "CircuitBreakerFlapping",
+        "CircuitBreakerReplicaHung",
+    ] {
         let expr = alert_rule(name)["expr"].as_str().unwrap().to_string();
         prometheus
             .query(&expr)
@@ -1892,6 +1896,7 @@ fn prometheus_rule_carries_the_rules_file() {
         "CircuitBreakerOpen",
         "CircuitBreakerHighRejectionRate",
         "CircuitBreakerFlapping",
+        "CircuitBreakerReplicaHung",
     ] {
         assert!(names.contains(&alert), "no {alert} in {names:?}");
     }
@@ -1952,15 +1957,40 @@ fn dashboard_and_rules_use_the_documented_metrics() {
         "Rejection rate",
         "Error rate",
         "State transitions",
+        "Stuck and cut calls per pod",
     ] {
         assert!(titles.contains(panel), "no panel {panel:?} in {titles:?}");
     }
+    // The destination's side is read per pod: its breakers have one name in every pod.
+    let per_pod = queries
+        .iter()
+        .find(|(title, _)| title == "Stuck and cut calls per pod")
+        .map(|(_, expr)| expr)
+        .unwrap();
+    assert!(
+        per_pod.contains("by (namespace, pod, upstream)"),
+        "{per_pod}"
+    );
     let rules = yaml_file("monitoring/rules.yaml");
     let rule_exprs = rules["groups"][0]["rules"]
         .as_array()
         .unwrap()
         .iter()
         .map(|r| ("rule".to_string(), r["expr"].as_str().unwrap().to_string()));
+    // Cut calls (cut_stuck_calls) are on the dashboard and in the rules.
+    let cut = cb_core::telemetry::Metric::CutCalls.name();
+    assert!(
+        queries.iter().any(|(_, expr)| expr.contains(cut)),
+        "no dashboard query reads {cut}"
+    );
+    assert!(
+        rules["groups"][0]["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["expr"].as_str().unwrap_or("").contains(cut)),
+        "no alert rule reads {cut}"
+    );
     for (title, expr) in queries.into_iter().chain(rule_exprs) {
         let names = metric_names(&expr);
         assert!(
