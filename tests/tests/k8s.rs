@@ -16,7 +16,7 @@
 //!   filter order with RBAC, route `timeout: 0s`, `grpc_timeout_header_max: 0s`, the inbound
 //!   cluster `inbound|8080||` at maximum thresholds) beside the caller's side in its outbound chain:
 //!   the two keep apart, RBAC answers first, and stuck calls of a hung workload open the breaker,
-//!   which then answers new calls at once.
+//!   which then answers new calls at once and (wasm, so far) cuts the held ones.
 //! - The native module's forms (module `native`): the Istio EnvoyFilter in that sidecar, and the
 //!   Envoy Gateway EnvoyProxy and EnvoyExtensionPolicy as Envoy Gateway builds them, in an Envoy
 //!   shaped like an Envoy Gateway proxy (`k8s/testdata/envoy-gateway.yaml`).
@@ -1423,7 +1423,8 @@ fn placement_doc_recommends_what_k8s_renders() {
 }
 
 /// The prod-inbound overlays' wasm forms in an Istio-like sidecar, both sides at once: the WasmPlugins
-/// as Istio builds and places them, the EnvoyFilters verbatim.
+/// as Istio builds and places them, the EnvoyFilters verbatim. The calls a hung workload held are
+/// cut when its breaker opens.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn destination_side_guards_the_pod_in_a_sidecar() {
     for dir in ["prod-inbound", "prod-inbound-envoyfilter"] {
@@ -1440,7 +1441,8 @@ async fn destination_side_guards_the_pod_in_a_sidecar() {
         )
         .await
         .unwrap_or_else(|e| panic!("Envoy refused the {dir} filters:\n{e}"));
-        destination_side_guards_the_pod(&sidecar, dir, &config).await;
+        let held = destination_side_guards_the_pod(&sidecar, dir, &config).await;
+        held_calls_were_cut(&sidecar, dir, held).await;
     }
 }
 
@@ -1563,7 +1565,11 @@ fn config_duration(value: &Value) -> Duration {
 /// - when the workload hangs, `failure_threshold` stuck calls open the breaker
 ///   `stuck_call_duration` after they came; then a new call gets UNAVAILABLE at once, and a call
 ///   RBAC denies still gets PERMISSION_DENIED (which a caller does not retry).
-async fn destination_side_guards_the_pod(sidecar: &Sidecar, form: &str, config: &Value) {
+async fn destination_side_guards_the_pod(
+    sidecar: &Sidecar,
+    form: &str,
+    config: &Value,
+) -> HeldCalls {
     let inbound = [("upstream", INBOUND_CLUSTER)];
     let counted = |result: &'static str| [("upstream", INBOUND_CLUSTER), ("result", result)];
     sidecar.serves_one_call().await;
@@ -1698,9 +1704,79 @@ async fn destination_side_guards_the_pod(sidecar: &Sidecar, form: &str, config: 
         ),
         "{form}: the pod's outbound breaker opened with its inbound one"
     );
-    for call in held {
-        call.abort();
+    HeldCalls {
+        calls: held,
+        hung_at,
+        stuck_after,
+        threshold,
     }
+}
+
+/// The calls a hung workload held when its breaker opened (`destination_side_guards_the_pod`).
+struct HeldCalls {
+    calls: Vec<tokio::task::JoinHandle<Result<(), tonic::Status>>>,
+    hung_at: Instant,
+    stuck_after: Duration,
+    threshold: u64,
+}
+
+impl Drop for HeldCalls {
+    fn drop(&mut self) {
+        for call in &self.calls {
+            call.abort();
+        }
+    }
+}
+
+/// `cut_stuck_calls`: the calls the workload held were cut when the breaker opened. Each caller has
+/// its answer, marked `cut` (the call reached the workload), at about `stuck_call_duration` rather
+/// than at its deadline, and each is counted once in `circuit_breaker_cut_calls_total`.
+async fn held_calls_were_cut(sidecar: &Sidecar, form: &str, mut held: HeldCalls) {
+    let HeldCalls {
+        hung_at,
+        stuck_after,
+        threshold,
+        ..
+    } = held;
+    let inbound = [("upstream", INBOUND_CLUSTER)];
+    for call in std::mem::take(&mut held.calls) {
+        let answer = tokio::time::timeout(Duration::from_secs(5), call)
+            .await
+            .unwrap_or_else(|_| panic!("{form}: a held call was not cut when the breaker opened"))
+            .unwrap();
+        let status = answer.expect_err("a call the hung workload held");
+        assert_eq!(
+            status.code(),
+            tonic::Code::Unavailable,
+            "{form}: {status:?}"
+        );
+        assert_eq!(
+            status
+                .metadata()
+                .get("x-circuit-breaker")
+                .and_then(|v| v.to_str().ok()),
+            Some("cut"),
+            "{form}: {status:?}"
+        );
+    }
+    assert!(
+        hung_at.elapsed() < stuck_after + Duration::from_secs(5),
+        "{form}: the held calls waited {:?}",
+        hung_at.elapsed()
+    );
+    assert_eq!(
+        sidecar
+            .metric("circuit_breaker_cut_calls_total", &inbound)
+            .await,
+        threshold as f64,
+        "{form}: every held call cut, and counted once:\n{}",
+        sidecar
+            .envoy
+            .metrics()
+            .await
+            .unwrap()
+            .dump("circuit_breaker")
+    );
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -245,7 +245,9 @@ async fn native_destination_side_guards_the_pod_in_a_sidecar() {
     let sidecar = Sidecar::start_both_sides(name, &outbound, Some(&inbound), &settings)
         .await
         .unwrap_or_else(|e| panic!("Envoy refused the prod-inbound-native filters:\n{e}"));
-    destination_side_guards_the_pod(&sidecar, "prod-inbound-native", &config).await;
+    // Not yet `held_calls_were_cut`: the native build does not cut stuck calls so far (issue 17,
+    // item 2); the held calls are dropped here.
+    drop(destination_side_guards_the_pod(&sidecar, "prod-inbound-native", &config).await);
 }
 
 // ------------------------------------------------------------------------------------------------
