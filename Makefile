@@ -84,10 +84,15 @@ corruptor: targets
 		--target-dir $(ROOT)/target/fixtures
 
 ## demo: Envoy + the filter in front of the demo services; an outage, the breaker opens, fails fast, recovers.
-## `make demo NATIVE=1` runs it on the native build (dist/libcircuit_breaker.so, envoy/demo-native.yaml).
+## `make demo SCENARIO=replica`: one of content-service's three replicas hangs, behind Istio-shaped
+## sidecars (envoy/outbound.yaml, envoy/inbound.yaml); no breaker, the caller's side, both sides with
+## cut_stuck_calls. `make demo NATIVE=1` runs either on the native build (dist/libcircuit_breaker.so,
+## the *-native.yaml bootstraps).
 NATIVE ?=
+SCENARIO ?=
 demo: build envoy
-	cargo run -q -p circuit-breaker-harness -- demo $(if $(filter 1,$(NATIVE)),--native)
+	cargo run -q -p circuit-breaker-harness -- demo $(if $(filter 1,$(NATIVE)),--native) \
+		$(if $(SCENARIO),--scenario $(SCENARIO))
 
 ## lint: rustfmt and clippy (-D warnings), for the host and for wasm32-wasip1
 lint: targets
