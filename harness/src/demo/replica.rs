@@ -212,8 +212,7 @@ async fn one_run(
         columns,
     };
     println!(
-        "   (the breaker states: user to auth in the gateway's sidecar, `{HUNG_COLUMN}` in the hung \
-         replica's own, key {hung_key}; its log: {})",
+        "   replica 1's own sidecar: breaker key {hung_key}, log {}",
         display_path(hung_sidecar.log_path())
     );
     let report = drive(&stage, phases).await?;
