@@ -88,6 +88,8 @@ impl Call {
             duration_ms: Some(self.duration_ms),
             ended_early: self.response_code.is_none(),
             deadline_us: None,
+            headers_came: false,
+            request_complete: true,
         };
         classify(cfg, &facts)
     }
@@ -195,7 +197,7 @@ pub fn parse_log_line(
     let path = text(&["path", ":path"])?;
     let method = text(&["method", ":method"])?;
     let content_type = text(&["content_type", "content-type"])?;
-    let grpc = grpc_status.is_some() || is_grpc(content_type.as_deref());
+    let grpc = grpc_status.is_some() || is_grpc(content_type.as_deref().map(str::as_bytes));
 
     // Only the header a `header:NAME` key needs is kept: a log has a dozen other strings per line,
     // and copying them all would multiply the memory a long log takes.
@@ -470,7 +472,7 @@ mod tests {
             (4, 12, Some(200), Some(4))
         );
         assert!(
-            call.grpc && call.response_flags.upstream_failed(),
+            call.grpc && call.response_flags.upstream_failed(true),
             "unknown flags do not hide known ones"
         );
         assert!(

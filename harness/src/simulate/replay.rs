@@ -43,7 +43,7 @@ use cb_core::registry::Untracked;
 use cb_core::reply::LocalReply;
 use cb_core::session::Session;
 use cb_core::store::LocalStore;
-use cb_core::telemetry::{Event, Level, Series, Telemetry};
+use cb_core::telemetry::{Event, Level, Series, Telemetry, Upstream};
 use cb_core::worker::Worker;
 
 use super::episodes::{failure_episode_ms, second_buckets};
@@ -222,7 +222,7 @@ impl Telemetry for ReplayHost<'_> {
     fn add(&mut self, _: &Series<'_>, _: u64) {}
     fn set(&mut self, _: &Series<'_>, _: u64) {}
     fn log(&mut self, _: Level, _: &str) {}
-    fn event(&mut self, _: &str, event: &Event) {
+    fn event(&mut self, _: Upstream<'_>, event: &Event) {
         self.events.push(event.clone());
     }
 }
@@ -266,7 +266,7 @@ impl Host for ReplayHost<'_> {
     }
     fn set_request_header(&mut self, _: &str, _: &str) {}
     fn add_response_header(&mut self, _: &str, _: &str) {}
-    fn send_reply(&mut self, _: &LocalReply) -> bool {
+    fn send_reply(&mut self, _: LocalReply) -> bool {
         true
     }
 }
@@ -287,7 +287,7 @@ impl Core {
     fn new(config: &FilterConfig, calls: usize) -> Self {
         let table = Box::new(LocalStore::new(config.max_upstreams));
         Self {
-            worker: Worker::new(Arc::new(config.clone()), 0, table),
+            worker: Worker::new(Arc::new(config.clone()), 0, table, 0x5eed),
             sessions: (0..calls).map(|_| None).collect(),
         }
     }
@@ -301,7 +301,7 @@ impl Core {
             events: Vec::new(),
         };
         let mut session = Session::new();
-        let action = session.on_request(&mut self.worker, &mut host);
+        let action = session.on_request(&mut self.worker, &mut host, true);
         let mut admit = Admit::Untracked("disabled");
         for e in &host.events {
             admit = match e {
