@@ -124,16 +124,32 @@ fn recommendation_catches_every_outage_and_trips_on_no_blip_also_on_a_log_it_was
         );
     }
 
-    // An upstream with no outage keeps the defaults, and the report says so.
+    // An upstream with no outage keeps the defaults' thresholds, and the report says so; its
+    // override only adds the measured stuck_call_duration (20 ms calls: the rule's floor of 1s).
     let quiet = result(&report, "quiet");
     assert_eq!(quiet.outages, 0);
-    assert!(quiet.override_fields.is_none(), "{quiet:#?}");
-    assert!(!report.upstreams.contains_key("quiet"));
-    assert!(quiet.note.contains("keeps the defaults"), "{}", quiet.note);
-    assert_eq!(config.breaker_for("quiet"), config.defaults());
+    assert_eq!(
+        quiet
+            .override_fields
+            .as_ref()
+            .map(|o| serde_json::Value::Object(o.clone())),
+        Some(serde_json::json!({"stuck_call_duration": "1s"})),
+        "{quiet:#?}"
+    );
+    assert!(
+        quiet
+            .note
+            .contains("keeps the defaults, with stuck_call_duration added"),
+        "{}",
+        quiet.note
+    );
+    let (q, d) = (config.breaker_for("quiet"), config.defaults());
+    assert_eq!(Knobs::of(q).distance(&Knobs::of(d)), 0, "{q:?}");
+    assert_eq!(q.stuck_call_duration_ms, Some(1_000));
     let text = harness::simulate::render::render_tune(&report);
     assert!(
-        text.contains("quiet: ") && text.contains("keeps the defaults (no override)"),
+        text.contains("quiet: ")
+            && text.contains("stuck_call_duration by the rule (see --help): 1s, from a 99.9th percentile of 25ms"),
         "{text}"
     );
 }
@@ -413,12 +429,16 @@ fn healthy_or_untracked_upstreams_are_left_as_they_are() {
         "calm": [{"from_s": 0, "to_s": 120, "failure_rate": 0.01}],
         "off": [{"from_s": 0, "to_s": 120, "failure_rate": 0.5}]}}"#;
     let calls = generate(&parse_scenario(text).unwrap()).unwrap();
-    let base = Base::parse(r#"{"upstreams": {"off": {"mode": "disabled"}}}"#).unwrap();
+    // A stuck_call_duration longer than any healthy call is kept as it is.
+    let base =
+        Base::parse(r#"{"stuck_call_duration": "5s", "upstreams": {"off": {"mode": "disabled"}}}"#)
+            .unwrap();
     let r = tune(&calls, &base, &TuneOptions::default());
     assert_eq!(r.results.len(), 1);
     let calm = result(&r, "calm");
     assert_eq!((calm.outages, calm.replays), (0, 1), "{calm:#?}");
     assert!(calm.override_fields.is_none());
+    assert_eq!(calm.stuck.map(|a| a.recommended_ms), Some(5_000));
     assert_eq!(
         r.skipped.get("off").map(String::as_str),
         Some("mode disabled: not tuned")

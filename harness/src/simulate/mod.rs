@@ -20,9 +20,11 @@ use clap::FromArgMatches as _;
 
 pub mod episodes;
 pub mod log;
+pub mod proxy;
 pub mod render;
 pub mod replay;
 pub mod report;
+mod run;
 pub mod scenario;
 pub mod tune;
 mod tune_judge;
@@ -32,9 +34,11 @@ use crate::svg;
 pub use log::{
     format_rfc3339_ms, parse_log, parse_log_line, parse_rfc3339_ms, Call, Malformed, ParsedLog,
 };
+pub use proxy::{judge, judge_all, Judged};
 pub use render::{render_json, render_table, timeline};
 pub use replay::{
-    simulate, OpenPeriod, Options, Report, TransitionReport, UpstreamReport, DEFAULT_BLIP_MS,
+    simulate, simulate_judged, OpenPeriod, Options, Report, TransitionReport, UpstreamReport,
+    DEFAULT_BLIP_MS, DEFAULT_SEED,
 };
 pub use scenario::{
     generate, parse_scenario, scenario_span_ms, Phase, Scenario, XorShift, MAX_SCENARIO_CALLS,
@@ -88,6 +92,9 @@ pub struct Args {
     /// With --tune: an episode at least this long is an outage the breaker must catch
     #[arg(long = "outage", value_name = "DURATION", default_value = "30s", value_parser = duration_ms, requires = "tune")]
     pub outage_ms: u64,
+    /// Where each proxy's random draws come from (open_timeout_jitter): the same seed, the same run
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_SEED)]
+    pub seed: u64,
 }
 
 /// What `--help` says about `--tune`.
@@ -108,6 +115,8 @@ breaker's window (at least 2s after its end); a trip in no episode is a trip in 
 
 {objective}
 
+{stuck}
+
 The search: coordinate search (each setting in turn set to the value that ranks best, until a pass
 changes nothing, at most 3 passes) from the upstream's own settings and from a rate-only start, over
   {grids}
@@ -122,6 +131,7 @@ added, so it replaces the base's \"upstreams\" whole) and, per upstream, what th
 defaults would have done. With --json: one JSON object; its \"upstreams\" member is that block, its
 \"results\" the details.",
         objective = tune::OBJECTIVE,
+        stuck = tune::STUCK_RULE,
         grids = tune_search::grids(),
         max = tune::MAX_REPLAYS,
     )
@@ -210,6 +220,7 @@ pub fn run_args(args: &Args) -> Result<(), String> {
             malformed_lines: input.malformed,
             blip_ms: args.blip_ms,
             span_ms: input.span_ms,
+            seed: args.seed,
         },
     );
     if let Some(out) = &args.svg {
