@@ -35,8 +35,9 @@ use std::time::{Duration, Instant};
 
 use cb_core::classify::{Classification, Outcome};
 use cb_core::config::FilterConfig;
+use cb_core::host::Bare;
 use cb_core::store::{BreakerStore, LocalStore, MemoryStore, SharedData};
-use cb_core::telemetry::{Event, Level, Series, StoreEvent, Telemetry};
+use cb_core::telemetry::{Event, Level, Series, StoreEvent, Telemetry, Upstream};
 use cb_core::worker::{Admission, Worker};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
@@ -69,7 +70,7 @@ impl Telemetry for Quiet {
     fn add(&mut self, _: &Series<'_>, _: u64) {}
     fn set(&mut self, _: &Series<'_>, _: u64) {}
     fn log(&mut self, _: Level, _: &str) {}
-    fn event(&mut self, _: &str, event: &Event) {
+    fn event(&mut self, _: Upstream<'_>, event: &Event) {
         match event {
             Event::Store(StoreEvent::Retries(n)) => {
                 CORE_RETRIES.fetch_add(u64::from(*n), Ordering::Relaxed);
@@ -90,14 +91,18 @@ struct CoreWorker<S> {
 
 impl<S: BreakerStore> CoreWorker<S> {
     fn new(store: S) -> Self {
-        let mut worker = Worker::new(Arc::new(FilterConfig::default()), 0, store);
+        let mut worker = Worker::new(Arc::new(FilterConfig::default()), 0, store, 0);
         let _ = worker.prepare();
         Self { worker, now_ms: 1 }
     }
 
     fn call(&mut self) {
         self.now_ms += 1;
-        let Admission::Allow(call) = self.worker.admit(KEY, self.now_ms, &mut Quiet) else {
+        let mut host = Bare {
+            now_ms: self.now_ms,
+            telemetry: Quiet,
+        };
+        let Admission::Allow(call) = self.worker.admit(KEY, &mut host) else {
             CORE_ANOMALIES.fetch_add(1, Ordering::Relaxed);
             return;
         };

@@ -60,7 +60,7 @@ fn log_line(c: &Call, out: &mut String) {
 }
 
 fn flags(c: &Call) -> &'static str {
-    if c.response_flags.upstream_failed() {
+    if c.response_flags.upstream_failed(true) {
         "UF"
     } else {
         "-"

@@ -643,8 +643,8 @@ async fn without_the_breaker_every_caller_reaches_the_dead_service_and_waits_the
     assert_eq!(sim.breaker("content"), None, "disabled tracks nothing");
     assert_eq!(
         sim.store().len(),
-        1024 + 1,
-        "the store holds the empty table and its marker, and nothing else"
+        1024 + 2,
+        "the store holds the empty table, its marker and the label tally, and nothing else"
     );
 }
 

@@ -31,6 +31,7 @@ mod native {
 
     use cb_core::classify::{Classification, Outcome};
     use cb_core::config::FilterConfig;
+    use cb_core::host::Bare;
     use cb_core::store::{BreakerStore, LocalStore, MemoryStore, SharedData};
     use cb_core::telemetry::Discard;
     use cb_core::worker::{Admission, Worker};
@@ -43,14 +44,18 @@ mod native {
     };
 
     fn worker<S: BreakerStore>(config: FilterConfig, store: S) -> Worker<S> {
-        let mut w = Worker::new(Arc::new(config), 0, store);
+        let mut w = Worker::new(Arc::new(config), 0, store, 0);
         let _ = w.prepare();
         w
     }
 
     /// One call's worth of breaker work.
     fn call<S: BreakerStore>(w: &mut Worker<S>, now_ms: u64) {
-        if let Admission::Allow(c) = w.admit(KEY, now_ms, &mut Discard) {
+        let mut host = Bare {
+            now_ms,
+            telemetry: Discard,
+        };
+        if let Admission::Allow(c) = w.admit(KEY, &mut host) {
             w.record(c, OK, now_ms, &mut Discard);
         }
         black_box(w);

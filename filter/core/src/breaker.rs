@@ -2,11 +2,21 @@
 //!
 //! A [`Breaker`] is plain data: it is decoded from shared data, changed by [`Breaker::admit`] or
 //! [`Breaker::record`], and written back with compare-and-swap. Both functions are pure in `(state,
-//! config, now)`, because the CAS loop may run them more than once on fresher copies of the state.
+//! config, now, entropy)`, because the CAS loop may run them more than once on fresher copies of the
+//! state; the random bits (for `open_timeout_jitter`) come in from the caller, drawn once per call.
+//!
+//! After HalfOpen closes it, a breaker with `recovery_ramp` stays Closed but admits a growing share of
+//! calls for that long ([`Ramp`]); the count of calls seen and admitted lives in the breaker itself,
+//! so every worker of the Envoy keeps the share together.
+
+mod ramp;
 
 use crate::classify::{Classification, Outcome};
 use crate::config::{BreakerConfig, Mode};
+use crate::entropy::{share_of, uniform_up_to};
 use crate::window::{Window, WindowStats};
+
+pub use ramp::Ramp;
 
 /// The three states, as metrics and the health endpoint name them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -89,6 +99,8 @@ pub enum Reason {
     OpenTimeoutElapsed,
     /// `success_threshold` probes succeeded.
     ProbesSucceeded,
+    /// `recovery_ramp` ran its course: the breaker admits every call again (Closed to Closed).
+    RecoveryRampEnded,
 }
 
 impl Reason {
@@ -102,6 +114,7 @@ impl Reason {
             Reason::Forced => "forced",
             Reason::OpenTimeoutElapsed => "open_timeout_elapsed",
             Reason::ProbesSucceeded => "probes_succeeded",
+            Reason::RecoveryRampEnded => "recovery_ramp_ended",
         }
     }
 }
@@ -130,10 +143,23 @@ pub struct Ticket {
 /// Why a call was (or would have been) turned away.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rejection {
-    /// `Open`, or `HalfOpen` with no probe permit free.
+    /// `Open`; `HalfOpen` with no probe permit free; `Closed` while `recovery_ramp` does not admit
+    /// the call.
     pub state: StateKind,
-    /// Milliseconds until probes may go through, when known.
+    /// Milliseconds the caller is told to wait: until probes may go through (Open, jitter
+    /// included), the probe hint (HalfOpen), or at most the ramp's remaining time (recovering).
     pub retry_after_ms: Option<u64>,
+}
+
+impl Rejection {
+    /// The `x-circuit-breaker` (and `x-circuit-breaker-dry-run`) value: `open`, `half_open`, or
+    /// `recovering` for a call the ramp did not admit.
+    pub fn marker(&self) -> &'static str {
+        match self.state {
+            StateKind::Closed => "recovering",
+            other => other.as_str(),
+        }
+    }
 }
 
 /// What to do with a new call.
@@ -156,10 +182,14 @@ pub struct Breaker {
     pub generation: u32,
     /// Failures in a row since the last success (kept while Open, for reports).
     pub consecutive_failures: u32,
-    /// The open time in force: `open_timeout`, multiplied on each re-open from HalfOpen.
+    /// The open time in force: `open_timeout`, multiplied on each re-open from HalfOpen (kept
+    /// through a recovery ramp, so that a relapse backs off as a re-open does). The jitter is not in
+    /// it: it is drawn afresh at each opening.
     pub open_timeout_ms: u64,
     /// Outcomes while Closed.
     pub window: Window,
+    /// `recovery_ramp` in progress (Closed only).
+    pub ramp: Option<Ramp>,
 }
 
 impl Breaker {
@@ -171,6 +201,7 @@ impl Breaker {
             consecutive_failures: 0,
             open_timeout_ms: cfg.open_timeout_ms,
             window: Window::new(cfg.window),
+            ramp: None,
         }
     }
 
@@ -189,6 +220,12 @@ impl Breaker {
         );
         if bounded != self.open_timeout_ms {
             self.open_timeout_ms = bounded;
+            changed = true;
+        }
+        if self.ramp.is_some() && cfg.recovery_ramp_ms.is_none() {
+            // The ramp was turned off: admit everything now.
+            self.ramp = None;
+            self.open_timeout_ms = cfg.open_timeout_ms;
             changed = true;
         }
         changed
@@ -218,15 +255,31 @@ impl Breaker {
         (self.open_timeout_ms / 10).clamp(100, 5_000)
     }
 
+    /// The share of calls the breaker lets through now, in parts per million: all when Closed, the
+    /// ramp's share while it runs, none when Open or HalfOpen (probes are the exception, not a share).
+    pub fn admitting_ppm(&self, now_ms: u64) -> u32 {
+        match (self.state, &self.ramp) {
+            (BreakerState::Closed, Some(r)) => r.share_ppm(now_ms),
+            (BreakerState::Closed, None) => 1_000_000,
+            _ => 0,
+        }
+    }
+
     /// Decides on a new call at `now_ms`. May change the state: Open → HalfOpen once the open time has
-    /// passed, a probe permit taken, or (`forced_open`) Closed → Open.
+    /// passed, a probe permit taken, (`forced_open`) Closed → Open, or a recovery ramp's count moved
+    /// or ended. `entropy`: random bits, for the jitter of an opening or of the HalfOpen hint.
     ///
     /// `mode` must not be `Disabled`; a disabled breaker is never loaded.
-    pub fn admit(&mut self, cfg: &BreakerConfig, now_ms: u64) -> (Decision, Option<Transition>) {
+    pub fn admit(
+        &mut self,
+        cfg: &BreakerConfig,
+        now_ms: u64,
+        entropy: u64,
+    ) -> (Decision, Option<Transition>) {
         if cfg.mode == Mode::ForcedOpen {
             let transition = match self.state {
                 BreakerState::Open { .. } => None,
-                _ => Some(self.open(cfg, now_ms, Reason::Forced, false)),
+                _ => Some(self.open(cfg, now_ms, Reason::Forced, false, entropy)),
             };
             return (
                 Decision::Reject(Rejection {
@@ -250,10 +303,23 @@ impl Breaker {
             }
         }
         let decision = match self.state {
-            BreakerState::Closed => Decision::Allow(Ticket {
-                generation: self.generation,
-                probe: false,
-            }),
+            BreakerState::Closed => match self.ramp.as_mut() {
+                None => self.allow(false),
+                Some(r) if now_ms >= r.until_ms => {
+                    transition = Some(self.end_ramp(cfg));
+                    self.allow(false)
+                }
+                Some(r) => match r.admit(now_ms) {
+                    None => self.allow(false),
+                    Some(wait_ms) => self.refuse(
+                        cfg,
+                        Rejection {
+                            state: StateKind::Closed,
+                            retry_after_ms: Some(wait_ms),
+                        },
+                    ),
+                },
+            },
             BreakerState::Open { until_ms } => self.refuse(
                 cfg,
                 Rejection {
@@ -272,16 +338,14 @@ impl Breaker {
                         successes,
                         last_permit_ms: now_ms,
                     };
-                    Decision::Allow(Ticket {
-                        generation: self.generation,
-                        probe: true,
-                    })
+                    self.allow(true)
                 } else if now_ms >= last_permit_ms.saturating_add(self.open_timeout_ms) {
                     // Every permit has been out for a whole open time: the probes hang (or their
                     // streams were lost). That is as good as a failed probe.
                     // (A HalfOpen entered in this same call has no permit out, so this cannot follow
                     // the Open → HalfOpen change above.)
-                    transition = Some(self.open(cfg, now_ms, Reason::HalfOpenFailure, true));
+                    transition =
+                        Some(self.open(cfg, now_ms, Reason::HalfOpenFailure, true, entropy));
                     self.refuse(
                         cfg,
                         Rejection {
@@ -290,17 +354,41 @@ impl Breaker {
                         },
                     )
                 } else {
+                    // Jittered like the open time, so that clients turned away together do not
+                    // come back together.
+                    let wait = self.probe_wait_ms();
+                    let extra = uniform_up_to(entropy, share_of(wait, cfg.open_timeout_jitter_ppm));
                     self.refuse(
                         cfg,
                         Rejection {
                             state: StateKind::HalfOpen,
-                            retry_after_ms: Some(self.probe_wait_ms()),
+                            retry_after_ms: Some(wait.saturating_add(extra)),
                         },
                     )
                 }
             }
         };
         (decision, transition)
+    }
+
+    fn allow(&self, probe: bool) -> Decision {
+        Decision::Allow(Ticket {
+            generation: self.generation,
+            probe,
+        })
+    }
+
+    /// The recovery ramp is over: every call is admitted, and the open time starts again from
+    /// `open_timeout`. Not a change of state (the generation stays: calls admitted during the ramp
+    /// still count), but reported like one, so the log shows when the ramp ended.
+    fn end_ramp(&mut self, cfg: &BreakerConfig) -> Transition {
+        self.ramp = None;
+        self.open_timeout_ms = cfg.open_timeout_ms;
+        Transition {
+            from: StateKind::Closed,
+            to: StateKind::Closed,
+            reason: Reason::RecoveryRampEnded,
+        }
     }
 
     fn refuse(&self, cfg: &BreakerConfig, rejection: Rejection) -> Decision {
@@ -312,6 +400,7 @@ impl Breaker {
     }
 
     /// Records the outcome of a call admitted with `ticket`. Returns the state change it caused.
+    /// `entropy`: random bits, for the jitter of an opening.
     ///
     /// Outcomes of an older generation change nothing: the call was admitted under a state that has
     /// since been left (e.g. a slow call that started before the breaker opened), and judging the new
@@ -322,6 +411,7 @@ impl Breaker {
         ticket: Ticket,
         now_ms: u64,
         c: Classification,
+        entropy: u64,
     ) -> Option<Transition> {
         if ticket.generation != self.generation {
             return None;
@@ -339,7 +429,9 @@ impl Breaker {
                     0
                 };
                 let reason = self.trip_reason(cfg, now_ms)?;
-                Some(self.open(cfg, now_ms, reason, false))
+                // A relapse during the recovery ramp is a re-open: it backs off.
+                let backoff = self.ramp.is_some();
+                Some(self.open(cfg, now_ms, reason, backoff, entropy))
             }
             BreakerState::HalfOpen {
                 in_flight,
@@ -363,14 +455,18 @@ impl Breaker {
                     }
                     _ if bad => {
                         self.consecutive_failures = self.consecutive_failures.saturating_add(1);
-                        Some(self.open(cfg, now_ms, Reason::HalfOpenFailure, true))
+                        Some(self.open(cfg, now_ms, Reason::HalfOpenFailure, true, entropy))
                     }
                     _ => {
                         let successes = successes.saturating_add(1);
                         self.consecutive_failures = 0;
                         if successes >= cfg.success_threshold {
                             self.window = Window::new(cfg.window);
-                            self.open_timeout_ms = cfg.open_timeout_ms;
+                            match cfg.recovery_ramp_ms {
+                                // The open time in force stays until the ramp ends.
+                                Some(ms) => self.ramp = Some(Ramp::new(now_ms, ms)),
+                                None => self.open_timeout_ms = cfg.open_timeout_ms,
+                            }
                             Some(self.enter(BreakerState::Closed, Reason::ProbesSucceeded))
                         } else {
                             self.state = BreakerState::HalfOpen {
@@ -406,13 +502,16 @@ impl Breaker {
         None
     }
 
-    /// Opens the breaker. `backoff` (a re-open straight from HalfOpen) multiplies the open time first.
+    /// Opens the breaker. `backoff` (a re-open straight from HalfOpen, or a relapse during the
+    /// recovery ramp) multiplies the open time first; then `open_timeout_jitter` adds a random extra
+    /// of up to that fraction of it, drawn from `entropy`, to this opening only.
     fn open(
         &mut self,
         cfg: &BreakerConfig,
         now_ms: u64,
         reason: Reason,
         backoff: bool,
+        entropy: u64,
     ) -> Transition {
         if backoff {
             let next = (self.open_timeout_ms as f64 * cfg.backoff_multiplier).round();
@@ -424,12 +523,19 @@ impl Breaker {
         } else {
             self.open_timeout_ms = cfg.open_timeout_ms;
         }
+        let jitter = uniform_up_to(
+            entropy,
+            share_of(self.open_timeout_ms, cfg.open_timeout_jitter_ppm),
+        );
+        self.ramp = None;
         // The window is kept while Open, so the health endpoint shows the rates that tripped it.
         // Nothing is recorded into it meanwhile (outcomes of older generations are ignored), and
         // closing starts a fresh one, so what it holds cannot trip the breaker again.
         self.enter(
             BreakerState::Open {
-                until_ms: now_ms.saturating_add(self.open_timeout_ms),
+                until_ms: now_ms
+                    .saturating_add(self.open_timeout_ms)
+                    .saturating_add(jitter),
             },
             reason,
         )
@@ -448,393 +554,4 @@ impl Breaker {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::WindowConfig;
-    #[cfg(target_arch = "wasm32")]
-    use wasm_bindgen_test::wasm_bindgen_test as test;
-
-    const OK: Classification = Classification {
-        outcome: Outcome::Success,
-        slow: false,
-    };
-    const FAIL: Classification = Classification {
-        outcome: Outcome::Failure,
-        slow: false,
-    };
-    const SLOW_OK: Classification = Classification {
-        outcome: Outcome::Success,
-        slow: true,
-    };
-    const IGNORED: Classification = Classification {
-        outcome: Outcome::Ignored,
-        slow: false,
-    };
-
-    fn cfg() -> BreakerConfig {
-        BreakerConfig {
-            open_timeout_ms: 1_000,
-            ..BreakerConfig::default()
-        }
-    }
-
-    fn allow(b: &mut Breaker, c: &BreakerConfig, now: u64) -> Ticket {
-        match b.admit(c, now).0 {
-            Decision::Allow(t) => t,
-            other => panic!("expected Allow, got {other:?}"),
-        }
-    }
-
-    fn call(
-        b: &mut Breaker,
-        c: &BreakerConfig,
-        now: u64,
-        outcome: Classification,
-    ) -> Option<Transition> {
-        let t = allow(b, c, now);
-        b.record(c, t, now, outcome)
-    }
-
-    #[test]
-    fn opens_on_consecutive_failures() {
-        let c = cfg();
-        let mut b = Breaker::new(&c);
-        for _ in 0..4 {
-            assert_eq!(call(&mut b, &c, 0, FAIL), None);
-        }
-        let t = call(&mut b, &c, 0, FAIL).unwrap();
-        assert_eq!(
-            t,
-            Transition {
-                from: StateKind::Closed,
-                to: StateKind::Open,
-                reason: Reason::ConsecutiveFailures
-            }
-        );
-        assert_eq!(
-            b.admit(&c, 10).0,
-            Decision::Reject(Rejection {
-                state: StateKind::Open,
-                retry_after_ms: Some(990)
-            })
-        );
-        assert_eq!(
-            b.stats(10).failures,
-            5,
-            "the window that tripped it is kept while Open, for reports"
-        );
-    }
-
-    #[test]
-    fn a_success_resets_the_consecutive_count() {
-        let c = cfg();
-        let mut b = Breaker::new(&c);
-        for _ in 0..4 {
-            call(&mut b, &c, 0, FAIL);
-        }
-        call(&mut b, &c, 0, OK);
-        for _ in 0..4 {
-            assert_eq!(call(&mut b, &c, 0, FAIL), None);
-        }
-        assert_eq!(b.consecutive_failures, 4);
-        call(&mut b, &c, 0, IGNORED);
-        assert_eq!(b.consecutive_failures, 4, "ignored outcomes change nothing");
-    }
-
-    #[test]
-    fn zero_failure_threshold_turns_the_trigger_off() {
-        let c = BreakerConfig {
-            failure_threshold: 0,
-            minimum_requests: 100,
-            ..cfg()
-        };
-        let mut b = Breaker::new(&c);
-        for _ in 0..50 {
-            assert_eq!(call(&mut b, &c, 0, FAIL), None);
-        }
-    }
-
-    #[test]
-    fn error_rate_waits_for_minimum_requests() {
-        let c = BreakerConfig {
-            failure_threshold: 0,
-            minimum_requests: 20,
-            ..cfg()
-        };
-        let mut b = Breaker::new(&c);
-        // Alternate: rate is 50% from the second call on, but only judged from the 20th.
-        for i in 0..19 {
-            assert_eq!(
-                call(&mut b, &c, 0, if i % 2 == 0 { FAIL } else { OK }),
-                None,
-                "call {i}"
-            );
-        }
-        let t = call(&mut b, &c, 0, OK).unwrap();
-        assert_eq!(t.reason, Reason::ErrorRate);
-    }
-
-    #[test]
-    fn slow_call_rate_trips_only_when_tracked() {
-        let c = BreakerConfig {
-            failure_threshold: 0,
-            minimum_requests: 5,
-            window: WindowConfig::Count(10),
-            slow_call_duration_ms: Some(100),
-            slow_call_rate_threshold_ppm: 800_000,
-            ..cfg()
-        };
-        let mut b = Breaker::new(&c);
-        for _ in 0..4 {
-            assert_eq!(call(&mut b, &c, 0, SLOW_OK), None);
-        }
-        assert_eq!(
-            call(&mut b, &c, 0, SLOW_OK).unwrap().reason,
-            Reason::SlowCallRate
-        );
-    }
-
-    #[test]
-    fn half_open_after_timeout_then_closes_after_successes() {
-        let c = cfg();
-        let mut b = Breaker::new(&c);
-        for _ in 0..5 {
-            call(&mut b, &c, 0, FAIL);
-        }
-        let (d, t) = b.admit(&c, 1_000);
-        assert!(matches!(d, Decision::Allow(Ticket { probe: true, .. })));
-        assert_eq!(t.unwrap().reason, Reason::OpenTimeoutElapsed);
-        // The single permit is taken: the next caller is turned away as half_open, told to come
-        // back after a tenth of the open time (at least 100 ms).
-        assert_eq!(
-            b.admit(&c, 1_001).0,
-            Decision::Reject(Rejection {
-                state: StateKind::HalfOpen,
-                retry_after_ms: Some(100)
-            })
-        );
-        let long = BreakerConfig {
-            open_timeout_ms: 20_000,
-            ..cfg()
-        };
-        let mut wait = Breaker::new(&long);
-        assert_eq!(wait.probe_wait_ms(), 2_000);
-        wait.open_timeout_ms = 600_000;
-        assert_eq!(wait.probe_wait_ms(), 5_000, "at most 5 s");
-        let Decision::Allow(ticket) = d else {
-            unreachable!()
-        };
-        assert_eq!(b.record(&c, ticket, 1_002, OK), None);
-        let t = call(&mut b, &c, 1_003, OK).unwrap();
-        assert_eq!(
-            t,
-            Transition {
-                from: StateKind::HalfOpen,
-                to: StateKind::Closed,
-                reason: Reason::ProbesSucceeded
-            }
-        );
-        assert_eq!(b.stats(1_003).calls, 0, "closing starts a fresh window");
-        assert_eq!(b.consecutive_failures, 0);
-    }
-
-    #[test]
-    fn failed_probe_reopens_with_backoff_up_to_the_ceiling() {
-        let c = BreakerConfig {
-            backoff_multiplier: 2.0,
-            max_open_timeout_ms: 3_000,
-            ..cfg()
-        };
-        let mut b = Breaker::new(&c);
-        for _ in 0..5 {
-            call(&mut b, &c, 0, FAIL);
-        }
-        let mut now = 0;
-        for expected in [2_000, 3_000, 3_000] {
-            now += b.open_timeout_ms;
-            let t = call(&mut b, &c, now, FAIL).unwrap();
-            assert_eq!(
-                t,
-                Transition {
-                    from: StateKind::HalfOpen,
-                    to: StateKind::Open,
-                    reason: Reason::HalfOpenFailure
-                }
-            );
-            assert_eq!(b.open_timeout_ms, expected);
-            assert_eq!(b.retry_after_ms(now), Some(expected));
-        }
-        // Recovery resets the open time to the configured base.
-        now += b.open_timeout_ms;
-        call(&mut b, &c, now, OK);
-        call(&mut b, &c, now, OK);
-        assert_eq!(b.state, BreakerState::Closed);
-        assert_eq!(b.open_timeout_ms, 1_000);
-    }
-
-    #[test]
-    fn half_open_permits_are_bounded_and_released() {
-        let c = BreakerConfig {
-            half_open_max_requests: 3,
-            success_threshold: 10,
-            ..cfg()
-        };
-        let mut b = Breaker::new(&c);
-        for _ in 0..5 {
-            call(&mut b, &c, 0, FAIL);
-        }
-        let tickets: Vec<_> = (0..3).map(|_| allow(&mut b, &c, 1_000)).collect();
-        assert!(matches!(b.admit(&c, 1_000).0, Decision::Reject(_)));
-        // A non-probe ticket of this generation holds no permit: its outcome frees none.
-        let not_a_probe = Ticket {
-            probe: false,
-            ..tickets[0]
-        };
-        assert_eq!(b.record(&c, not_a_probe, 1_000, IGNORED), None);
-        assert!(matches!(b.admit(&c, 1_000).0, Decision::Reject(_)));
-        assert_eq!(b.record(&c, tickets[0], 1_000, IGNORED), None);
-        allow(&mut b, &c, 1_000);
-        // An ignored probe gives its permit back too.
-        assert_eq!(b.record(&c, tickets[1], 1_000, IGNORED), None);
-        allow(&mut b, &c, 1_000);
-        assert!(matches!(b.admit(&c, 1_000).0, Decision::Reject(_)));
-    }
-
-    #[test]
-    fn probes_held_past_the_open_time_count_as_failed() {
-        let c = cfg();
-        let mut b = Breaker::new(&c);
-        for _ in 0..5 {
-            call(&mut b, &c, 0, FAIL);
-        }
-        let lost = allow(&mut b, &c, 1_000);
-        assert!(matches!(
-            b.admit(&c, 1_999).0,
-            Decision::Reject(Rejection {
-                state: StateKind::HalfOpen,
-                ..
-            })
-        ));
-        let (d, t) = b.admit(&c, 2_000);
-        assert!(matches!(
-            d,
-            Decision::Reject(Rejection {
-                state: StateKind::Open,
-                ..
-            })
-        ));
-        assert_eq!(t.unwrap().reason, Reason::HalfOpenFailure);
-        // The lost probe's late outcome belongs to an old generation and changes nothing.
-        assert_eq!(b.record(&c, lost, 2_500, OK), None);
-        assert!(matches!(b.state, BreakerState::Open { .. }));
-    }
-
-    #[test]
-    fn stale_outcomes_do_not_move_the_state() {
-        let c = cfg();
-        let mut b = Breaker::new(&c);
-        let slow_call = allow(&mut b, &c, 0);
-        for _ in 0..5 {
-            call(&mut b, &c, 0, FAIL);
-        }
-        // Probe phase: a failure that started while Closed must not reopen HalfOpen.
-        allow(&mut b, &c, 1_000);
-        assert_eq!(b.record(&c, slow_call, 1_001, FAIL), None);
-        assert!(matches!(b.state, BreakerState::HalfOpen { .. }));
-    }
-
-    #[test]
-    fn dry_run_judges_but_never_rejects() {
-        let c = BreakerConfig {
-            mode: Mode::DryRun,
-            ..cfg()
-        };
-        let mut b = Breaker::new(&c);
-        for _ in 0..5 {
-            call(&mut b, &c, 0, FAIL);
-        }
-        assert!(matches!(b.state, BreakerState::Open { .. }));
-        assert_eq!(
-            b.admit(&c, 10).0,
-            Decision::DryRunReject(Rejection {
-                state: StateKind::Open,
-                retry_after_ms: Some(990)
-            })
-        );
-    }
-
-    #[test]
-    fn forced_open_rejects_everything_and_opens_once() {
-        let c = BreakerConfig {
-            mode: Mode::ForcedOpen,
-            ..cfg()
-        };
-        let mut b = Breaker::new(&c);
-        let (d, t) = b.admit(&c, 0);
-        assert_eq!(
-            d,
-            Decision::Reject(Rejection {
-                state: StateKind::Open,
-                retry_after_ms: None
-            })
-        );
-        assert_eq!(t.unwrap().reason, Reason::Forced);
-        let (d, t) = b.admit(&c, 5_000);
-        assert!(matches!(d, Decision::Reject(_)));
-        assert_eq!(t, None, "already open: no second transition, no HalfOpen");
-    }
-
-    #[test]
-    fn conform_restarts_a_window_of_another_shape_and_keeps_state() {
-        let c = cfg();
-        let mut b = Breaker::new(&c);
-        for _ in 0..5 {
-            call(&mut b, &c, 0, FAIL);
-        }
-        let c2 = BreakerConfig {
-            window: WindowConfig::Time {
-                duration_ms: 10_000,
-            },
-            ..c.clone()
-        };
-        assert!(b.conform(&c2));
-        assert!(matches!(b.state, BreakerState::Open { .. }));
-        assert!(!b.conform(&c2));
-    }
-
-    /// The registry decides whether an admit must be written by comparing only the state, generation
-    /// and open time (cloning the whole breaker on every call costs more than the decision): `admit`
-    /// must never touch anything else, in any state, mode or moment.
-    #[test]
-    fn admit_changes_only_the_state() {
-        let c = cfg();
-        let mut closed = Breaker::new(&c);
-        for i in 0..30 {
-            call(&mut closed, &c, i, if i % 3 == 0 { FAIL } else { OK });
-        }
-        let mut open = closed.clone();
-        for _ in 0..5 {
-            call(&mut open, &c, 40, FAIL);
-        }
-        assert_eq!(open.state.kind(), StateKind::Open);
-        let mut half_open = open.clone();
-        allow(&mut half_open, &c, 2_000);
-        assert_eq!(half_open.state.kind(), StateKind::HalfOpen);
-        let modes = [Mode::Enforce, Mode::DryRun, Mode::ForcedOpen];
-        for start in [&closed, &open, &half_open] {
-            for mode in modes {
-                let c = BreakerConfig { mode, ..cfg() };
-                for now in [0, 41, 1_040, 2_000, 3_500, 10_000] {
-                    let mut b = start.clone();
-                    b.admit(&c, now);
-                    assert_eq!(
-                        (&b.window, b.consecutive_failures),
-                        (&start.window, start.consecutive_failures),
-                        "admit from {:?} in {mode:?} at {now}",
-                        start.state
-                    );
-                }
-            }
-        }
-    }
-}
+mod tests;

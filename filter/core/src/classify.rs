@@ -227,9 +227,16 @@ impl ResponseFlags {
         }
     }
 
-    /// Whether any upstream-failure flag is set.
-    pub fn upstream_failed(self) -> bool {
-        self.0 & Self::UPSTREAM_FAILURE != 0
+    /// Whether any upstream-failure flag is set. A stream idle timeout (`SI`) is the upstream's only
+    /// when the request was complete: a client that stalls its own upload makes the stream idle
+    /// itself, and must not be able to make failures of a healthy upstream.
+    pub fn upstream_failed(self, request_complete: bool) -> bool {
+        let mask = if request_complete {
+            Self::UPSTREAM_FAILURE
+        } else {
+            Self::UPSTREAM_FAILURE & !Self::STREAM_IDLE_TIMEOUT
+        };
+        self.0 & mask != 0
     }
 
     /// Whether the downstream cancelled or reset the stream.
@@ -283,6 +290,11 @@ pub struct CallFacts<'a> {
     pub ended_early: bool,
     /// The call's deadline, from its `grpc-timeout` request header, in µs.
     pub deadline_us: Option<u64>,
+    /// Response headers had come before the stream ended: the upstream was answering, so a cancel
+    /// then is never its failure (a server stream the client ends, a long download).
+    pub headers_came: bool,
+    /// The client had sent its whole request.
+    pub request_complete: bool,
 }
 
 /// Classifies a finished call under one breaker's settings (contract section 3).
@@ -300,17 +312,27 @@ pub fn classify(cfg: &BreakerConfig, facts: &CallFacts<'_>) -> Classification {
 }
 
 fn outcome(cfg: &BreakerConfig, facts: &CallFacts<'_>) -> Outcome {
-    if facts.flags.upstream_failed() {
+    if facts.flags.upstream_failed(facts.request_complete) {
         return Outcome::Failure;
+    }
+    if facts.flags.0 & ResponseFlags::STREAM_IDLE_TIMEOUT != 0 && !facts.request_complete {
+        // Envoy timed the stream out while the client was still sending: its answer (408, or a
+        // gRPC status made from it) is about the client, not the upstream.
+        return Outcome::Ignored;
     }
     let status = facts.http_status.filter(|s| *s != 0);
     let nothing_came = status.is_none() && facts.grpc_status.is_none();
     if facts.ended_early && (facts.flags.downstream_cancelled() || nothing_came) {
         // The client left before the response was complete. That says nothing about the upstream,
-        // unless the client left because its deadline had come: then the upstream was too slow to
-        // answer in time, which is what a hung service looks like from here.
+        // unless the client left because its deadline had come with no answer begun: then the
+        // upstream was too slow to answer in time, which is what a hung service looks like from here.
+        // Once response headers came, the upstream was answering: a cancel then is never its fault.
         return match facts.deadline_us {
-            Some(d) if facts.grpc && deadline_reached(d, facts.duration_ms.unwrap_or(0)) => {
+            Some(d)
+                if facts.grpc
+                    && !facts.headers_came
+                    && deadline_reached(d, facts.duration_ms.unwrap_or(0)) =>
+            {
                 grpc_outcome(cfg, GRPC_DEADLINE_EXCEEDED)
             }
             _ => Outcome::Ignored,
@@ -458,10 +480,67 @@ mod tests {
                 http_status: Some(200),
                 grpc_status: Some(b"0"),
                 flags,
+                request_complete: true,
                 ..Default::default()
             };
             assert_eq!(classify(&c, &f).outcome, Outcome::Failure, "{flag}");
         }
+    }
+
+    #[test]
+    fn a_stream_idle_timeout_before_the_request_was_complete_is_the_clients() {
+        let c = cfg();
+        let si = CallFacts {
+            grpc: true,
+            flags: ResponseFlags::parse_short("SI").unwrap(),
+            ended_early: true,
+            http_status: Some(408),
+            ..Default::default()
+        };
+        assert_eq!(
+            classify(&c, &si).outcome,
+            Outcome::Ignored,
+            "a client stalling its upload makes no failure"
+        );
+        let complete = CallFacts {
+            request_complete: true,
+            ..si
+        };
+        assert_eq!(classify(&c, &complete).outcome, Outcome::Failure);
+        // Other upstream flags count however much of the request went.
+        let uf = CallFacts {
+            flags: ResponseFlags::parse_short("UF").unwrap(),
+            ..si
+        };
+        assert_eq!(classify(&c, &uf).outcome, Outcome::Failure);
+    }
+
+    #[test]
+    fn a_cancel_after_response_headers_is_never_a_deadline() {
+        let c = cfg();
+        let f = CallFacts {
+            grpc: true,
+            flags: ResponseFlags::parse_short("DR").unwrap(),
+            ended_early: true,
+            deadline_us: Some(300_000),
+            duration_ms: Some(400),
+            ..Default::default()
+        };
+        assert_eq!(
+            classify(&c, &f).outcome,
+            Outcome::Failure,
+            "no answer begun"
+        );
+        let answering = CallFacts {
+            headers_came: true,
+            http_status: Some(200),
+            ..f
+        };
+        assert_eq!(
+            classify(&c, &answering).outcome,
+            Outcome::Ignored,
+            "a server stream the client ends at its deadline"
+        );
     }
 
     #[test]

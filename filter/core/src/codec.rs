@@ -3,7 +3,7 @@
 //! ```text
 //! offset size  field
 //!      0    1  magic 0xCB
-//!      1    1  version (1)
+//!      1    1  version (2)
 //!      2    1  state: 0 closed, 1 open, 2 half-open
 //!      3    1  window: 0 count, 1 time
 //!      4    4  generation
@@ -12,11 +12,15 @@
 //!     20    8  open: until (ms); half-open: last permit (ms); closed: 0
 //!     28    2  half-open permits in flight
 //!     30    2  half-open successes
-//!     32       count window: size u16, len u16, head u16, failure bits, slow bits (⌈size/8⌉ bytes each)
+//!     32    8  recovery ramp: start (ms)          \
+//!     40    8  recovery ramp: until (ms)           | all zero: no ramp (closed only)
+//!     48    4  recovery ramp: calls seen           |
+//!     52    4  recovery ramp: calls admitted      /
+//!     56       count window: size u16, len u16, head u16, failure bits, slow bits (⌈size/8⌉ bytes each)
 //!              time window: bucket length u64, then 10 × (epoch u64, calls u32, failures u32, slow u32)
 //! ```
 //!
-//! A count window of 100 takes 64 bytes in all; of 1024, 294; a time window, 240. Bytes that are not
+//! A count window of 100 takes 88 bytes in all; of 1024, 318; a time window, 264. Bytes that are not
 //! exactly this layout (foreign data, another version, a truncated write, an impossible window) decode
 //! to a [`CodecError`]: the caller starts the breaker afresh, counts it and logs it. Never a panic.
 //!
@@ -36,15 +40,15 @@
 
 use std::fmt;
 
-use crate::breaker::{Breaker, BreakerState};
+use crate::breaker::{Breaker, BreakerState, Ramp};
 use crate::config::MAX_KEY_LEN;
 use crate::store::Slot;
 use crate::window::{Bucket, CountWindow, TimeWindow, Window, TIME_BUCKETS};
 
 const MAGIC: u8 = 0xCB;
 /// Layout version written by this build.
-pub const VERSION: u8 = 1;
-const HEADER_LEN: usize = 32;
+pub const VERSION: u8 = 2;
+const HEADER_LEN: usize = 56;
 
 /// Why stored bytes could not be decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,7 +82,7 @@ impl fmt::Display for CodecError {
 impl std::error::Error for CodecError {}
 
 /// The longest encoding: a count window of 1024 (header, 6 bytes of window header, 2 × 128 bytes of
-/// bits). A time window takes 280.
+/// bits). A time window takes 304.
 pub const MAX_ENCODED_LEN: usize = HEADER_LEN + 6 + 2 * 128;
 
 /// An encoding held on the stack: the filter encodes on every recorded call, and a heap allocation
@@ -158,6 +162,16 @@ pub fn encode_into(b: &Breaker, out: &mut Encoded) {
     out.put(&time.to_le_bytes());
     out.put(&in_flight.to_le_bytes());
     out.put(&successes.to_le_bytes());
+    let ramp = b.ramp.unwrap_or(Ramp {
+        start_ms: 0,
+        until_ms: 0,
+        calls: 0,
+        admitted: 0,
+    });
+    out.put(&ramp.start_ms.to_le_bytes());
+    out.put(&ramp.until_ms.to_le_bytes());
+    out.put(&ramp.calls.to_le_bytes());
+    out.put(&ramp.admitted.to_le_bytes());
     match &b.window {
         Window::Count(w) => {
             out.put(&w.size().to_le_bytes());
@@ -214,6 +228,22 @@ pub fn decode(bytes: &[u8]) -> Result<Breaker, CodecError> {
         },
         _ => return Err(CodecError::Invalid("unknown state tag")),
     };
+    let ramp = Ramp {
+        start_ms: r.u64()?,
+        until_ms: r.u64()?,
+        calls: r.u32()?,
+        admitted: r.u32()?,
+    };
+    let ramp = match ramp {
+        Ramp {
+            start_ms: 0,
+            until_ms: 0,
+            calls: 0,
+            admitted: 0,
+        } => None,
+        r if tag == 0 && r.start_ms < r.until_ms && r.admitted <= r.calls => Some(r),
+        _ => return Err(CodecError::Invalid("recovery ramp")),
+    };
     let window = match window_tag {
         0 => {
             let (size, len, head) = (r.u16()?, r.u16()?, r.u16()?);
@@ -255,6 +285,7 @@ pub fn decode(bytes: &[u8]) -> Result<Breaker, CodecError> {
         consecutive_failures,
         open_timeout_ms,
         window,
+        ramp,
     })
 }
 
@@ -432,15 +463,15 @@ mod tests {
             encode(&sample(WindowConfig::Count(1024))).len(),
             MAX_ENCODED_LEN
         );
-        assert_eq!(encode(&sample(WindowConfig::Count(100))).len(), 64);
+        assert_eq!(encode(&sample(WindowConfig::Count(100))).len(), 88);
         assert!(encode(&sample(WindowConfig::Count(100))).len() <= 200);
-        assert_eq!(encode(&sample(WindowConfig::Count(1024))).len(), 294);
+        assert_eq!(encode(&sample(WindowConfig::Count(1024))).len(), 318);
         assert_eq!(
             encode(&sample(WindowConfig::Time {
                 duration_ms: 10_000
             }))
             .len(),
-            240
+            264
         );
     }
 
@@ -449,7 +480,7 @@ mod tests {
     #[test]
     fn regression_fuzz_closed_state_with_unused_fields_set() {
         let crash: [u8; 40] = [
-            0xcb, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x10, 0x00, 0x00,
+            0xcb, 0x02, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x10, 0x00, 0x00,
             0x00, 0x00, 0x00, 0x00, 0x00, 0x21, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
             0x00, 0x00, 0x10, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
         ];
@@ -468,9 +499,9 @@ mod tests {
         let mut longer = good.clone();
         longer.push(0);
         assert_eq!(decode(&longer), Err(CodecError::Malformed));
-        let mut v2 = good.clone();
-        v2[1] = 2;
-        assert_eq!(decode(&v2), Err(CodecError::Version { found: 2, reads: 1 }));
+        let mut v1 = good.clone();
+        v1[1] = 1;
+        assert_eq!(decode(&v1), Err(CodecError::Version { found: 1, reads: 2 }));
         let mut bad_state = good.clone();
         bad_state[2] = 9;
         assert!(matches!(decode(&bad_state), Err(CodecError::Invalid(_))));
@@ -481,8 +512,26 @@ mod tests {
             Err(CodecError::Invalid(_))
         ));
         let mut bad_len = good.clone();
-        bad_len[34] = 200; // len > size
+        bad_len[58] = 200; // len > size
         assert!(matches!(decode(&bad_len), Err(CodecError::Invalid(_))));
+        // A ramp on a breaker that is not closed, or admitting more than it saw, is not ours.
+        let mut open_with_ramp = encode(&sample(WindowConfig::Count(100)));
+        open_with_ramp[40] = 1;
+        assert!(matches!(
+            decode(&open_with_ramp),
+            Err(CodecError::Invalid(_))
+        ));
+        let mut ramped = Breaker::new(&BreakerConfig::default());
+        ramped.ramp = Some(Ramp {
+            start_ms: 10,
+            until_ms: 20,
+            calls: 3,
+            admitted: 1,
+        });
+        let mut bytes = encode(&ramped);
+        assert_eq!(decode(&bytes), Ok(ramped.clone()), "a ramp round-trips");
+        bytes[52] = 9; // admitted 9 of 3
+        assert!(matches!(decode(&bytes), Err(CodecError::Invalid(_))));
     }
 
     #[test]
@@ -494,7 +543,7 @@ mod tests {
             breaker: sample(WindowConfig::Count(100)),
         };
         let bytes = encode_slot(Some(&slot));
-        assert_eq!(bytes.len(), 5 + slot.key.len() + 16 + 64);
+        assert_eq!(bytes.len(), 5 + slot.key.len() + 16 + 88);
         assert_eq!(decode_slot(&bytes), Ok(Some(slot.clone())));
         assert_eq!(decode_slot(&encode_slot(None)), Ok(None));
         assert_eq!(decode_slot(&[]), Err(CodecError::Malformed));

@@ -30,10 +30,12 @@ pub fn parse_grpc_timeout(raw: &[u8]) -> Option<u64> {
 }
 
 /// How early a cancel may come and still count as the deadline: 5 % of the deadline or 20 ms,
-/// whichever is larger. Clients start their timer before the request reaches Envoy, so Envoy sees the
-/// cancel a little before the deadline it was sent with, never after.
+/// whichever is larger, but never more than a quarter of the deadline. Clients start their timer
+/// before the request reaches Envoy, so Envoy sees the cancel a little before the deadline it was sent
+/// with, never after. The quarter keeps tiny deadlines honest: with a flat 20 ms, every cancel of a
+/// call whose deadline is 20 ms or less (a hedged request, say) would count as the deadline.
 pub fn tolerance_us(deadline_us: u64) -> u64 {
-    (deadline_us / 20).max(20_000)
+    (deadline_us / 20).max(20_000.min(deadline_us / 4))
 }
 
 /// Whether a call cancelled after `elapsed_ms` had reached its deadline of `deadline_us`.
@@ -101,7 +103,16 @@ mod tests {
         // 2 s: 5 % is 100 ms.
         assert!(!deadline_reached(2_000_000, 1_899));
         assert!(deadline_reached(2_000_000, 1_900));
-        // A deadline shorter than the tolerance is reached at once.
-        assert!(deadline_reached(10_000, 0));
+        // Tiny deadlines get a quarter of themselves, not 20 ms: a hedged request cancelled early
+        // is not a deadline.
+        assert_eq!(tolerance_us(10_000), 2_500);
+        assert!(!deadline_reached(10_000, 0));
+        assert!(!deadline_reached(10_000, 7));
+        assert!(deadline_reached(10_000, 8));
+        assert!(!deadline_reached(20_000, 14));
+        assert!(deadline_reached(20_000, 15));
+        // From 80 ms up, the 20 ms floor applies again.
+        assert_eq!(tolerance_us(80_000), 20_000);
+        assert_eq!(tolerance_us(0), 0);
     }
 }

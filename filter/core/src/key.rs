@@ -48,6 +48,34 @@ impl UpstreamKey {
     }
 }
 
+/// An `:authority` as one breaker's key (contract section 2): lower-cased, without a trailing dot on
+/// the host, and without the port when it is the default of the request's `:scheme` (80 for `http`,
+/// 443 for `https`), so that `API.Example.com.:80` over http is `api.example.com`, and a client cannot
+/// step around an open breaker by spelling the same host another way. `None` when no host is left.
+pub fn normalize_authority(authority: &str, scheme: Option<&[u8]>) -> Option<String> {
+    let lower = authority.trim().to_ascii_lowercase();
+    // The port is what follows the last ':' — unless that ':' is inside an IPv6 literal's brackets.
+    let (host, port) = match lower.rfind(':') {
+        Some(i) if !lower.get(i..).is_some_and(|rest| rest.contains(']')) => {
+            (lower.get(..i)?, lower.get(i + 1..))
+        }
+        _ => (lower.as_str(), None),
+    };
+    let host = host.strip_suffix('.').unwrap_or(host);
+    if host.is_empty() {
+        return None;
+    }
+    let default_port = match scheme {
+        Some(s) if s.eq_ignore_ascii_case(b"https") => "443",
+        _ => "80",
+    };
+    Some(match port {
+        None | Some("") => host.to_string(),
+        Some(p) if p == default_port => host.to_string(),
+        Some(p) => format!("{host}:{p}"),
+    })
+}
+
 impl std::fmt::Display for UpstreamKey {
     /// The configuration spelling: `cluster`, `header:x-tenant`...
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -66,6 +94,63 @@ mod tests {
     use super::*;
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    #[test]
+    fn authorities_that_name_one_host_are_one_key() {
+        let http = Some(&b"http"[..]);
+        let https = Some(&b"https"[..]);
+        for a in [
+            "example.com",
+            "EXAMPLE.com",
+            "example.com:80",
+            "example.com.",
+            "Example.COM.:80",
+        ] {
+            assert_eq!(
+                normalize_authority(a, http).as_deref(),
+                Some("example.com"),
+                "{a}"
+            );
+        }
+        assert_eq!(
+            normalize_authority("API.Example.com.:80", http).as_deref(),
+            Some("api.example.com")
+        );
+        assert_eq!(
+            normalize_authority("a.b:443", https).as_deref(),
+            Some("a.b")
+        );
+        assert_eq!(
+            normalize_authority("a.b:443", http).as_deref(),
+            Some("a.b:443")
+        );
+        assert_eq!(
+            normalize_authority("a.b:80", https).as_deref(),
+            Some("a.b:80")
+        );
+        assert_eq!(
+            normalize_authority("a.b:8080", http).as_deref(),
+            Some("a.b:8080")
+        );
+        assert_eq!(
+            normalize_authority("a.b:80", None).as_deref(),
+            Some("a.b"),
+            "no scheme: http"
+        );
+        assert_eq!(
+            normalize_authority("[::1]:80", http).as_deref(),
+            Some("[::1]")
+        );
+        assert_eq!(normalize_authority("[::1]", http).as_deref(), Some("[::1]"));
+        assert_eq!(
+            normalize_authority("[::1]:9000", http).as_deref(),
+            Some("[::1]:9000")
+        );
+        assert_eq!(normalize_authority("a.b:", http).as_deref(), Some("a.b"));
+        for empty in ["", ":80", ".", ".:80"] {
+            assert_eq!(normalize_authority(empty, http), None, "{empty:?}");
+        }
+    }
 
     #[test]
     fn parses_every_kind() {

@@ -90,23 +90,27 @@ pub struct UpstreamHealth {
     pub consecutive_failures: u32,
     /// Ms until probes may go through, while Open (`None` when the clock is unknown).
     pub retry_after_ms: Option<u64>,
+    /// The share of calls it lets through now, in parts per million (see
+    /// [`Breaker::admitting_ppm`]).
+    pub admitting_ppm: u32,
 }
 
-/// Every breaker in the table, for the health endpoint.
+/// The breakers of the table, for the health endpoint.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Health {
-    /// The breakers, by upstream key.
+    /// At most the number asked for: those not closed first, then the closed ones, each group by key.
     pub breakers: Vec<UpstreamHealth>,
+    /// Breakers left out of `breakers`.
+    pub omitted: u32,
+    /// Breakers not closed, of all of them (listed or not).
+    pub not_closed: u32,
     /// Slots whose bytes did not decode: breakers whose state nobody can tell.
     pub unreadable: u32,
 }
 
 /// The first slot of `key`'s probe sequence: FNV-1a, the same in every worker, build and version.
 pub fn home_slot(key: &str, capacity: u32) -> u32 {
-    let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    });
-    (hash % u64::from(capacity.max(1))) as u32
+    (crate::store::fnv1a(key) % u64::from(capacity.max(1))) as u32
 }
 
 /// A fresh slot for `key`, claimed at `now_ms` under a configuration loaded at `shaped_ms`.
@@ -219,27 +223,46 @@ fn conform(slot: &mut Slot, cfg: &BreakerConfig, shaped_ms: u64) -> bool {
     true
 }
 
+/// When and under what the registry works on a slot: the time, the configuration's idle timeout and
+/// load time, and random bits for the jitter (drawn once per operation: a CAS retry reuses them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Moment {
+    /// Host time (ms).
+    pub now_ms: u64,
+    /// `idle_timeout`.
+    pub idle_timeout_ms: u64,
+    /// When the configuration in force was loaded (see [`Slot::shaped_ms`]).
+    pub shaped_ms: u64,
+    /// Random bits.
+    pub entropy: u64,
+}
+
 /// Decides on a new call of `key` in slot `i`.
 pub fn admit<S: BreakerStore>(
     store: &mut S,
     i: u32,
     key: &str,
     cfg: &BreakerConfig,
-    now_ms: u64,
-    idle_timeout_ms: u64,
-    shaped_ms: u64,
+    at: Moment,
 ) -> Result<OnSlot<Admitted>, UpdateError> {
+    let Moment {
+        now_ms,
+        idle_timeout_ms,
+        shaped_ms,
+        entropy,
+    } = at;
     let u = store.update(i, Read::Fresh, |content| {
         let Some(slot) = content.as_mut().filter(|s| s.key == key) else {
             return (None, false);
         };
         let conformed = conform(slot, cfg, shaped_ms);
-        // `admit` moves only the state, generation and open time (`admit_changes_only_the_state`
-        // holds it to that), so comparing those tells whether to write.
+        // `admit` moves only the state, generation, open time and ramp
+        // (`admit_changes_only_the_state` holds it to that), so comparing those tells whether to
+        // write.
         let b = &mut slot.breaker;
-        let before = (b.state, b.generation, b.open_timeout_ms);
-        let (decision, transition) = b.admit(cfg, now_ms);
-        let moved = (b.state, b.generation, b.open_timeout_ms) != before;
+        let before = (b.state, b.generation, b.open_timeout_ms, b.ramp);
+        let (decision, transition) = b.admit(cfg, now_ms, entropy);
+        let moved = (b.state, b.generation, b.open_timeout_ms, b.ramp) != before;
         let state = b.state.kind();
         // The last-call time is kept fresh enough to tell idle from busy, at one extra write per
         // half idle time rather than one per call.
@@ -262,18 +285,22 @@ pub fn admit<S: BreakerStore>(
 }
 
 /// Records the outcome of a call of `key` admitted with `ticket` into slot `i`: the state change it
-/// caused, if any.
-#[allow(clippy::too_many_arguments)]
+/// caused, if any. (`at.idle_timeout_ms` is not used: a record always refreshes the last-call time.)
 pub fn record<S: BreakerStore>(
     store: &mut S,
     i: u32,
     key: &str,
     cfg: &BreakerConfig,
     ticket: Ticket,
-    now_ms: u64,
     outcome: Classification,
-    shaped_ms: u64,
+    at: Moment,
 ) -> Result<OnSlot<Option<Transition>>, UpdateError> {
+    let Moment {
+        now_ms,
+        shaped_ms,
+        entropy,
+        ..
+    } = at;
     let u = store.update(i, Read::Reuse, |content| {
         let Some(slot) = content.as_mut().filter(|s| s.key == key) else {
             return (None, false);
@@ -281,7 +308,7 @@ pub fn record<S: BreakerStore>(
         conform(slot, cfg, shaped_ms);
         slot.last_call_ms = now_ms;
         (
-            Some(slot.breaker.record(cfg, ticket, now_ms, outcome)),
+            Some(slot.breaker.record(cfg, ticket, now_ms, outcome, entropy)),
             true,
         )
     })?;
@@ -292,28 +319,84 @@ pub fn record<S: BreakerStore>(
     })
 }
 
-/// Every breaker in the table, sorted by upstream key. `now_ms` is `None` when the clock failed: the
+/// The breakers of the table: at most `most` of them, those not closed first, then the closed ones,
+/// each group sorted by key, and how many were left out. `now_ms` is `None` when the clock failed: the
 /// states are still known, the time left Open is not.
-pub fn health<S: BreakerStore>(store: &mut S, now_ms: Option<u64>) -> Result<Health, UpdateError> {
+///
+/// Every slot is read (the states of all are needed to choose), but at most `most` are kept at any
+/// time, so the answer's memory and size stay bounded whatever the number of keys.
+pub fn health<S: BreakerStore>(
+    store: &mut S,
+    now_ms: Option<u64>,
+    most: usize,
+) -> Result<Health, UpdateError> {
     let mut out = Health::default();
+    let mut kept: std::collections::BinaryHeap<Ranked> = std::collections::BinaryHeap::new();
     for i in 0..store.capacity() {
-        match store.read(i)? {
-            SlotRead::Empty => {}
-            SlotRead::Corrupt(_) => out.unreadable += 1,
-            SlotRead::Held(slot) => {
-                let b = &slot.breaker;
-                out.breakers.push(UpstreamHealth {
-                    state: b.state.kind(),
-                    stats: b.stats(now_ms.unwrap_or(slot.last_call_ms)),
-                    consecutive_failures: b.consecutive_failures,
-                    retry_after_ms: now_ms.and_then(|n| b.retry_after_ms(n)),
-                    upstream: slot.key,
-                });
+        let slot = match store.read(i)? {
+            SlotRead::Empty => continue,
+            SlotRead::Corrupt(_) => {
+                out.unreadable += 1;
+                continue;
             }
+            SlotRead::Held(slot) => slot,
+        };
+        let closed = slot.breaker.state.kind() == StateKind::Closed;
+        out.not_closed += u32::from(!closed);
+        let rank = (closed, slot.key);
+        // The heap's top is the entry ranked last: a new one ranked after it is not kept.
+        if kept.len() >= most && kept.peek().is_none_or(|top| rank >= top.rank) {
+            out.omitted += 1;
+            continue;
+        }
+        let b = &slot.breaker;
+        let now = now_ms.unwrap_or(slot.last_call_ms);
+        let entry = UpstreamHealth {
+            state: b.state.kind(),
+            stats: b.stats(now),
+            consecutive_failures: b.consecutive_failures,
+            retry_after_ms: now_ms.and_then(|n| b.retry_after_ms(n)),
+            admitting_ppm: b.admitting_ppm(now),
+            upstream: String::new(),
+        };
+        kept.push(Ranked { rank, entry });
+        if kept.len() > most {
+            kept.pop();
+            out.omitted += 1;
         }
     }
-    out.breakers.sort_by(|a, b| a.upstream.cmp(&b.upstream));
+    out.breakers = kept
+        .into_sorted_vec()
+        .into_iter()
+        .map(|r| UpstreamHealth {
+            upstream: r.rank.1,
+            ..r.entry
+        })
+        .collect();
     Ok(out)
+}
+
+/// A breaker's place in the health answer: not closed before closed, then by key.
+struct Ranked {
+    rank: (bool, String),
+    entry: UpstreamHealth,
+}
+
+impl PartialEq for Ranked {
+    fn eq(&self, other: &Self) -> bool {
+        self.rank == other.rank
+    }
+}
+impl Eq for Ranked {}
+impl PartialOrd for Ranked {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Ranked {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.rank.cmp(&other.rank)
+    }
 }
 
 #[cfg(test)]

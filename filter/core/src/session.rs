@@ -13,26 +13,26 @@
 //! A session holds no host and no worker: each callback is handed both, and everything it has to say
 //! goes to the host as [`crate::telemetry::Event`]s as it happens.
 
-use crate::breaker::StateKind;
+use crate::breaker::Rejection;
 use crate::classify::{classify, CallFacts, Outcome, ResponseFlags};
 use crate::config::MAX_KEY_LEN;
 use crate::deadline::parse_grpc_timeout;
 use crate::host::{Action, Host};
-use crate::key::UpstreamKey;
+use crate::key::{normalize_authority, UpstreamKey};
 use crate::registry::Untracked;
-use crate::reply;
 use crate::store::BreakerStore;
-use crate::telemetry::Event;
-use crate::worker::{Admission, Call, Worker};
+use crate::telemetry::{Event, Level, Upstream};
+use crate::worker::{Admission, Call, Refusal, Worker};
 
 /// A call let through and not yet settled.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Tracked {
     call: Call,
-    grpc: bool,
     /// `:status` of the response headers, kept for the trailers (or the end) that settle a gRPC
     /// call; Envoy's response code at the end of the stream.
     http_status: Option<u16>,
+    /// Response headers came: the call can no longer be stuck, nor its cancel be a deadline's.
+    headers_came: bool,
 }
 
 /// One stream.
@@ -40,7 +40,9 @@ struct Tracked {
 pub struct Session {
     call: Option<Tracked>,
     /// `dry_run` would have rejected this call: mark its response.
-    dry_run: Option<StateKind>,
+    dry_run: Option<Rejection>,
+    /// The client has sent its whole request (a stream idle timeout is then the upstream's).
+    request_complete: bool,
 }
 
 impl Session {
@@ -65,16 +67,24 @@ impl Session {
         self.call.as_ref().is_some_and(|t| t.call.ticket.probe)
     }
 
-    /// The request headers: the health endpoint, or admission.
+    /// The call held, if any (the native host keeps it to forget it if the stream is lost).
+    pub fn call(&self) -> Option<&Call> {
+        self.call.as_ref().map(|t| &t.call)
+    }
+
+    /// The request headers: the health endpoint, or admission. `end_of_stream`: the request has no
+    /// body.
     pub fn on_request<S: BreakerStore, H: Host>(
         &mut self,
         w: &mut Worker<S>,
         host: &mut H,
+        end_of_stream: bool,
     ) -> Action {
+        self.request_complete = end_of_stream;
         if is_health_request(w, host) {
             let now = host.now_ms();
             let answer = w.health(now);
-            return if host.send_reply(&answer) {
+            return if host.send_reply(answer) {
                 Action::Stop
             } else {
                 Action::Continue
@@ -83,64 +93,47 @@ impl Session {
         let key = match upstream_key(&w.config().upstream_key, host) {
             Ok(key) => key,
             Err(why) => {
-                host.event("", &Event::Untracked(why));
+                host.event(Upstream::NONE, &Event::Untracked(why));
                 return Action::Continue;
             }
         };
-        self.admit(w, host, key)
-    }
-
-    fn admit<S: BreakerStore, H: Host>(
-        &mut self,
-        w: &mut Worker<S>,
-        host: &mut H,
-        key: String,
-    ) -> Action {
-        let (_, cfg) = w.settings(&key);
-        if cfg.mode == crate::config::Mode::Disabled {
-            // Nothing to track or report: spare the clock and the content-type.
-            return Action::Continue;
-        }
-        let (call_timeout_ms, fallback) = (cfg.call_timeout_ms, cfg.fallback.clone());
-        let Some(now) = host.now_ms() else {
-            host.event(&key, &Event::Untracked(Untracked::NoClock));
-            return Action::Continue;
-        };
-        let grpc = reply::is_grpc(
-            host.request_header("content-type")
-                .as_deref()
-                .and_then(|v| std::str::from_utf8(v).ok()),
-        );
-        match w.admit(&key, now, host) {
+        match w.admit(&key, host) {
             Admission::Allow(call) => {
-                if let Some(ms) = call_timeout_ms {
-                    host.set_request_header("x-envoy-upstream-rq-timeout-ms", &ms.to_string());
+                let cfg = w.config().breaker(call.breaker);
+                if let Some(ms) = cfg.call_timeout_ms {
+                    let ms = crate::reply::Digits::new(ms);
+                    host.set_request_header("x-envoy-upstream-rq-timeout-ms", ms.as_str());
+                }
+                if w.wants_stream(&call) {
+                    if let Some(stream) = host.stream_token() {
+                        w.attach_stream(&call, stream);
+                    }
                 }
                 self.call = Some(Tracked {
                     call,
-                    grpc,
                     http_status: None,
+                    headers_came: false,
                 });
                 Action::Continue
             }
-            Admission::Reject(r) => {
-                let answer = reply::rejection(grpc, &key, &r, fallback.as_ref());
-                // Counted only once the reply is out: a call the host would not answer goes on, and
-                // counts as untracked instead.
-                if host.send_reply(&answer) {
-                    host.event(&key, &Event::Rejected(r));
+            Admission::Reject(refusal) => {
+                if answer(host, refusal, false) {
                     Action::Stop
                 } else {
-                    host.event(&key, &Event::Untracked(Untracked::ReplyFailed));
                     Action::Continue
                 }
             }
             Admission::DryRun(r) => {
-                self.dry_run = Some(r.state);
+                self.dry_run = Some(r);
                 Action::Continue
             }
-            Admission::Untracked => Action::Continue,
+            Admission::Untracked | Admission::Disabled => Action::Continue,
         }
+    }
+
+    /// The last of the request went upstream (a body chunk or trailers that end the stream).
+    pub fn on_request_end(&mut self) {
+        self.request_complete = true;
     }
 
     /// The response headers. `end_of_stream`: they end the response (a trailers-only gRPC response,
@@ -151,18 +144,20 @@ impl Session {
         host: &mut H,
         end_of_stream: bool,
     ) -> Action {
-        if let Some(state) = self.dry_run.take() {
-            host.add_response_header("x-circuit-breaker-dry-run", state.as_str());
+        if let Some(r) = self.dry_run.take() {
+            host.add_response_header("x-circuit-breaker-dry-run", r.marker());
         }
         let Some(tracked) = self.call.as_mut() else {
             return Action::Continue;
         };
+        tracked.headers_came = true;
+        w.headers_came(&mut tracked.call);
         // Read here for gRPC too, where only a response without grpc-status needs it: in the
         // trailers callback the headers may no longer be readable (wasm answers BadArgument).
         tracked.http_status = host
             .response_header(":status")
             .and_then(|s| parse_status(&s));
-        if !tracked.grpc {
+        if !tracked.call.grpc {
             self.settle(w, host, CallFacts::default());
         } else if end_of_stream {
             // Trailers-only gRPC: the status is in the headers.
@@ -203,7 +198,7 @@ impl Session {
         if let Some(code) = host.response_code().filter(|c| *c != 0) {
             tracked.http_status = Some(code);
         }
-        let deadline_us = if tracked.grpc {
+        let deadline_us = if tracked.call.grpc && !tracked.headers_came {
             host.request_header("grpc-timeout")
                 .and_then(|raw| parse_grpc_timeout(&raw))
         } else {
@@ -233,8 +228,10 @@ impl Session {
             return;
         };
         let now = host.now_ms().unwrap_or(tracked.call.start_ms);
-        facts.grpc = tracked.grpc;
+        facts.grpc = tracked.call.grpc;
         facts.http_status = tracked.http_status;
+        facts.headers_came = tracked.headers_came;
+        facts.request_complete = self.request_complete;
         facts.duration_ms = Some(now.saturating_sub(tracked.call.start_ms));
         let cfg = w.config().breaker(tracked.call.breaker);
         let mut verdict = classify(cfg, &facts);
@@ -246,6 +243,59 @@ impl Session {
             verdict = classify(cfg, &facts);
         }
         w.record(tracked.call, verdict, now, host);
+    }
+}
+
+/// Delivers the breaker's answer to a stuck call the worker's tick ordered cut
+/// ([`crate::worker::CutOrder`]): `host` is that call's stream (wasm: the root's host calls once the
+/// stream is the effective context; native: the stream's own scheduled event). Counted in
+/// `circuit_breaker_cut_calls_total` once the reply is out; its outcome stays the stuck failure
+/// recorded before. `false` when there was nothing to send or the host refused.
+pub fn deliver_cut<S: BreakerStore, H: Host + ?Sized>(
+    w: &mut Worker<S>,
+    host: &mut H,
+    call: u64,
+) -> bool {
+    let Some(refusal) = w.take_cut(call) else {
+        return false;
+    };
+    let sent = answer(host, refusal, true);
+    if !sent {
+        host.log(
+            Level::Warn,
+            "circuit breaker: the host refused to answer a stuck call being cut; it goes on waiting",
+        );
+    }
+    sent
+}
+
+/// Sends a refusal's reply; once it is out, reports it: a cut (`cut`), else a rejection. A rejection
+/// the host will not send is reported as an untracked call (the request goes on).
+fn answer<H: Host + ?Sized>(host: &mut H, refusal: Refusal, cut: bool) -> bool {
+    let Refusal {
+        reply,
+        rejection,
+        key,
+        label,
+    } = refusal;
+    let upstream = Upstream {
+        key: &key,
+        label: &label,
+    };
+    // Counted only once the reply is out: a call the host would not answer goes on.
+    if host.send_reply(reply) {
+        let event = if cut {
+            Event::Cut
+        } else {
+            Event::Rejected(rejection)
+        };
+        host.event(upstream, &event);
+        true
+    } else {
+        if !cut {
+            host.event(upstream, &Event::Untracked(Untracked::ReplyFailed));
+        }
+        false
     }
 }
 
@@ -271,13 +321,19 @@ fn is_health_request<S: BreakerStore, H: Host>(w: &Worker<S>, host: &mut H) -> b
 }
 
 /// The upstream key of this request, per `upstream_key`. A missing, empty or non-UTF-8 key, or one
-/// longer than [`MAX_KEY_LEN`], is refused here, before any lookup.
+/// longer than [`MAX_KEY_LEN`], is refused here, before any lookup (a header value that long is not
+/// even copied, where the host can tell).
 fn upstream_key<H: Host>(kind: &UpstreamKey, host: &mut H) -> Result<String, Untracked> {
+    let too_long = |_| Untracked::KeyTooLong;
     let raw = match kind {
         UpstreamKey::Cluster => host.cluster_name(),
-        UpstreamKey::Authority => host.request_header(":authority"),
+        UpstreamKey::Authority => host
+            .request_header_up_to(":authority", MAX_KEY_LEN)
+            .map_err(too_long)?,
         UpstreamKey::GrpcService | UpstreamKey::GrpcMethod => host.request_header(":path"),
-        UpstreamKey::Header(name) => host.request_header(name),
+        UpstreamKey::Header(name) => host
+            .request_header_up_to(name, MAX_KEY_LEN)
+            .map_err(too_long)?,
     };
     let raw = raw.ok_or(Untracked::NoKey)?;
     // Checked on the raw value, so even a gRPC path is refused before it is parsed.
@@ -292,6 +348,10 @@ fn upstream_key<H: Host>(kind: &UpstreamKey, host: &mut H) -> Result<String, Unt
             .from_grpc_path(&text)
             .ok_or(Untracked::NoKey)?
             .to_string(),
+        UpstreamKey::Authority => {
+            let scheme = host.request_header(":scheme");
+            normalize_authority(&text, scheme.as_deref()).ok_or(Untracked::NoKey)?
+        }
         _ => text,
     };
     if key.is_empty() {

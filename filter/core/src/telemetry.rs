@@ -185,6 +185,35 @@ impl<'a> Series<'a> {
     }
 }
 
+/// The metric label of upstreams past the cap of contract section 6.
+pub const OTHER_LABEL: &str = "_other";
+
+/// An upstream as telemetry names it: its key, for log lines, and its label, for metric series (the
+/// key itself, or [`OTHER_LABEL`] once the Envoy has labelled as many keys as it may).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Upstream<'a> {
+    /// The breaker's key.
+    pub key: &'a str,
+    /// The `upstream` label of its series.
+    pub label: &'a str,
+}
+
+impl<'a> Upstream<'a> {
+    /// No upstream: events of the filter as a whole.
+    pub const NONE: Upstream<'static> = Upstream { key: "", label: "" };
+
+    /// An upstream labelled by its own key.
+    pub fn same(key: &'a str) -> Self {
+        Self { key, label: key }
+    }
+}
+
+/// A key as log lines show it: quoted, with quotes, backslashes and control characters escaped, so a
+/// client-chosen key (an `authority`, a header) can neither break a line nor forge a field.
+pub fn quoted(key: &str) -> String {
+    format!("{key:?}")
+}
+
 /// Log levels, as Envoy has them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Level {
@@ -210,10 +239,10 @@ pub trait Telemetry {
     fn set(&mut self, series: &Series<'_>, value: u64);
     /// Writes a log line.
     fn log(&mut self, level: Level, message: &str);
-    /// Takes one event of `upstream` (empty for events of no upstream). The default reports it
-    /// ([`report`]); a host that also wants the events themselves (the harness) overrides this and
-    /// calls [`report`] too.
-    fn event(&mut self, upstream: &str, event: &Event) {
+    /// Takes one event of `upstream` ([`Upstream::NONE`] for events of no upstream). The default
+    /// reports it ([`report`]); a host that also wants the events themselves (the harness) overrides
+    /// this and calls [`report`] too.
+    fn event(&mut self, upstream: Upstream<'_>, event: &Event) {
         report(upstream, event, self);
     }
 }
@@ -227,7 +256,7 @@ impl Telemetry for Discard {
     fn add(&mut self, _: &Series<'_>, _: u64) {}
     fn set(&mut self, _: &Series<'_>, _: u64) {}
     fn log(&mut self, _: Level, _: &str) {}
-    fn event(&mut self, _: &str, _: &Event) {}
+    fn event(&mut self, _: Upstream<'_>, _: &Event) {}
 }
 
 /// Something that happened to a call or a breaker, as the session and the worker see it. Each one is
@@ -263,6 +292,14 @@ pub enum Event {
     Store(StoreEvent),
     /// An idle breaker gave its slot to this upstream.
     Evicted,
+    /// A stuck call was answered with the breaker's answer (`cut_stuck_calls`).
+    Cut,
+    /// The Envoy has labelled as many upstream keys as it may: this key and every further one are
+    /// counted as `_other` (reported once, for the first such key).
+    OtherLabel {
+        /// How many keys may be labelled.
+        limit: u32,
+    },
 }
 
 /// Shared-data trouble, each kind counted apart.
@@ -285,26 +322,38 @@ pub enum StoreEvent {
 }
 
 /// What each event counts and logs: the one place every host's metrics and log lines come from.
-pub fn report<T: Telemetry + ?Sized>(upstream: &str, event: &Event, t: &mut T) {
+/// Series carry the upstream's label; log lines its key, quoted.
+pub fn report<T: Telemetry + ?Sized>(upstream: Upstream<'_>, event: &Event, t: &mut T) {
+    let label = upstream.label;
     match event {
         Event::Admitted { .. } => {}
-        Event::Rejected(_) => t.add(&Series::of(Metric::RejectedCalls, upstream), 1),
-        Event::DryRun(_) => t.add(&Series::of(Metric::DryRunRejections, upstream), 1),
+        Event::Rejected(_) => t.add(&Series::of(Metric::RejectedCalls, label), 1),
+        Event::DryRun(_) => t.add(&Series::of(Metric::DryRunRejections, label), 1),
         Event::Recorded {
             outcome,
             slow,
             stuck,
-        } => recorded(upstream, *outcome, *slow, *stuck, t),
+        } => recorded(label, *outcome, *slow, *stuck, t),
         Event::Transition(tr) => transition(upstream, tr, t),
-        Event::State(state) => t.set(&Series::of(Metric::State, upstream), state.gauge()),
+        Event::State(state) => t.set(&Series::of(Metric::State, label), state.gauge()),
         Event::Untracked(why) => {
             t.add(&Series::global(Metric::UntrackedCalls), 1);
             if let Untracked::Store(e) = why {
-                failed(upstream, "admit", e, t);
+                failed(upstream.key, "admit", e, t);
             }
         }
-        Event::Store(e) => store(upstream, e, t),
+        Event::Store(e) => store(upstream.key, e, t),
         Event::Evicted => t.add(&Series::global(Metric::Evicted), 1),
+        Event::Cut => t.add(&Series::of(Metric::CutCalls, label), 1),
+        Event::OtherLabel { limit } => t.log(
+            Level::Warn,
+            &format!(
+                "circuit breaker: {limit} upstream keys already have their own metric series, the most \
+                 one Envoy labels (4 x max_upstreams); upstream={} and every further new key are \
+                 counted as upstream=\"{OTHER_LABEL}\"",
+                quoted(upstream.key)
+            ),
+        ),
     }
 }
 
@@ -336,16 +385,22 @@ fn recorded<T: Telemetry + ?Sized>(
     }
 }
 
-fn transition<T: Telemetry + ?Sized>(upstream: &str, tr: &Transition, t: &mut T) {
+fn transition<T: Telemetry + ?Sized>(upstream: Upstream<'_>, tr: &Transition, t: &mut T) {
     t.log(
         Level::Info,
         &format!(
-            "circuit breaker state change: upstream={upstream} from={} to={} reason={}",
+            "circuit breaker state change: upstream={} from={} to={} reason={}",
+            quoted(upstream.key),
             tr.from.as_str(),
             tr.to.as_str(),
             tr.reason.as_str()
         ),
     );
+    if tr.from == tr.to {
+        // The end of a recovery ramp: logged like a change, but the state is the same.
+        return;
+    }
+    let upstream = upstream.label;
     t.add(
         &Series {
             metric: Metric::StateChanges,
@@ -373,7 +428,7 @@ fn store<T: Telemetry + ?Sized>(upstream: &str, e: &StoreEvent, t: &mut T) {
         StoreEvent::Corrupt(why) => {
             t.log(
                 Level::Warn,
-                &format!("circuit breaker: corrupt state for upstream={upstream} in shared data ({why}); restarted it closed"),
+                &format!("circuit breaker: corrupt state for upstream={} in shared data ({why}); restarted it closed", quoted(upstream)),
             );
             t.add(&Series::global(Metric::CorruptState), 1);
         }
@@ -381,7 +436,10 @@ fn store<T: Telemetry + ?Sized>(upstream: &str, e: &StoreEvent, t: &mut T) {
         StoreEvent::OutcomeLost(why) => {
             t.log(
                 Level::Warn,
-                &format!("circuit breaker: outcome for upstream={upstream} lost: {why}"),
+                &format!(
+                    "circuit breaker: outcome for upstream={} lost: {why}",
+                    quoted(upstream)
+                ),
             );
             t.add(&Series::global(Metric::LostOutcomes), 1);
         }
@@ -391,7 +449,10 @@ fn store<T: Telemetry + ?Sized>(upstream: &str, e: &StoreEvent, t: &mut T) {
 fn failed<T: Telemetry + ?Sized>(upstream: &str, during: &str, e: &UpdateError, t: &mut T) {
     t.log(
         Level::Warn,
-        &format!("circuit breaker: failing open, shared data ({during} upstream={upstream}): {e}"),
+        &format!(
+            "circuit breaker: failing open, shared data ({during} upstream={}): {e}",
+            quoted(upstream)
+        ),
     );
     match e {
         UpdateError::GaveUp => {

@@ -9,7 +9,7 @@ use crate::config::FilterConfig;
 use crate::host::Host;
 use crate::reply::LocalReply;
 use crate::store::{CasToken, MemoryStore, SharedData, SharedStore, StoreError};
-use crate::telemetry::{report, Event, Level, Metric, Series, Telemetry};
+use crate::telemetry::{report, Event, Level, Metric, Series, Telemetry, Upstream};
 use crate::worker::Worker;
 
 /// One stream's host, and the telemetry of the whole test.
@@ -23,6 +23,8 @@ pub struct FakeHost {
     pub code: Option<u16>,
     pub flags: Option<u64>,
     pub refuse_replies: bool,
+    /// What `stream_token` answers.
+    pub token: Option<u64>,
     /// What the session did.
     pub set_request: Vec<(String, String)>,
     pub added_response: Vec<(String, String)>,
@@ -120,8 +122,8 @@ impl Telemetry for FakeHost {
     fn log(&mut self, level: Level, message: &str) {
         self.logs.push((level, message.to_string()));
     }
-    fn event(&mut self, upstream: &str, event: &Event) {
-        self.events.push((upstream.to_string(), event.clone()));
+    fn event(&mut self, upstream: Upstream<'_>, event: &Event) {
+        self.events.push((upstream.key.to_string(), event.clone()));
         report(upstream, event, self);
     }
 }
@@ -155,12 +157,15 @@ impl Host for FakeHost {
     fn add_response_header(&mut self, name: &str, value: &str) {
         self.added_response.push((name.into(), value.into()));
     }
-    fn send_reply(&mut self, reply: &LocalReply) -> bool {
+    fn send_reply(&mut self, reply: LocalReply) -> bool {
         if self.refuse_replies {
             return false;
         }
-        self.replies.push(reply.clone());
+        self.replies.push(reply);
         true
+    }
+    fn stream_token(&mut self) -> Option<u64> {
+        self.token
     }
 }
 
@@ -172,6 +177,7 @@ pub fn worker(json: &str, store: &Arc<MemoryStore>) -> Worker<SharedData<Arc<Mem
         Arc::new(config),
         0,
         SharedData::new(Arc::clone(store), capacity),
+        0x5eed,
     );
     w.prepare().expect("prepare");
     w

@@ -1,23 +1,29 @@
 //! One Envoy worker's side of the breakers: the configuration it serves, its handle on the store, what
-//! it remembers per upstream key, the calls it let through that are still waiting (for the stuck-call
-//! check), and the outcomes that lost every compare-and-swap and wait for a retry.
+//! it remembers per upstream key, the calls it let through that are still waiting (the stuck-call
+//! check and the cuts, in [`crate::inflight`]), and the outcomes that lost every compare-and-swap and
+//! wait for a retry.
 //!
 //! Hosts keep one [`Worker`] per configuration per worker thread (one per root context in wasm, one
-//! per Envoy worker in the native module, one per simulated worker in the harness). Streams reach it
-//! through their [`crate::session::Session`].
+//! per Envoy worker in the native module, one per simulated worker in the harness), and call
+//! [`Worker::tick`] periodically. Streams reach it through their [`crate::session::Session`].
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 
 use hashbrown::HashMap;
 
-use crate::breaker::{Decision, Rejection, StateKind, Ticket, Transition};
+use crate::breaker::{BreakerState, Decision, Rejection, StateKind, Ticket, Transition};
 use crate::classify::{Classification, Outcome};
 use crate::config::{BreakerConfig, BreakerId, FilterConfig, Mode};
-use crate::registry::{self, Located, Untracked};
-use crate::reply::{self, LocalReply};
-use crate::store::{BreakerStore, UpdateError};
-use crate::telemetry::{Event, StoreEvent, Telemetry};
+use crate::entropy::Entropy;
+use crate::host::Host;
+use crate::inflight::{InFlight, Pending, Settled, Standing};
+use crate::registry::{self, Located, Moment, Untracked};
+use crate::reply::{self, LocalReply, RejectParts};
+use crate::store::{BreakerStore, Label, SlotRead, UpdateError};
+use crate::telemetry::{Event, StoreEvent, Telemetry, Upstream, OTHER_LABEL};
+
+pub use crate::inflight::CutOrder;
 
 /// Fewest upstream keys a worker remembers; it remembers twice `max_upstreams` when that is more. Past
 /// the bound the memory is cleared and rebuilt as calls come: hostile keys can make a worker forget,
@@ -29,6 +35,12 @@ const MAX_RETRIES_QUEUED: usize = 256;
 const MAX_RETRY_ROUNDS: u8 = 8;
 /// Queued outcomes retried per admission, so a call never pays for a backlog.
 const RETRIES_PER_CALL: usize = 4;
+/// How often [`Worker::tick`] sets the state gauges from the stored states (ms). A gauge is one value
+/// for the whole Envoy, written by every worker: a worker's write made from an older look can land
+/// after another's newer one, and with no further call nothing would correct it.
+pub const GAUGE_RESYNC_MS: u64 = 1_000;
+/// How many upstream keys one Envoy labels in metrics, per `max_upstreams` (contract section 6).
+pub const LABELS_PER_UPSTREAM: u32 = 4;
 
 /// What the worker remembers of one upstream key.
 #[derive(Debug, Clone)]
@@ -39,6 +51,10 @@ struct KeyEntry {
     slot: Option<u32>,
     /// The state this worker last set the gauge to.
     gauge: Option<StateKind>,
+    /// The `upstream` label of its series (the key, or `_other`), once asked.
+    label: Option<Arc<str>>,
+    /// Its rejection's fixed parts, made at its first rejection.
+    parts: Option<Arc<RejectParts>>,
 }
 
 /// A call let through, held by its session until its outcome is recorded.
@@ -46,6 +62,8 @@ struct KeyEntry {
 pub struct Call {
     /// The upstream key.
     pub key: Arc<str>,
+    /// Its metric label.
+    pub label: Arc<str>,
     /// Its breaker's slot.
     pub slot: u32,
     /// Its breaker settings.
@@ -54,8 +72,44 @@ pub struct Call {
     pub ticket: Ticket,
     /// When it was let through (host ms).
     pub start_ms: u64,
-    /// Its entry in the stuck-call table, when its breaker tracks stuck calls.
-    stuck: Option<u64>,
+    /// The request is gRPC.
+    pub grpc: bool,
+    /// Its id in the table of calls in flight, while it is there (its breaker tracks stuck calls, and
+    /// no response headers came yet).
+    pub(crate) in_flight: Option<u64>,
+}
+
+impl Call {
+    /// The upstream, as telemetry names it.
+    pub fn upstream(&self) -> Upstream<'_> {
+        Upstream {
+            key: &self.key,
+            label: &self.label,
+        }
+    }
+}
+
+/// A call turned away: the reply for the host to send, and what to report once it is sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The answer.
+    pub reply: LocalReply,
+    /// Why.
+    pub rejection: Rejection,
+    /// The upstream key.
+    pub key: Arc<str>,
+    /// Its metric label.
+    pub label: Arc<str>,
+}
+
+impl Refusal {
+    /// The upstream, as telemetry names it.
+    pub fn upstream(&self) -> Upstream<'_> {
+        Upstream {
+            key: &self.key,
+            label: &self.label,
+        }
+    }
 }
 
 /// What the worker decided on a new call.
@@ -64,28 +118,20 @@ pub enum Admission {
     /// Let it through; record its outcome with [`Worker::record`].
     Allow(Call),
     /// Answer it locally.
-    Reject(Rejection),
+    Reject(Refusal),
     /// `dry_run`: let it through, marked, not recorded.
     DryRun(Rejection),
     /// Let it through with no breaker (already reported).
     Untracked,
-}
-
-/// A call in the stuck-call table.
-#[derive(Debug, Clone)]
-struct InFlight {
-    id: u64,
-    key: Arc<str>,
-    breaker: BreakerId,
-    ticket: Ticket,
-    stuck_after_ms: u64,
-    stuck_at_ms: u64,
+    /// `mode: disabled`: let it through, nothing to report.
+    Disabled,
 }
 
 /// An outcome waiting for a retry.
 #[derive(Debug, Clone)]
 struct Retry {
     key: Arc<str>,
+    label: Arc<str>,
     slot: u32,
     breaker: BreakerId,
     ticket: Ticket,
@@ -103,25 +149,28 @@ pub struct Worker<S> {
     store: S,
     keys: HashMap<String, KeyEntry>,
     max_keys: usize,
-    /// Calls let through and still waiting, per slot, oldest first.
-    in_flight: HashMap<u32, VecDeque<InFlight>>,
-    next_call: u64,
+    in_flight: InFlight,
     retries: VecDeque<Retry>,
+    entropy: Entropy,
+    gauges_synced_ms: u64,
 }
 
 impl<S: BreakerStore> Worker<S> {
-    /// A worker serving `config`, loaded at `configured_ms` (host time), over `store`. Call
+    /// A worker serving `config`, loaded at `configured_ms` (host time), over `store`, drawing its
+    /// random bits (the jitter of open times) from `seed`: hosts seed every worker differently, from
+    /// a source of real randomness (the harness from a seeded generator, to replay exactly). Call
     /// [`Worker::prepare`] before traffic.
-    pub fn new(config: Arc<FilterConfig>, configured_ms: u64, store: S) -> Self {
+    pub fn new(config: Arc<FilterConfig>, configured_ms: u64, store: S, seed: u64) -> Self {
         Self {
             max_keys: (2 * config.max_upstreams as usize).max(MIN_REMEMBERED_KEYS),
             config,
             configured_ms,
             store,
             keys: HashMap::new(),
-            in_flight: HashMap::new(),
-            next_call: 0,
+            in_flight: InFlight::default(),
             retries: VecDeque::new(),
+            entropy: Entropy::new(seed),
+            gauges_synced_ms: configured_ms,
         }
     }
 
@@ -140,14 +189,19 @@ impl<S: BreakerStore> Worker<S> {
         &mut self.store
     }
 
-    /// Calls waiting in the stuck-call table.
+    /// Calls in the table of calls in flight (waiting, or stuck and not ended).
     pub fn calls_in_flight(&self) -> usize {
-        self.in_flight.values().map(VecDeque::len).sum()
+        self.in_flight.len()
     }
 
     /// Outcomes waiting for a retry.
     pub fn retries_queued(&self) -> usize {
         self.retries.len()
+    }
+
+    /// Upstream keys this worker remembers (bounded by twice `max_upstreams`, at least 1024).
+    pub fn keys_remembered(&self) -> usize {
+        self.keys.len()
     }
 
     /// The breaker settings for `key`, resolved once per key and remembered.
@@ -166,53 +220,90 @@ impl<S: BreakerStore> Worker<S> {
             breaker: config.resolve(key),
             slot: None,
             gauge: None,
+            label: None,
+            parts: None,
         })
     }
 
-    /// Decides on a new call of `key` at `now_ms`. Every event goes to `t`.
-    pub fn admit<T: Telemetry + ?Sized>(&mut self, key: &str, now_ms: u64, t: &mut T) -> Admission {
-        self.retry_queued(RETRIES_PER_CALL, t);
-        let mut entry = self.entry(key).clone();
-        if self.config.breaker(entry.breaker).mode == Mode::Disabled {
-            return Admission::Untracked;
+    fn moment(&mut self, now_ms: u64) -> Moment {
+        Moment {
+            now_ms,
+            idle_timeout_ms: self.config.idle_timeout_ms,
+            shaped_ms: self.configured_ms,
+            entropy: self.entropy.next_u64(),
         }
+    }
+
+    /// Decides on a new call of `key`. Reads the clock and the request's `content-type` from `host`
+    /// only for a breaker that is not disabled. Every event goes to `host`.
+    /// The key is looked up once; the entry is written again only when something about it changed.
+    pub fn admit<H: Host + ?Sized>(&mut self, key: &str, host: &mut H) -> Admission {
+        let entry = self.entry(key);
+        let (breaker, mut slot, gauge) = (entry.breaker, entry.slot, entry.gauge);
+        let (key_arc, label) = (Arc::clone(&entry.key), entry.label.clone());
+        if self.config.breaker(breaker).mode == Mode::Disabled {
+            // Nothing to track or report: spare the clock and the content-type.
+            return Admission::Disabled;
+        }
+        let Some(now_ms) = host.now_ms() else {
+            host.event(Upstream::same(key), &Event::Untracked(Untracked::NoClock));
+            return Admission::Untracked;
+        };
+        let grpc = reply::is_grpc(host.request_header("content-type").as_deref());
+        self.retry_queued(RETRIES_PER_CALL, host);
         // A slot remembered from earlier may have gone to another key since (an idle breaker
         // evicted): then the key is looked up again, once.
         for _ in 0..2 {
-            let slot = match entry.slot {
-                Some(slot) => slot,
-                None => match self.locate(key, entry.breaker, now_ms, t) {
-                    Some(slot) => slot,
+            let i = match slot {
+                Some(i) => i,
+                None => match self.locate(key, breaker, now_ms, host) {
+                    Some(i) => i,
                     None => return Admission::Untracked,
                 },
             };
-            self.check_stuck_slot(slot, now_ms, t);
-            let cfg = self.config.breaker(entry.breaker);
-            let (idle, shaped) = (self.config.idle_timeout_ms, self.configured_ms);
-            let on_slot =
-                match registry::admit(&mut self.store, slot, key, cfg, now_ms, idle, shaped) {
-                    Ok(on_slot) => on_slot,
-                    Err(e) => {
-                        t.event(key, &Event::Untracked(Untracked::Store(e)));
-                        return Admission::Untracked;
-                    }
-                };
-            store_events(key, on_slot.retries, on_slot.corrupt, t);
-            match on_slot.value {
-                None => {
-                    self.forget_slot(key);
-                    entry.slot = None;
+            self.check_stuck_slot(i, now_ms, host);
+            let at = self.moment(now_ms);
+            let cfg = self.config.breaker(breaker);
+            let on_slot = match registry::admit(&mut self.store, i, key, cfg, at) {
+                Ok(on_slot) => on_slot,
+                Err(e) => {
+                    host.event(Upstream::same(key), &Event::Untracked(Untracked::Store(e)));
+                    return Admission::Untracked;
                 }
-                Some(a) => {
-                    if entry.gauge != Some(a.state) || a.transition.is_some() {
-                        self.state_seen(key, a.state, a.transition, t);
-                    }
-                    entry.slot = Some(slot);
-                    return self.decided(&entry, a.decision, now_ms, t);
-                }
+            };
+            let label = match &label {
+                Some(label) => Arc::clone(label),
+                None => self.label_or_ask(key, host),
+            };
+            let upstream = Upstream { key, label: &label };
+            store_events(upstream, on_slot.retries, on_slot.corrupt, host);
+            let Some(a) = on_slot.value else {
+                self.forget_slot(key);
+                slot = None;
+                continue;
+            };
+            if gauge != Some(a.state) || a.transition.is_some() {
+                self.state_seen(key, &label, a.state, a.transition, host);
             }
+            let call = Call {
+                key: key_arc,
+                label,
+                slot: i,
+                breaker,
+                ticket: Ticket {
+                    generation: 0,
+                    probe: false,
+                },
+                start_ms: now_ms,
+                grpc,
+                in_flight: None,
+            };
+            return self.decided(call, a.decision, host);
         }
-        t.event(key, &Event::Untracked(Untracked::TooManyUpstreams));
+        host.event(
+            Upstream::same(key),
+            &Event::Untracked(Untracked::TooManyUpstreams),
+        );
         Admission::Untracked
     }
 
@@ -232,18 +323,63 @@ impl<S: BreakerStore> Worker<S> {
                 retries,
                 corrupt,
             }) => {
-                store_events(key, retries, corrupt, t);
+                let label = self.label_or_ask(key, t);
+                let upstream = Upstream { key, label: &label };
+                store_events(upstream, retries, corrupt, t);
                 if evicted {
-                    t.event(key, &Event::Evicted);
+                    t.event(upstream, &Event::Evicted);
                 }
                 self.entry(key).slot = Some(slot);
                 Some(slot)
             }
             Err(why) => {
-                t.event(key, &Event::Untracked(why));
+                t.event(Upstream::same(key), &Event::Untracked(why));
                 None
             }
         }
+    }
+
+    /// The metric label of `key`, asked of the store the first time (when the key gets a slot).
+    fn label_or_ask<T: Telemetry + ?Sized>(&mut self, key: &str, t: &mut T) -> Arc<str> {
+        if let Some(label) = &self.entry(key).label {
+            return Arc::clone(label);
+        }
+        let limit = self
+            .config
+            .max_upstreams
+            .saturating_mul(LABELS_PER_UPSTREAM);
+        let label: Arc<str> = match self.store.label(key, limit) {
+            Ok(Label::Own) => Arc::clone(&self.entry(key).key),
+            Ok(Label::Other { first }) => {
+                if first {
+                    t.event(
+                        Upstream {
+                            key,
+                            label: OTHER_LABEL,
+                        },
+                        &Event::OtherLabel { limit },
+                    );
+                }
+                Arc::from(OTHER_LABEL)
+            }
+            Err(e) => {
+                // Not knowing, the key must not risk a series of its own.
+                let failed = StoreEvent::Failed {
+                    during: "label",
+                    error: e,
+                };
+                t.event(
+                    Upstream {
+                        key,
+                        label: OTHER_LABEL,
+                    },
+                    &Event::Store(failed),
+                );
+                Arc::from(OTHER_LABEL)
+            }
+        };
+        self.entry(key).label = Some(Arc::clone(&label));
+        label
     }
 
     fn forget_slot(&mut self, key: &str) {
@@ -254,80 +390,128 @@ impl<S: BreakerStore> Worker<S> {
     }
 
     /// Keeps the state gauge on the stored state: it is set whenever this worker sees a state other
-    /// than the one it last set, so a worker's stale view is corrected by the next call it admits.
+    /// than the one it last set, so a worker's stale view is corrected by the next call it admits
+    /// (and by [`Worker::tick`], when no call comes).
     fn state_seen<T: Telemetry + ?Sized>(
         &mut self,
         key: &str,
+        label: &str,
         state: StateKind,
         transition: Option<Transition>,
         t: &mut T,
     ) {
+        let upstream = Upstream { key, label };
         if let Some(tr) = transition {
-            t.event(key, &Event::Transition(tr));
+            t.event(upstream, &Event::Transition(tr));
         }
         let entry = self.entry(key);
         let already = entry.gauge == Some(state) || transition.is_some_and(|tr| tr.to == state);
         entry.gauge = Some(state);
         if !already {
-            t.event(key, &Event::State(state));
+            t.event(upstream, &Event::State(state));
         }
     }
 
     fn decided<T: Telemetry + ?Sized>(
         &mut self,
-        entry: &KeyEntry,
+        mut call: Call,
         decision: Decision,
-        now_ms: u64,
         t: &mut T,
     ) -> Admission {
-        let (key, slot, breaker) = (&entry.key, entry.slot.unwrap_or(0), entry.breaker);
         match decision {
             Decision::Allow(ticket) => {
+                call.ticket = ticket;
                 t.event(
-                    key,
+                    call.upstream(),
                     &Event::Admitted {
                         probe: ticket.probe,
                     },
                 );
-                let stuck = self.track(key, slot, breaker, ticket, now_ms);
-                Admission::Allow(Call {
-                    key: Arc::clone(key),
-                    slot,
-                    breaker,
-                    ticket,
-                    start_ms: now_ms,
-                    stuck,
+                call.in_flight = self.track(&call);
+                Admission::Allow(call)
+            }
+            Decision::Reject(rejection) => {
+                let reply = self.reply(
+                    &call.key,
+                    call.breaker,
+                    call.grpc,
+                    &rejection,
+                    rejection.marker(),
+                );
+                Admission::Reject(Refusal {
+                    reply,
+                    rejection,
+                    key: call.key,
+                    label: call.label,
                 })
             }
-            Decision::Reject(r) => Admission::Reject(r),
             Decision::DryRunReject(r) => {
-                t.event(key, &Event::DryRun(r));
+                t.event(call.upstream(), &Event::DryRun(r));
                 Admission::DryRun(r)
             }
         }
     }
 
-    /// Enters a call in the stuck-call table, when its breaker tracks stuck calls.
-    fn track(
+    /// The breaker's answer for a call of `key`, from the key's fixed parts (made once).
+    fn reply(
         &mut self,
-        key: &Arc<str>,
-        slot: u32,
+        key: &str,
         breaker: BreakerId,
-        ticket: Ticket,
-        now_ms: u64,
-    ) -> Option<u64> {
-        let after = self.config.breaker(breaker).stuck_call_duration_ms?;
-        self.next_call = self.next_call.wrapping_add(1);
-        let id = self.next_call;
-        self.in_flight.entry(slot).or_default().push_back(InFlight {
-            id,
-            key: Arc::clone(key),
-            breaker,
-            ticket,
+        grpc: bool,
+        rejection: &Rejection,
+        marker: &'static str,
+    ) -> LocalReply {
+        let entry = self.entry(key);
+        let parts = Arc::clone(
+            entry
+                .parts
+                .get_or_insert_with(|| Arc::new(RejectParts::new(key))),
+        );
+        let fallback = self.config.breaker(breaker).fallback.as_ref();
+        reply::rejection(grpc, &parts, marker, rejection.retry_after_ms, fallback)
+    }
+
+    /// Enters a call in the table of calls in flight, when its breaker tracks stuck calls.
+    fn track(&mut self, call: &Call) -> Option<u64> {
+        let after = self.config.breaker(call.breaker).stuck_call_duration_ms?;
+        let pending = Pending {
+            key: Arc::clone(&call.key),
+            label: Arc::clone(&call.label),
+            slot: call.slot,
+            breaker: call.breaker,
+            ticket: call.ticket,
+            grpc: call.grpc,
+            stream: None,
             stuck_after_ms: after,
-            stuck_at_ms: now_ms.saturating_add(after),
-        });
-        Some(id)
+            standing: Standing::Waiting,
+        };
+        Some(
+            self.in_flight
+                .track(pending, call.start_ms.saturating_add(after)),
+        )
+    }
+
+    /// Whether the worker wants a handle on the call's stream: its breaker cuts stuck calls.
+    pub fn wants_stream(&self, call: &Call) -> bool {
+        call.in_flight.is_some() && self.config.breaker(call.breaker).cut_stuck_calls
+    }
+
+    /// Gives the call a handle on its stream (a context id, a scheduler...), by which the host will
+    /// later deliver the answer to a cut ([`CutOrder::stream`]).
+    pub fn attach_stream(&mut self, call: &Call, stream: u64) {
+        if let Some(id) = call.in_flight {
+            self.in_flight.attach_stream(id, stream);
+        }
+    }
+
+    /// The call's response headers came: it can no longer be stuck, so it leaves the table of calls
+    /// in flight (unless it was recorded as stuck already, which its record will find).
+    pub fn headers_came(&mut self, call: &mut Call) {
+        if let Some(id) = call.in_flight {
+            if self.in_flight.headers_came(id) {
+                call.in_flight = None;
+            }
+        }
     }
 
     /// Records the outcome of a call this worker let through (its ticket is spent). A call the
@@ -339,13 +523,14 @@ impl<S: BreakerStore> Worker<S> {
         now_ms: u64,
         t: &mut T,
     ) {
-        if let Some(id) = call.stuck {
-            if !self.untrack(call.slot, id) {
+        if let Some(id) = call.in_flight {
+            if self.in_flight.settle(id) == Settled::Recorded {
                 return;
             }
         }
         let retry = Retry {
             key: call.key,
+            label: call.label,
             slot: call.slot,
             breaker: call.breaker,
             ticket: call.ticket,
@@ -357,54 +542,37 @@ impl<S: BreakerStore> Worker<S> {
         self.store_outcome(retry, t);
     }
 
-    /// Takes a call out of the stuck-call table; `false` when it is no longer there (recorded as
-    /// stuck). Scans only the calls in flight for that one upstream.
-    fn untrack(&mut self, slot: u32, id: u64) -> bool {
-        let Some(calls) = self.in_flight.get_mut(&slot) else {
-            return false;
-        };
-        let Some(at) = calls.iter().position(|c| c.id == id) else {
-            return false;
-        };
-        calls.remove(at);
-        if calls.is_empty() {
-            self.in_flight.remove(&slot);
+    /// The stream of a call ended without its session settling it (a host that lost it): it leaves
+    /// the table, so that nothing is ever delivered to its stream again.
+    pub fn forget(&mut self, call: &Call) {
+        if let Some(id) = call.in_flight {
+            self.in_flight.settle(id);
         }
-        true
     }
 
-    /// Records, as failures, the calls of every upstream still waiting past `stuck_call_duration`
-    /// (the host calls this periodically: the wasm root's tick, the native module's timer).
-    pub fn check_stuck<T: Telemetry + ?Sized>(&mut self, now_ms: u64, t: &mut T) {
-        let slots: Vec<u32> = self
-            .in_flight
-            .iter()
-            .filter(|(_, calls)| calls.front().is_some_and(|c| c.stuck_at_ms <= now_ms))
-            .map(|(slot, _)| *slot)
-            .collect();
-        for slot in slots {
+    /// What the host runs periodically (the wasm root's tick, the native module's timer, the
+    /// harness's clock): records, as failures, the calls of every upstream waiting past
+    /// `stuck_call_duration`; retries queued outcomes; every [`GAUGE_RESYNC_MS`], sets the state
+    /// gauges from the stored states. Returns the stuck calls to cut now: the host delivers each with
+    /// [`crate::session::deliver_cut`].
+    pub fn tick<T: Telemetry + ?Sized>(&mut self, now_ms: u64, t: &mut T) -> Vec<CutOrder> {
+        for slot in self.in_flight.slots_due(now_ms) {
             self.check_stuck_slot(slot, now_ms, t);
         }
         self.retry_queued(MAX_RETRIES_QUEUED, t);
+        let orders = self.cuts(now_ms);
+        if now_ms.saturating_sub(self.gauges_synced_ms) >= GAUGE_RESYNC_MS {
+            self.gauges_synced_ms = now_ms;
+            self.resync_gauges(t);
+        }
+        orders
     }
 
     /// The stuck-call check for one upstream's calls, oldest first.
     fn check_stuck_slot<T: Telemetry + ?Sized>(&mut self, slot: u32, now_ms: u64, t: &mut T) {
-        loop {
-            let Some(calls) = self.in_flight.get_mut(&slot) else {
-                return;
-            };
-            // Calls of one upstream enter in time order with one stuck duration, so the oldest is
-            // the first to be stuck; a reload changing the duration only delays the check a little.
-            if calls.front().is_none_or(|c| c.stuck_at_ms > now_ms) {
-                return;
-            }
-            let Some(call) = calls.pop_front() else {
-                return;
-            };
-            if calls.is_empty() {
-                self.in_flight.remove(&slot);
-            }
+        let config = Arc::clone(&self.config);
+        let cuts = |b: BreakerId| config.breaker(b).cut_stuck_calls;
+        while let Some((_, call)) = self.in_flight.next_stuck(slot, now_ms, cuts) {
             let slow_ms = self.config.breaker(call.breaker).slow_call_duration_ms;
             let outcome = Classification {
                 outcome: Outcome::Failure,
@@ -412,6 +580,7 @@ impl<S: BreakerStore> Worker<S> {
             };
             let retry = Retry {
                 key: call.key,
+                label: call.label,
                 slot,
                 breaker: call.breaker,
                 ticket: call.ticket,
@@ -424,30 +593,105 @@ impl<S: BreakerStore> Worker<S> {
         }
     }
 
+    /// The stuck calls to cut now: those of every upstream whose breaker is Open or HalfOpen.
+    fn cuts(&mut self, now_ms: u64) -> Vec<CutOrder> {
+        let mut orders = Vec::new();
+        for (slot, key) in self.in_flight.cuttable_slots() {
+            let Ok(SlotRead::Held(held)) = self.store.read(slot) else {
+                continue;
+            };
+            if *held.key != *key {
+                continue;
+            }
+            let b = &held.breaker;
+            let retry_after_ms = match b.state {
+                BreakerState::Closed => continue,
+                BreakerState::Open { until_ms } => until_ms.saturating_sub(now_ms),
+                BreakerState::HalfOpen { .. } => b.probe_wait_ms(),
+            };
+            let rejection = Rejection {
+                state: b.state.kind(),
+                retry_after_ms: Some(retry_after_ms),
+            };
+            orders.extend(self.in_flight.cut_slot(slot, &key, rejection));
+        }
+        orders
+    }
+
+    /// The answer to a stuck call the host was told to cut ([`CutOrder::call`]): `None` when there is
+    /// nothing to answer (it ended meanwhile, or was answered already).
+    pub fn take_cut(&mut self, call: u64) -> Option<Refusal> {
+        let (pending, rejection) = self.in_flight.take_cut(call)?;
+        let reply = self.reply(
+            &pending.key,
+            pending.breaker,
+            pending.grpc,
+            &rejection,
+            "cut",
+        );
+        Some(Refusal {
+            reply,
+            rejection,
+            key: pending.key,
+            label: pending.label,
+        })
+    }
+
+    /// Sets every gauge this worker set from the state stored now.
+    fn resync_gauges<T: Telemetry + ?Sized>(&mut self, t: &mut T) {
+        let known: Vec<(Arc<str>, u32)> = self
+            .keys
+            .values()
+            .filter(|e| e.gauge.is_some())
+            .filter_map(|e| Some((Arc::clone(&e.key), e.slot?)))
+            .collect();
+        for (key, slot) in known {
+            let Ok(SlotRead::Held(held)) = self.store.read(slot) else {
+                continue;
+            };
+            if *held.key != *key {
+                continue;
+            }
+            let state = held.breaker.state.kind();
+            let label = self.label_or_ask(&key, t);
+            self.entry(&key).gauge = Some(state);
+            t.event(
+                Upstream {
+                    key: &key,
+                    label: &label,
+                },
+                &Event::State(state),
+            );
+        }
+    }
+
     /// Stores one outcome; one that loses every compare-and-swap waits in the retry queue rather than
     /// being lost (a probe's outcome lost there would leave its permit held until it counted as a
     /// failed probe).
     fn store_outcome<T: Telemetry + ?Sized>(&mut self, r: Retry, t: &mut T) {
+        let at = self.moment(r.at_ms);
         let cfg = self.config.breaker(r.breaker);
-        let shaped = self.configured_ms;
         let recorded = registry::record(
             &mut self.store,
             r.slot,
             &r.key,
             cfg,
             r.ticket,
-            r.at_ms,
             r.outcome,
-            shaped,
+            at,
         );
         let on_slot = match recorded {
             Ok(on_slot) => on_slot,
             Err(e) => return self.queue_retry(r, e, t),
         };
-        store_events(&r.key, on_slot.retries, on_slot.corrupt, t);
+        let upstream = Upstream {
+            key: &r.key,
+            label: &r.label,
+        };
+        store_events(upstream, on_slot.retries, on_slot.corrupt, t);
         let Some(transition) = on_slot.value else {
             let lost = StoreEvent::OutcomeLost("its breaker's slot went to another upstream");
-            t.event(&r.key, &Event::Store(lost));
+            t.event(upstream, &Event::Store(lost));
             return;
         };
         let event = Event::Recorded {
@@ -455,9 +699,9 @@ impl<S: BreakerStore> Worker<S> {
             slow: r.outcome.slow,
             stuck: r.stuck,
         };
-        t.event(&r.key, &event);
+        t.event(upstream, &event);
         if let Some(tr) = transition {
-            self.state_seen(&r.key, tr.to, Some(tr), t);
+            self.state_seen(&r.key, &r.label, tr.to, Some(tr), t);
         }
     }
 
@@ -466,19 +710,27 @@ impl<S: BreakerStore> Worker<S> {
             during: "record",
             error: e,
         };
-        t.event(&r.key, &Event::Store(failed));
+        let upstream = Upstream {
+            key: &r.key,
+            label: &r.label,
+        };
+        t.event(upstream, &Event::Store(failed));
         r.rounds = r.rounds.saturating_add(1);
         if r.rounds > MAX_RETRY_ROUNDS {
             t.event(
-                &r.key,
+                upstream,
                 &Event::Store(StoreEvent::OutcomeLost("retried too often")),
             );
             return;
         }
         if self.retries.len() >= MAX_RETRIES_QUEUED {
             if let Some(old) = self.retries.pop_front() {
+                let upstream = Upstream {
+                    key: &old.key,
+                    label: &old.label,
+                };
                 t.event(
-                    &old.key,
+                    upstream,
                     &Event::Store(StoreEvent::OutcomeLost("retry queue full")),
                 );
             }
@@ -494,10 +746,11 @@ impl<S: BreakerStore> Worker<S> {
         }
     }
 
-    /// The health endpoint's reply: every breaker of the table, or 503 and `unknown` when the store
+    /// The health endpoint's reply: the breakers of the table (at most
+    /// [`reply::MAX_HEALTH_ENTRIES`], those not closed first), or 503 and `unknown` when the store
     /// cannot be read. Never `healthy` without knowing.
     pub fn health(&mut self, now_ms: Option<u64>) -> LocalReply {
-        match registry::health(&mut self.store, now_ms) {
+        match registry::health(&mut self.store, now_ms, reply::MAX_HEALTH_ENTRIES) {
             Ok(h) => reply::health(&h),
             Err(e) => reply::health_unknown(&e.to_string()),
         }
@@ -506,16 +759,16 @@ impl<S: BreakerStore> Worker<S> {
 
 /// The events every store answer may carry: lost races, corrupt bytes.
 fn store_events<T: Telemetry + ?Sized>(
-    key: &str,
+    upstream: Upstream<'_>,
     retries: u32,
     corrupt: Option<crate::codec::CodecError>,
     t: &mut T,
 ) {
     if retries > 0 {
-        t.event(key, &Event::Store(StoreEvent::Retries(retries)));
+        t.event(upstream, &Event::Store(StoreEvent::Retries(retries)));
     }
     if let Some(e) = corrupt {
-        t.event(key, &Event::Store(StoreEvent::Corrupt(e)));
+        t.event(upstream, &Event::Store(StoreEvent::Corrupt(e)));
     }
 }
 

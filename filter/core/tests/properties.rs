@@ -26,7 +26,7 @@ use cb_core::breaker::{Breaker, BreakerState, Decision, Ticket};
 use cb_core::classify::{Classification, Outcome};
 use cb_core::codec;
 use cb_core::config::{BreakerConfig, FilterConfig, Mode, WindowConfig};
-use cb_core::registry::{self, Admitted};
+use cb_core::registry::{self, Admitted, Moment};
 use cb_core::store::{BreakerStore, MemoryStore, SharedData, SharedStore, SlotRead};
 use cb_core::window::TIME_BUCKETS;
 use proptest::prelude::*;
@@ -185,8 +185,18 @@ fn world<'a>(store: &'a MemoryStore, workers: usize, cfg: &BreakerConfig) -> (Ve
     (tables, slot)
 }
 
+/// The moment `now`, under the tests' idle timeout, with no jitter drawn.
+fn at(now: u64) -> Moment {
+    Moment {
+        now_ms: now,
+        idle_timeout_ms: IDLE,
+        shaped_ms: 0,
+        entropy: 0,
+    }
+}
+
 fn admit(t: &mut Table<'_>, slot: u32, cfg: &BreakerConfig, now: u64) -> Admitted {
-    registry::admit(t, slot, KEY, cfg, now, IDLE, 0)
+    registry::admit(t, slot, KEY, cfg, at(now))
         .unwrap()
         .value
         .unwrap()
@@ -203,7 +213,7 @@ fn record(
     now: u64,
     c: Classification,
 ) -> Recorded {
-    registry::record(t, slot, KEY, cfg, ticket, now, c, 0)
+    registry::record(t, slot, KEY, cfg, ticket, c, at(now))
         .unwrap()
         .value
         .ok_or(())
@@ -247,20 +257,20 @@ proptest! {
             match op {
                 Op::Admit { dt, .. } => {
                     now += dt;
-                    if let (Decision::Allow(t), _) = b.admit(&cfg, now) {
+                    if let (Decision::Allow(t), _) = b.admit(&cfg, now, 0) {
                         tickets.push(t);
                     }
                 }
                 Op::Record { pick, outcome, dt } => {
                     now += dt;
                     if let Some(t) = take(&mut tickets, pick) {
-                        b.record(&cfg, t, now, outcome);
+                        b.record(&cfg, t, now, outcome, 0);
                     }
                 }
                 Op::Release { pick, dt } => {
                     now += dt;
                     if let Some(t) = take(&mut tickets, pick) {
-                        b.record(&cfg, t, now, IGNORED);
+                        b.record(&cfg, t, now, IGNORED, 0);
                     }
                 }
             }
@@ -298,9 +308,9 @@ proptest! {
         let mut now = 0;
         for op in ops {
             now += op.dt();
-            if let (Decision::Allow(t), _) = b.admit(&cfg, now) {
+            if let (Decision::Allow(t), _) = b.admit(&cfg, now, 0) {
                 if let Op::Record { outcome, .. } = op {
-                    b.record(&cfg, t, now, outcome);
+                    b.record(&cfg, t, now, outcome, 0);
                 }
             }
         }
@@ -318,8 +328,8 @@ proptest! {
             damaged.conform(&cfg);
             for (outcome, dt) in run {
                 now = now.saturating_add(dt);
-                if let (Decision::Allow(t), _) = damaged.admit(&cfg, now) {
-                    damaged.record(&cfg, t, now, outcome);
+                if let (Decision::Allow(t), _) = damaged.admit(&cfg, now, 0) {
+                    damaged.record(&cfg, t, now, outcome, 0);
                 }
                 prop_assert_eq!(codec::decode(&codec::encode(&damaged)), Ok(damaged.clone()));
             }
@@ -789,8 +799,8 @@ fn exercise(c: &BreakerConfig) {
     };
     for i in 0..40u64 {
         now = now.saturating_add(c.open_timeout_ms.min(1 << 40) / 2 + i);
-        if let (Decision::Allow(t), _) = b.admit(c, now) {
-            b.record(c, t, now, fail);
+        if let (Decision::Allow(t), _) = b.admit(c, now, 0) {
+            b.record(c, t, now, fail, 0);
         }
     }
 }

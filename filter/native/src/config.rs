@@ -58,7 +58,8 @@ impl ModuleConfig {
         let mut telemetry = ConfigTelemetry::new(self);
         for index in 0..self.workers.len() {
             if let Some(mut w) = self.worker(index as u32) {
-                w.check_stuck(now, &mut telemetry);
+                // Cuts are not delivered by this build yet: the orders are dropped.
+                let _ = w.tick(now, &mut telemetry);
             }
         }
     }
@@ -134,8 +135,24 @@ fn workers(filter: &Arc<FilterConfig>, concurrency: u32) -> Box<[Mutex<NativeWor
     let table = tables::table(filter.max_upstreams);
     let now = host::now_ms();
     (0..concurrency.max(1))
-        .map(|_| Mutex::new(Worker::new(Arc::clone(filter), now, Arc::clone(&table))))
+        .map(|i| {
+            let seed = seed(now, i);
+            Mutex::new(Worker::new(
+                Arc::clone(filter),
+                now,
+                Arc::clone(&table),
+                seed,
+            ))
+        })
         .collect()
+}
+
+/// A seed for worker `index`'s random draws (the jitter of open times): the standard library's hash
+/// keys, drawn from the OS once per process and advanced per use, mixed with the time and the index,
+/// so every worker of every Envoy draws its own sequence.
+fn seed(now_ms: u64, index: u32) -> u64 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one((now_ms, index))
 }
 
 #[cfg(test)]

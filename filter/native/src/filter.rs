@@ -52,8 +52,8 @@ impl Stream {
     }
 
     /// Request headers: the health endpoint, or admission.
-    pub fn request_headers(&mut self, h: &mut NativeHost<'_>, _end_of_stream: bool) -> Action {
-        self.with(h, |s, w, h| s.on_request(w, h))
+    pub fn request_headers(&mut self, h: &mut NativeHost<'_>, end_of_stream: bool) -> Action {
+        self.with(h, |s, w, h| s.on_request(w, h, end_of_stream))
     }
 
     /// Response headers: the dry-run marker; the outcome of an HTTP call or a trailers-only gRPC one.

@@ -298,8 +298,8 @@ impl Host for NativeHost<'_> {
 
     /// Kept for [`NativeHost::send_pending`]; Envoy's `send_response` cannot fail, so the reply is as
     /// good as sent.
-    fn send_reply(&mut self, reply: &LocalReply) -> bool {
-        self.pending = Some(reply.clone());
+    fn send_reply(&mut self, reply: LocalReply) -> bool {
+        self.pending = Some(reply);
         true
     }
 }
@@ -312,10 +312,10 @@ impl NativeHost<'_> {
             .headers
             .iter()
             .map(|(k, v)| abi::ModuleHttpHeader {
-                key_ptr: k.as_ptr().cast(),
-                key_length: k.len(),
-                value_ptr: v.as_ptr().cast(),
-                value_length: v.len(),
+                key_ptr: k.as_str().as_ptr().cast(),
+                key_length: k.as_str().len(),
+                value_ptr: v.as_str().as_ptr().cast(),
+                value_length: v.as_str().len(),
             })
             .collect();
         // SAFETY: `envoy` is the live filter of the running hook; headers, body and details outlive
@@ -326,7 +326,7 @@ impl NativeHost<'_> {
                 u32::from(reply.status),
                 headers.as_ptr(),
                 headers.len(),
-                ModuleBuffer::of(&reply.body),
+                ModuleBuffer::of(reply.body.as_bytes()),
                 ModuleBuffer::of(REPLY_DETAILS),
             );
         }

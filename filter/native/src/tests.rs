@@ -304,9 +304,10 @@ fn a_grpc_rejection_goes_to_envoy_with_grpc_status_14_and_no_body() {
         state: StateKind::Open,
         retry_after_ms: Some(1500),
     };
-    let answer = reply::rejection(true, "content", &rejection, None);
+    let parts = reply::RejectParts::new("content");
+    let answer = reply::rejection(true, &parts, "open", rejection.retry_after_ms, None);
     stubs::take();
-    assert!(host.send_reply(&answer));
+    assert!(host.send_reply(answer.clone()));
     assert!(
         stubs::take().replies.is_empty(),
         "held until the worker is released"
@@ -318,7 +319,12 @@ fn a_grpc_rejection_goes_to_envoy_with_grpc_status_14_and_no_body() {
     assert_eq!(sent.details, "circuit_breaker");
     let grpc_status = ("grpc-status".to_string(), "14".to_string());
     assert!(sent.headers.contains(&grpc_status), "{:?}", sent.headers);
-    assert_eq!(sent.headers, answer.headers);
+    let expected: Vec<(String, String)> = answer
+        .headers
+        .iter()
+        .map(|(k, v)| (k.as_str().to_string(), v.as_str().to_string()))
+        .collect();
+    assert_eq!(sent.headers, expected);
 }
 
 #[test]

@@ -97,6 +97,7 @@ extern "C" {
         headers_size: usize,
         grpc_status: i32,
     ) -> u32;
+    fn proxy_set_effective_context(context_id: u32) -> u32;
     fn proxy_define_metric(kind: u32, name: *const u8, name_size: usize, id: *mut u32) -> u32;
     fn proxy_increment_metric(id: u32, offset: i64) -> u32;
     fn proxy_record_metric(id: u32, value: u64) -> u32;
@@ -227,10 +228,17 @@ pub fn set_shared_data(key: &str, value: &[u8], cas: u32) -> Result<(), Status> 
     ok(unsafe { proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas) })
 }
 
-/// Answers the stream locally.
-pub fn send_local_response(
+/// Makes the stream `context_id` of this VM the one later host calls act on, until the running
+/// callback returns (a root context's tick answering a stream). `BadArgument` when the stream is gone.
+pub fn set_effective_context(context_id: u32) -> Result<(), Status> {
+    // SAFETY: no pointers.
+    ok(unsafe { proxy_set_effective_context(context_id) })
+}
+
+/// Answers the stream locally (the effective one, when set).
+pub fn send_local_response<K: AsRef<str>, V: AsRef<str>>(
     status: u32,
-    headers: &[(&str, &str)],
+    headers: &[(K, V)],
     body: &[u8],
 ) -> Result<(), Status> {
     let serialized = serialize_map(headers);
@@ -256,22 +264,22 @@ pub fn send_local_response(
 
 /// A header map as proxy-wasm serialises it: the pair count, each pair's two lengths, then each name
 /// and value followed by a NUL byte (all numbers u32, little-endian).
-fn serialize_map(map: &[(&str, &str)]) -> Vec<u8> {
+fn serialize_map<K: AsRef<str>, V: AsRef<str>>(map: &[(K, V)]) -> Vec<u8> {
     let size = 4 + map
         .iter()
-        .map(|(k, v)| k.len() + v.len() + 10)
+        .map(|(k, v)| k.as_ref().len() + v.as_ref().len() + 10)
         .sum::<usize>();
     let mut bytes = Vec::with_capacity(size);
     let len = |n: usize| u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes();
     bytes.extend_from_slice(&len(map.len()));
     for (name, value) in map {
-        bytes.extend_from_slice(&len(name.len()));
-        bytes.extend_from_slice(&len(value.len()));
+        bytes.extend_from_slice(&len(name.as_ref().len()));
+        bytes.extend_from_slice(&len(value.as_ref().len()));
     }
     for (name, value) in map {
-        bytes.extend_from_slice(name.as_bytes());
+        bytes.extend_from_slice(name.as_ref().as_bytes());
         bytes.push(0);
-        bytes.extend_from_slice(value.as_bytes());
+        bytes.extend_from_slice(value.as_ref().as_bytes());
         bytes.push(0);
     }
     bytes

@@ -63,9 +63,12 @@ fn property_u64(path: &[&str]) -> Option<u64> {
     Some(u64::from_le_bytes(arr))
 }
 
-/// One stream's Envoy, for the duration of one callback, with this VM's metric ids.
+/// One stream's Envoy, for the duration of one callback, with this VM's metric ids. Host calls act
+/// on the callback's stream, or on the effective context the root set (a cut from its tick).
 pub struct WasmHost<'a> {
     pub metrics: &'a mut Metrics,
+    /// The stream's context id, which the root can make effective later (`None` outside a stream).
+    pub stream: Option<u32>,
 }
 
 impl Telemetry for WasmHost<'_> {
@@ -108,12 +111,15 @@ impl Host for WasmHost<'_> {
     fn add_response_header(&mut self, name: &str, value: &str) {
         let _ = abi::add_header(Map::ResponseHeaders, name, value);
     }
-    fn send_reply(&mut self, reply: &LocalReply) -> bool {
-        let headers: Vec<(&str, &str)> = reply
-            .headers
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        abi::send_local_response(u32::from(reply.status), &headers, &reply.body).is_ok()
+    fn send_reply(&mut self, reply: LocalReply) -> bool {
+        abi::send_local_response(
+            u32::from(reply.status),
+            &reply.headers,
+            reply.body.as_bytes(),
+        )
+        .is_ok()
+    }
+    fn stream_token(&mut self) -> Option<u64> {
+        self.stream.map(u64::from)
     }
 }

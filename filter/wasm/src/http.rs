@@ -14,14 +14,17 @@ use crate::root::{Shared, WasmWorker};
 /// One HTTP stream.
 pub struct Stream {
     shared: Option<Rc<Shared>>,
+    /// Envoy's id for this stream in this VM: the root's tick makes it effective to cut the call.
+    context_id: u32,
     session: Session,
 }
 
 impl Stream {
     /// A stream under a configuration (`None` only if the root was never configured: pass through).
-    pub fn new(shared: Option<Rc<Shared>>) -> Self {
+    pub fn new(shared: Option<Rc<Shared>>, context_id: u32) -> Self {
         Self {
             shared,
+            context_id,
             session: Session::new(),
         }
     }
@@ -46,6 +49,7 @@ impl Stream {
             &mut worker,
             &mut WasmHost {
                 metrics: &mut metrics,
+                stream: Some(self.context_id),
             },
         )
     }
@@ -61,8 +65,21 @@ fn action(a: CoreAction) -> Action {
 impl Context for Stream {}
 
 impl HttpContext for Stream {
-    fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
-        action(self.with(|s, w, h| s.on_request(w, h)))
+    fn on_http_request_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
+        action(self.with(|s, w, h| s.on_request(w, h, end_of_stream)))
+    }
+
+    // The end of the request needs no worker: it only tells a stalled upload from a stalled upstream.
+    fn on_http_request_body(&mut self, _body_size: usize, end_of_stream: bool) -> Action {
+        if end_of_stream {
+            self.session.on_request_end();
+        }
+        Action::Continue
+    }
+
+    fn on_http_request_trailers(&mut self, _trailers: usize) -> Action {
+        self.session.on_request_end();
+        Action::Continue
     }
 
     // The response side of a stream with nothing left to do (a rejection, an untracked call) borrows

@@ -7,6 +7,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use cb_core::config::FilterConfig;
+use cb_core::session::deliver_cut;
 use cb_core::store::SharedData;
 use cb_core::telemetry::Level;
 use cb_core::worker::Worker;
@@ -17,8 +18,12 @@ use crate::host::{self, HostStore, WasmHost};
 use crate::http::Stream;
 use crate::metrics::Metrics;
 
-/// How often the stuck-call check runs (ms): calls are recorded within this of crossing the limit.
+/// How often the tick runs when a breaker tracks stuck calls (ms): calls are recorded within this of
+/// crossing the limit, and cut within this of the breaker opening.
 const STUCK_CHECK_PERIOD_MS: u32 = 50;
+/// How often it runs otherwise: the state gauges are set again from the stored states every second
+/// ([`cb_core::worker::GAUGE_RESYNC_MS`]).
+const IDLE_TICK_PERIOD_MS: u32 = 1_000;
 
 /// This worker's breakers over Envoy shared data.
 pub type WasmWorker = Worker<SharedData<HostStore>>;
@@ -58,6 +63,10 @@ impl RootContext for Root {
         }
     }
 
+    /// The worker's tick; then each stuck call it orders cut is answered from here: the stream is
+    /// made the effective context, and the core's reply sent to it. Envoy sends the reply once the
+    /// tick returns, and resets the upstream request. Stream ids are this VM's own, so each worker
+    /// cuts its own calls; a stream that ended meanwhile is refused (`BadArgument`) and skipped.
     fn on_tick(&mut self) {
         let Some(shared) = self.shared.as_ref() else {
             return;
@@ -69,16 +78,22 @@ impl RootContext for Root {
         ) else {
             return;
         };
-        worker.check_stuck(
-            now,
-            &mut WasmHost {
-                metrics: &mut metrics,
-            },
-        );
+        let mut host = WasmHost {
+            metrics: &mut metrics,
+            stream: None,
+        };
+        for order in worker.tick(now, &mut host) {
+            let Ok(stream) = u32::try_from(order.stream) else {
+                continue;
+            };
+            if crate::abi::set_effective_context(stream).is_ok() {
+                deliver_cut(&mut worker, &mut host, order.call);
+            }
+        }
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Stream::new(self.shared.clone())))
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Stream::new(self.shared.clone(), context_id)))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -92,7 +107,8 @@ impl Root {
         let stuck = config.tracks_stuck_calls();
         let capacity = config.max_upstreams;
         let now = host::now_ms().unwrap_or(0);
-        let mut worker = Worker::new(Arc::new(config), now, SharedData::new(HostStore, capacity));
+        let store = SharedData::new(HostStore, capacity);
+        let mut worker = Worker::new(Arc::new(config), now, store, seed(now));
         if let Err(e) = worker.prepare() {
             // Not fatal: a slot missing later is treated as empty. Worth a line, though.
             host::log(
@@ -100,12 +116,24 @@ impl Root {
                 &format!("circuit breaker: could not create the breaker table: {e}"),
             );
         }
-        if stuck {
-            let _ = crate::abi::set_tick_period(STUCK_CHECK_PERIOD_MS);
-        }
+        let period = if stuck {
+            STUCK_CHECK_PERIOD_MS
+        } else {
+            IDLE_TICK_PERIOD_MS
+        };
+        let _ = crate::abi::set_tick_period(period);
         self.shared = Some(Rc::new(Shared {
             worker: RefCell::new(worker),
             metrics: RefCell::new(Metrics::default()),
         }));
     }
+}
+
+/// A seed for this worker's random draws (the jitter of open times): the standard library's hash
+/// keys, which on `wasm32-wasip1` come from WASI `random_get` (Envoy fills it from its own random
+/// source), mixed with the time. Each worker VM draws its own, so breakers of one fleet, and of one
+/// Envoy's workers, do not share a sequence.
+fn seed(now_ms: u64) -> u64 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one(now_ms)
 }

@@ -3,7 +3,7 @@
 
 use cb_core::host::Host;
 use cb_core::reply::LocalReply;
-use cb_core::telemetry::{Event, Level, Series, Telemetry};
+use cb_core::telemetry::{Event, Level, Series, Telemetry, Upstream};
 
 use super::stats::Stats;
 use super::upstream::Clock;
@@ -23,9 +23,9 @@ impl Telemetry for SimTelemetry<'_> {
     fn add(&mut self, _: &Series<'_>, _: u64) {}
     fn set(&mut self, _: &Series<'_>, _: u64) {}
     fn log(&mut self, _: Level, _: &str) {}
-    fn event(&mut self, upstream: &str, event: &Event) {
+    fn event(&mut self, upstream: Upstream<'_>, event: &Event) {
         self.stats
-            .event(self.clock.now_ms(), self.worker, upstream, event);
+            .event(self.clock.now_ms(), self.worker, upstream.key, event);
         self.events.push(event.clone());
     }
 }
@@ -58,7 +58,7 @@ impl Telemetry for SimHost<'_> {
     fn log(&mut self, level: Level, message: &str) {
         self.telemetry.log(level, message);
     }
-    fn event(&mut self, upstream: &str, event: &Event) {
+    fn event(&mut self, upstream: Upstream<'_>, event: &Event) {
         self.telemetry.event(upstream, event);
     }
 }
@@ -94,8 +94,8 @@ impl Host for SimHost<'_> {
         self.request.push((name, value.to_string()));
     }
     fn add_response_header(&mut self, _: &str, _: &str) {}
-    fn send_reply(&mut self, reply: &LocalReply) -> bool {
-        self.reply = Some(reply.clone());
+    fn send_reply(&mut self, reply: LocalReply) -> bool {
+        self.reply = Some(reply);
         true
     }
 }

@@ -133,7 +133,9 @@ impl Worker {
         stats: Arc<Stats>,
     ) -> Result<Self, StoreError> {
         let table = SharedData::new(store, config.max_upstreams);
-        let mut core = CoreWorker::new(Arc::clone(&config), clock.now_ms(), table);
+        // Each simulated worker draws its own reproducible sequence, as each Envoy worker draws its own.
+        let seed = 0x5eed_u64 ^ (id as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let mut core = CoreWorker::new(Arc::clone(&config), clock.now_ms(), table, seed);
         core.prepare()?;
         Ok(Self {
             id,
@@ -235,7 +237,7 @@ impl Worker {
             reply: None,
         };
         let mut session = Session::new();
-        let action = session.on_request(&mut lock(&self.core), &mut host);
+        let action = session.on_request(&mut lock(&self.core), &mut host, true);
         if session.holds_probe() {
             // After the permit was taken in the store: the gauge counts a subset of the permits held,
             // so its high-water mark can be held against the limit.
@@ -333,7 +335,7 @@ impl Worker {
     /// One run of the stuck-call check (what the wasm root's tick does).
     pub fn check_stuck(&self) -> Vec<Event> {
         let mut t = self.telemetry();
-        lock(&self.core).check_stuck(self.clock.now_ms(), &mut t);
+        lock(&self.core).tick(self.clock.now_ms(), &mut t);
         t.events
     }
 }
@@ -522,7 +524,7 @@ impl Sim {
 
     /// What the health endpoint would report now.
     pub fn health(&self) -> Vec<UpstreamHealth> {
-        registry::health(&mut self.table(), Some(self.clock.now_ms()))
+        registry::health(&mut self.table(), Some(self.clock.now_ms()), usize::MAX)
             .map(|h| h.breakers)
             .unwrap_or_default()
     }

@@ -33,6 +33,8 @@ pub struct Stats {
     probes: AtomicU64,
     rejected_open: AtomicU64,
     rejected_half_open: AtomicU64,
+    rejected_recovering: AtomicU64,
+    cut: AtomicU64,
     dry_run_rejections: AtomicU64,
     untracked: AtomicU64,
     pub(super) disabled: AtomicU64,
@@ -68,6 +70,10 @@ pub struct Totals {
     pub rejected_open: u64,
     /// Calls rejected while HalfOpen with no probe permit free.
     pub rejected_half_open: u64,
+    /// Calls the recovery ramp did not admit (`x-circuit-breaker: recovering`).
+    pub rejected_recovering: u64,
+    /// Stuck calls answered by the breaker (`cut_stuck_calls`); each also a stuck failure.
+    pub cut: u64,
     /// `dry_run`: calls that would have been rejected (let through, not recorded).
     pub dry_run_rejections: u64,
     /// Calls let through untracked that the filter counts (store failure, too many upstreams...).
@@ -117,8 +123,11 @@ fn load(counter: &AtomicU64) -> u64 {
 impl Stats {
     /// The counters now.
     pub fn totals(&self) -> Totals {
-        let (rejected_open, rejected_half_open) =
-            (load(&self.rejected_open), load(&self.rejected_half_open));
+        let (rejected_open, rejected_half_open, rejected_recovering) = (
+            load(&self.rejected_open),
+            load(&self.rejected_half_open),
+            load(&self.rejected_recovering),
+        );
         let (successes, failures, ignored) = (
             load(&self.successes),
             load(&self.failures),
@@ -128,9 +137,11 @@ impl Stats {
             calls: load(&self.calls),
             admitted: load(&self.admitted),
             probes: load(&self.probes),
-            rejected: rejected_open.saturating_add(rejected_half_open),
+            rejected: rejected_open + rejected_half_open + rejected_recovering,
             rejected_open,
             rejected_half_open,
+            rejected_recovering,
+            cut: load(&self.cut),
             dry_run_rejections: load(&self.dry_run_rejections),
             untracked: load(&self.untracked),
             disabled: load(&self.disabled),
@@ -180,7 +191,8 @@ impl Stats {
             }
             Event::Rejected(r) => match r.state {
                 StateKind::HalfOpen => bump(&self.rejected_half_open, 1),
-                _ => bump(&self.rejected_open, 1),
+                StateKind::Closed => bump(&self.rejected_recovering, 1),
+                StateKind::Open => bump(&self.rejected_open, 1),
             },
             Event::DryRun(_) => bump(&self.dry_run_rejections, 1),
             Event::Recorded {
@@ -212,6 +224,8 @@ impl Stats {
             }
             Event::Store(e) => self.store(e),
             Event::Evicted => bump(&self.evicted, 1),
+            Event::Cut => bump(&self.cut, 1),
+            Event::OtherLabel { .. } => {}
         }
     }
 

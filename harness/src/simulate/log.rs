@@ -22,10 +22,11 @@
 //! `grpc_timeout`, a call has no deadline, as the filter treats a call without the header: a cancel
 //! before any response is then ignored, and only `stuck_call_duration` can see a hang.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use cb_core::classify::{grpc_code_from_name, ResponseFlags};
-use cb_core::key::UpstreamKey;
+use cb_core::key::{normalize_authority, UpstreamKey};
 use cb_core::reply::is_grpc;
 use serde_json::{Map, Value};
 
@@ -79,18 +80,25 @@ impl Call {
     /// The upstream key the filter would have computed for this call, or `None` when the log lacks the
     /// field it needs (the filter would have let the call through untracked).
     pub fn upstream_key(&self, kind: &UpstreamKey) -> Option<String> {
-        self.upstream_key_str(kind).map(str::to_string)
+        self.upstream_key_str(kind).map(Cow::into_owned)
     }
 
-    /// [`Call::upstream_key`], borrowed from the call.
-    pub fn upstream_key_str(&self, kind: &UpstreamKey) -> Option<&str> {
+    /// [`Call::upstream_key`], borrowed from the call where it can be (every kind but `authority`,
+    /// which the core normalises as it keys it: the log has no `:scheme`, so port 80 is the default).
+    pub fn upstream_key_str(&self, kind: &UpstreamKey) -> Option<Cow<'_, str>> {
         let key = match kind {
-            UpstreamKey::Cluster => self.upstream_cluster.as_deref(),
-            UpstreamKey::Authority => self.authority.as_deref(),
-            UpstreamKey::GrpcService | UpstreamKey::GrpcMethod => {
-                self.path.as_deref().and_then(|p| kind.from_grpc_path(p))
-            }
-            UpstreamKey::Header(name) => self.fields.get(name).map(String::as_str),
+            UpstreamKey::Cluster => self.upstream_cluster.as_deref().map(Cow::Borrowed),
+            UpstreamKey::Authority => self
+                .authority
+                .as_deref()
+                .and_then(|a| normalize_authority(a, None))
+                .map(Cow::Owned),
+            UpstreamKey::GrpcService | UpstreamKey::GrpcMethod => self
+                .path
+                .as_deref()
+                .and_then(|p| kind.from_grpc_path(p))
+                .map(Cow::Borrowed),
+            UpstreamKey::Header(name) => self.fields.get(name).map(|v| Cow::Borrowed(v.as_str())),
         };
         key.filter(|k| !k.is_empty())
     }
@@ -208,7 +216,7 @@ pub fn parse_log_line(
     let path = text(&["path", ":path"])?;
     let method = text(&["method", ":method"])?;
     let content_type = text(&["content_type", "content-type"])?;
-    let grpc = grpc_status.is_some() || is_grpc(content_type.as_deref());
+    let grpc = grpc_status.is_some() || is_grpc(content_type.as_deref().map(str::as_bytes));
     // The first timing the line has, named in the error when it is not a number.
     let timing = ["response_duration", "upstream_service_time"]
         .into_iter()
@@ -496,7 +504,7 @@ mod tests {
             (4, 12, Some(200), Some(4))
         );
         assert!(
-            call.grpc && call.response_flags.upstream_failed(),
+            call.grpc && call.response_flags.upstream_failed(true),
             "unknown flags do not hide known ones"
         );
         assert!(

@@ -27,7 +27,7 @@ use cb_core::registry::Untracked;
 use cb_core::reply::LocalReply;
 use cb_core::session::Session;
 use cb_core::store::LocalStore;
-use cb_core::telemetry::{Event, Level, Series, Telemetry};
+use cb_core::telemetry::{Event, Level, Series, Telemetry, Upstream};
 use cb_core::worker::Worker;
 
 use super::log::Call;
@@ -141,7 +141,7 @@ impl Telemetry for StreamHost<'_> {
     fn add(&mut self, _: &Series<'_>, _: u64) {}
     fn set(&mut self, _: &Series<'_>, _: u64) {}
     fn log(&mut self, _: Level, _: &str) {}
-    fn event(&mut self, _: &str, event: &Event) {
+    fn event(&mut self, _: Upstream<'_>, event: &Event) {
         self.events.push(event.clone());
     }
 }
@@ -193,7 +193,7 @@ impl Host for StreamHost<'_> {
     }
     fn set_request_header(&mut self, _: &str, _: &str) {}
     fn add_response_header(&mut self, _: &str, _: &str) {}
-    fn send_reply(&mut self, _: &LocalReply) -> bool {
+    fn send_reply(&mut self, _: LocalReply) -> bool {
         true
     }
 }
@@ -206,8 +206,8 @@ impl Telemetry for KeyedEvents {
     fn add(&mut self, _: &Series<'_>, _: u64) {}
     fn set(&mut self, _: &Series<'_>, _: u64) {}
     fn log(&mut self, _: Level, _: &str) {}
-    fn event(&mut self, upstream: &str, event: &Event) {
-        self.0.push((upstream.to_string(), event.clone()));
+    fn event(&mut self, upstream: Upstream<'_>, event: &Event) {
+        self.0.push((upstream.key.to_string(), event.clone()));
     }
 }
 
@@ -227,10 +227,8 @@ impl Proxy {
     /// of a fleet gets its own, derived from `--seed`, so that runs repeat exactly.
     pub(crate) fn new(config: Arc<FilterConfig>, seed: u64) -> Self {
         let table = Box::new(LocalStore::new(config.max_upstreams));
-        // The core draws no random numbers yet; the seed reaches its worker once it takes one.
-        let _ = seed;
         Self {
-            worker: Worker::new(config, 0, table),
+            worker: Worker::new(config, 0, table, seed),
             streams: HashMap::new(),
         }
     }
@@ -244,7 +242,8 @@ impl Proxy {
     pub(crate) fn admit(&mut self, i: usize, call: &Call, at_ms: u64) -> (Admit, Vec<Event>) {
         let mut host = StreamHost::at(call, at_ms, Moment::Admit);
         let mut session = Session::new();
-        let action = session.on_request(&mut self.worker, &mut host);
+        // A log does not say when the request ended; a unary call sends it whole at once.
+        let action = session.on_request(&mut self.worker, &mut host, true);
         let mut admit = Admit::Untracked("disabled");
         for e in &host.events {
             admit = match e {
@@ -285,10 +284,13 @@ impl Proxy {
         host.events
     }
 
-    /// The stuck-call check at `at_ms`: what the core said, by upstream.
+    /// The stuck-call check at `at_ms` (the worker's tick): what the core said, by upstream.
+    ///
+    /// The answers `cut_stuck_calls` orders are not delivered: a cut call's outcome is the stuck
+    /// failure already recorded, and what its client would have done next is not in the log.
     pub(crate) fn check_stuck(&mut self, at_ms: u64) -> Vec<(String, Event)> {
         let mut sink = KeyedEvents::default();
-        self.worker.check_stuck(at_ms, &mut sink);
+        let _cuts = self.worker.tick(at_ms, &mut sink);
         sink.0
     }
 }
@@ -320,9 +322,11 @@ pub struct Judged {
 /// no upstream key, or an upstream in `disabled` or `forced_open` mode (which never lets it through).
 pub fn judge(config: &Arc<FilterConfig>, call: &Call) -> Option<Judged> {
     let key = call.upstream_key_str(&config.upstream_key)?;
+    let key = key.as_ref();
     // A table of one slot: the call's own breaker, fresh.
+    // No jitter is ever drawn: this breaker never opens.
     let mut proxy = Proxy {
-        worker: Worker::new(Arc::clone(config), 0, Box::new(LocalStore::new(1))),
+        worker: Worker::new(Arc::clone(config), 0, Box::new(LocalStore::new(1)), 0),
         streams: HashMap::new(),
     };
     let stuck_ms = proxy.stuck_ms(key);

@@ -199,23 +199,25 @@ pub fn simulate_judged(
 ) -> Report {
     // Each key once, with its settings and its track; a call knows its key by index, so the loop
     // never hashes, compares or allocates a key.
-    let mut index: HashMap<&str, usize> = HashMap::new();
-    let mut keys: Vec<(&str, &BreakerConfig)> = Vec::new();
+    let mut index: HashMap<String, usize> = HashMap::new();
+    let mut keys: Vec<(String, &BreakerConfig)> = Vec::new();
     // Calls to one upstream come in runs (all of them, when `--tune` replays one upstream): the key
     // of the call before is compared first, which is much cheaper than hashing it again.
-    let mut last: Option<(&str, usize)> = None;
+    let mut last: Option<usize> = None;
     let slots: Vec<Option<usize>> = calls
         .iter()
         .map(|c| {
             let key = c.upstream_key_str(&config.upstream_key)?;
-            let slot = match last {
-                Some((k, slot)) if k == key => slot,
-                _ => *index.entry(key).or_insert_with(|| {
-                    keys.push((key, config.breaker_for(key)));
+            let same = last.filter(|s| keys.get(*s).is_some_and(|(k, _)| *k == *key));
+            let slot = match same.or_else(|| index.get(key.as_ref()).copied()) {
+                Some(slot) => slot,
+                None => {
+                    keys.push((key.to_string(), config.breaker_for(&key)));
+                    index.insert(key.into_owned(), keys.len() - 1);
                     keys.len() - 1
-                }),
+                }
             };
-            last = Some((key, slot));
+            last = Some(slot);
             Some(slot)
         })
         .collect();
@@ -298,7 +300,7 @@ struct Tally<'a> {
     /// Each call's track.
     slots: &'a [Option<usize>],
     /// Each key's track.
-    index: &'a HashMap<&'a str, usize>,
+    index: &'a HashMap<String, usize>,
     judged: &'a [Option<Judged>],
     start_ms: u64,
 }
@@ -358,7 +360,7 @@ impl Observer for Tally<'_> {
 
     fn stuck(&mut self, at_ms: u64, events: &[(String, Event)]) {
         for (key, e) in events {
-            let slot = self.index.get(key.as_str()).copied();
+            let slot = self.index.get(key).copied();
             if let Some(track) = slot.and_then(|s| self.tracks.get_mut(s)) {
                 track.heard(std::slice::from_ref(e), at_ms, self.start_ms);
             }

@@ -91,7 +91,7 @@ pub(crate) fn run(
                 if admit == Admit::Allow {
                     let stuck_ms = call
                         .upstream_key_str(upstream_key)
-                        .and_then(|key| proxy.stuck_ms(key));
+                        .and_then(|key| proxy.stuck_ms(&key));
                     for (t, m) in moments(call, stuck_ms).into_iter().flatten() {
                         queue.push(t, m, i);
                     }

@@ -11,6 +11,8 @@ mod overrides;
 mod raw;
 mod validate;
 
+use std::sync::Arc;
+
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -83,15 +85,34 @@ pub enum WindowConfig {
     },
 }
 
-/// A response sent instead of the default rejection.
+/// A response sent instead of the default rejection. Its parts are shared, so that sending it copies
+/// no text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fallback {
     /// HTTP status of the fallback response.
     pub status: u16,
     /// Headers, in the order given.
-    pub headers: Vec<(String, String)>,
-    /// Body bytes.
-    pub body: String,
+    pub headers: Vec<(Arc<str>, Arc<str>)>,
+    /// Body.
+    pub body: Arc<str>,
+    /// The body percent-encoded as a `grpc-message`, for a gRPC call (`None` when the body is empty).
+    pub grpc_message: Option<Arc<str>>,
+}
+
+impl Fallback {
+    /// A fallback of `status`, `headers` (lower-case names) and `body`.
+    pub fn new(status: u16, headers: Vec<(String, String)>, body: String) -> Self {
+        Self {
+            status,
+            headers: headers
+                .into_iter()
+                .map(|(k, v)| (Arc::from(k), Arc::from(v)))
+                .collect(),
+            grpc_message: (!body.is_empty())
+                .then(|| Arc::from(crate::reply::percent_encode(&body))),
+            body: Arc::from(body),
+        }
+    }
 }
 
 /// Validated settings of one breaker (the defaults, or the defaults with an override applied).

@@ -237,7 +237,7 @@ fn durations_statuses_and_fallback() {
     let fb = d.fallback.as_ref().unwrap();
     assert_eq!(
         fb.headers,
-        vec![("x-from".to_string(), "fallback".to_string())]
+        vec![(Arc::from("x-from"), Arc::from("fallback"))]
     );
 }
 

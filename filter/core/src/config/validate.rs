@@ -465,9 +465,5 @@ fn fallback(field: &str, raw: RawFallback) -> Result<Fallback, ConfigError> {
         }
         headers.push((name, v));
     }
-    Ok(Fallback {
-        status: raw.status,
-        headers,
-        body: raw.body,
-    })
+    Ok(Fallback::new(raw.status, headers, raw.body))
 }

@@ -24,6 +24,15 @@ fn cfg() -> BreakerConfig {
     }
 }
 
+fn at(now: u64) -> Moment {
+    Moment {
+        now_ms: now,
+        idle_timeout_ms: IDLE,
+        shaped_ms: 0,
+        entropy: 0,
+    }
+}
+
 fn table(store: &Arc<MemoryStore>, capacity: u32) -> SharedData<Arc<MemoryStore>> {
     let mut t = SharedData::new(Arc::clone(store), capacity);
     t.prepare().unwrap();
@@ -32,7 +41,7 @@ fn table(store: &Arc<MemoryStore>, capacity: u32) -> SharedData<Arc<MemoryStore>
 
 fn allow<S: BreakerStore>(t: &mut S, key: &str, now: u64) -> (u32, Ticket) {
     let slot = locate(t, key, &cfg(), now, IDLE, 0).unwrap().slot;
-    match admit(t, slot, key, &cfg(), now, IDLE, 0)
+    match admit(t, slot, key, &cfg(), at(now))
         .unwrap()
         .value
         .unwrap()
@@ -48,17 +57,17 @@ fn two_workers_share_one_breaker() {
     let store = Arc::new(MemoryStore::new());
     let (mut w1, mut w2) = (table(&store, 16), table(&store, 16));
     let (slot, t) = allow(&mut w1, "content", 0);
-    record(&mut w1, slot, "content", &cfg(), t, 0, FAIL, 0).unwrap();
+    record(&mut w1, slot, "content", &cfg(), t, FAIL, at(0)).unwrap();
     let (slot2, t) = allow(&mut w2, "content", 0);
     assert_eq!(slot, slot2);
-    let r = record(&mut w2, slot, "content", &cfg(), t, 0, FAIL, 0).unwrap();
+    let r = record(&mut w2, slot, "content", &cfg(), t, FAIL, at(0)).unwrap();
     assert_eq!(r.value.flatten().unwrap().to, StateKind::Open);
-    let a = admit(&mut w1, slot, "content", &cfg(), 1, IDLE, 0)
+    let a = admit(&mut w1, slot, "content", &cfg(), at(1))
         .unwrap()
         .value
         .unwrap();
     assert!(matches!(a.decision, Decision::Reject(_)));
-    let h = health(&mut w1, Some(1)).unwrap();
+    let h = health(&mut w1, Some(1), usize::MAX).unwrap();
     assert_eq!(h.breakers.len(), 1);
     assert_eq!(h.breakers[0].state, StateKind::Open);
     assert_eq!(h.breakers[0].retry_after_ms, Some(999));
@@ -76,7 +85,10 @@ fn max_upstreams_bounds_the_breakers() {
     );
     // Registered keys keep working from any worker.
     allow(&mut w2, "a", 0);
-    assert_eq!(health(&mut w1, Some(0)).unwrap().breakers.len(), 2);
+    assert_eq!(
+        health(&mut w1, Some(0), usize::MAX).unwrap().breakers.len(),
+        2
+    );
 }
 
 #[test]
@@ -86,9 +98,9 @@ fn an_idle_closed_breaker_gives_its_slot_up_and_an_open_one_never() {
     let (a, ticket) = allow(&mut t, "a", 0);
     allow(&mut t, "b", 0);
     // "a" opens; "b" stays closed and idle.
-    record(&mut t, a, "a", &cfg(), ticket, 0, FAIL, 0).unwrap();
+    record(&mut t, a, "a", &cfg(), ticket, FAIL, at(0)).unwrap();
     let (_, ticket) = allow(&mut t, "a", 0);
-    record(&mut t, a, "a", &cfg(), ticket, 0, FAIL, 0).unwrap();
+    record(&mut t, a, "a", &cfg(), ticket, FAIL, at(0)).unwrap();
     assert_eq!(
         locate(&mut t, "c", &cfg(), IDLE - 1, IDLE, 0),
         Err(Untracked::TooManyUpstreams),
@@ -96,7 +108,7 @@ fn an_idle_closed_breaker_gives_its_slot_up_and_an_open_one_never() {
     );
     let c = locate(&mut t, "c", &cfg(), IDLE, IDLE, 0).unwrap();
     assert!(c.evicted);
-    let keys: Vec<String> = health(&mut t, Some(IDLE))
+    let keys: Vec<String> = health(&mut t, Some(IDLE), usize::MAX)
         .unwrap()
         .breakers
         .into_iter()
@@ -146,12 +158,10 @@ fn a_slot_that_went_to_another_key_answers_none_and_loses_the_outcome_visibly() 
     let b = locate(&mut t, "b", &cfg(), IDLE, IDLE, 0).unwrap();
     assert_eq!((b.slot, b.evicted), (slot, true));
     assert_eq!(
-        admit(&mut t, slot, "a", &cfg(), IDLE, IDLE, 0)
-            .unwrap()
-            .value,
+        admit(&mut t, slot, "a", &cfg(), at(IDLE)).unwrap().value,
         None
     );
-    let r = record(&mut t, slot, "a", &cfg(), ticket, IDLE, FAIL, 0).unwrap();
+    let r = record(&mut t, slot, "a", &cfg(), ticket, FAIL, at(IDLE)).unwrap();
     assert_eq!(r.value, None, "the outcome went nowhere");
 }
 
@@ -162,13 +172,13 @@ fn health_lists_breakers_by_key_and_counts_the_unreadable() {
     for key in ["zeta", "alpha", "mid"] {
         allow(&mut t, key, 0);
     }
-    let h = health(&mut t, Some(0)).unwrap();
+    let h = health(&mut t, Some(0), usize::MAX).unwrap();
     let keys: Vec<&str> = h.breakers.iter().map(|b| b.upstream.as_str()).collect();
     assert_eq!(keys, ["alpha", "mid", "zeta"]);
     assert_eq!(h.unreadable, 0);
     let slot = locate(&mut t, "mid", &cfg(), 0, IDLE, 0).unwrap().slot;
     store.put_raw(&t.slot_key(slot), b"\xde\xad");
-    let h = health(&mut t, Some(0)).unwrap();
+    let h = health(&mut t, Some(0), usize::MAX).unwrap();
     assert_eq!((h.breakers.len(), h.unreadable), (2, 1));
 }
 
@@ -181,7 +191,7 @@ fn a_corrupt_slot_is_taken_over_and_reported() {
     let l = locate(&mut t, "a", &cfg(), 0, IDLE, 0).unwrap();
     assert_eq!(l.slot, home);
     assert_eq!(l.corrupt, Some(CodecError::Malformed));
-    let h = health(&mut t, Some(0)).unwrap();
+    let h = health(&mut t, Some(0), usize::MAX).unwrap();
     assert_eq!((h.breakers.len(), h.unreadable), (1, 0));
 }
 
@@ -199,7 +209,7 @@ fn an_admission_on_a_corrupt_slot_says_so_and_leaves_it_empty_for_a_fresh_claim(
     let mut t = table(&store, 4);
     let (slot, _) = allow(&mut t, "a", 0);
     store.put_raw(&t.slot_key(slot), b"");
-    let on = admit(&mut t, slot, "a", &cfg(), 1, IDLE, 0).unwrap();
+    let on = admit(&mut t, slot, "a", &cfg(), at(1)).unwrap();
     assert_eq!((on.value, on.corrupt), (None, Some(CodecError::Malformed)));
     assert_eq!(t.read(slot).unwrap(), SlotRead::Empty);
     let again = locate(&mut t, "a", &cfg(), 1, IDLE, 0).unwrap();

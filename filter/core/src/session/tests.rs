@@ -25,7 +25,7 @@ fn setup(json: &str) -> (Arc<MemoryStore>, W) {
 fn grpc_call(w: &mut W, now: u64, status: &str, telemetry: &mut FakeHost) -> Action {
     let mut h = FakeHost::grpc(now);
     let mut s = Session::new();
-    let action = s.on_request(w, &mut h);
+    let action = s.on_request(w, &mut h, true);
     if action == Action::Continue {
         h.resp(":status", "200");
         s.on_response_headers(w, &mut h, false);
@@ -42,7 +42,7 @@ fn a_grpc_outcome_is_recorded_when_its_trailers_pass_and_only_then() {
     let (_, mut w) = setup("{}");
     let mut h = FakeHost::grpc(0);
     let mut s = Session::new();
-    assert_eq!(s.on_request(&mut w, &mut h), Action::Continue);
+    assert_eq!(s.on_request(&mut w, &mut h, true), Action::Continue);
     assert!(s.in_flight());
     h.resp(":status", "200");
     s.on_response_headers(&mut w, &mut h, false);
@@ -64,7 +64,7 @@ fn trailers_only_grpc_and_http_are_recorded_at_the_response_headers() {
     let (_, mut w) = setup("{}");
     let mut h = FakeHost::grpc(0);
     let mut s = Session::new();
-    s.on_request(&mut w, &mut h);
+    s.on_request(&mut w, &mut h, true);
     h.resp(":status", "200").resp("grpc-status", "13");
     s.on_response_headers(&mut w, &mut h, true);
     assert_eq!(
@@ -76,7 +76,7 @@ fn trailers_only_grpc_and_http_are_recorded_at_the_response_headers() {
     for (status, series) in [("503", FAILURES), ("404", SUCCESSES), ("200", SUCCESSES)] {
         let mut h = FakeHost::http(0);
         let mut s = Session::new();
-        s.on_request(&mut w, &mut h);
+        s.on_request(&mut w, &mut h, true);
         h.resp(":status", status);
         s.on_response_headers(&mut w, &mut h, false);
         assert_eq!(h.counter(series), 1, "HTTP {status}");
@@ -90,21 +90,21 @@ fn response_flags_are_read_only_when_they_could_change_the_outcome() {
     let mut h = FakeHost::grpc(0);
     h.flags = Some(crate::classify::ResponseFlags::UPSTREAM_CONNECTION_FAILURE);
     let mut s = Session::new();
-    s.on_request(&mut w, &mut h);
+    s.on_request(&mut w, &mut h, true);
     h.resp(":status", "200").resp("grpc-status", "14");
     s.on_response_headers(&mut w, &mut h, true);
     assert_eq!((h.counter(FAILURES), h.flag_reads), (1, 1));
     // An upstream's OK: nothing Envoy-made, the flags are not read either.
     let mut h = FakeHost::grpc(0);
     let mut s = Session::new();
-    s.on_request(&mut w, &mut h);
+    s.on_request(&mut w, &mut h, true);
     h.resp(":status", "200").resp("grpc-status", "0");
     s.on_response_headers(&mut w, &mut h, true);
     assert_eq!((h.counter(SUCCESSES), h.flag_reads), (1, 0));
     // Already a failure by its status: the flags are not read.
     let mut h = FakeHost::grpc(0);
     let mut s = Session::new();
-    s.on_request(&mut w, &mut h);
+    s.on_request(&mut w, &mut h, true);
     h.resp(":status", "200").resp("grpc-status", "13");
     s.on_response_headers(&mut w, &mut h, true);
     assert_eq!((h.counter(FAILURES), h.flag_reads), (1, 0));
@@ -127,20 +127,14 @@ fn the_fifth_failure_opens_and_the_next_grpc_call_gets_unavailable_at_once() {
         .logs
         .iter()
         .any(|(_, l)| l
-            == "circuit breaker state change: upstream=content from=closed to=open reason=consecutive_failures"));
+            == "circuit breaker state change: upstream=\"content\" from=closed to=open reason=consecutive_failures"));
 
     let mut h = FakeHost::grpc(1_000);
     let mut s = Session::new();
-    assert_eq!(s.on_request(&mut w, &mut h), Action::Stop);
+    assert_eq!(s.on_request(&mut w, &mut h, true), Action::Stop);
     assert!(!s.in_flight());
     let reply = &h.replies[0];
-    let header = |n: &str| {
-        reply
-            .headers
-            .iter()
-            .find(|(k, _)| k == n)
-            .map(|(_, v)| v.as_str())
-    };
+    let header = |n: &str| reply.header(n);
     assert_eq!(reply.status, 200);
     assert_eq!(header("grpc-status"), Some("14"));
     assert_eq!(header("grpc-retry-pushback-ms"), Some("9004"));
@@ -151,10 +145,13 @@ fn the_fifth_failure_opens_and_the_next_grpc_call_gets_unavailable_at_once() {
     assert_eq!(h.counter(FAILURES) + h.counter(SUCCESSES), 0);
 
     let mut h = FakeHost::http(1_000);
-    assert_eq!(Session::new().on_request(&mut w, &mut h), Action::Stop);
+    assert_eq!(
+        Session::new().on_request(&mut w, &mut h, true),
+        Action::Stop
+    );
     let reply = &h.replies[0];
     assert_eq!(reply.status, 503);
-    assert!(reply.headers.contains(&("retry-after".into(), "10".into())));
+    assert_eq!(reply.header("retry-after"), Some("10"));
 }
 
 #[test]
@@ -164,7 +161,7 @@ fn a_reset_is_a_failure_and_a_cancel_is_not() {
     let end = |w: &mut W, flags: u64, headers_first: bool| {
         let mut h = FakeHost::grpc(0);
         let mut s = Session::new();
-        s.on_request(w, &mut h);
+        s.on_request(w, &mut h, true);
         if headers_first {
             h.resp(":status", "200");
             s.on_response_headers(w, &mut h, false);
@@ -193,7 +190,7 @@ fn a_client_that_gives_up_at_its_deadline_records_deadline_exceeded() {
         let mut h = FakeHost::grpc(1_000);
         h.req("grpc-timeout", timeout);
         let mut s = Session::new();
-        s.on_request(w, &mut h);
+        s.on_request(w, &mut h, true);
         h.flags = Some(F::DOWNSTREAM_REMOTE_RESET);
         h.now = Some(1_000 + at);
         s.on_end(w, &mut h);
@@ -218,7 +215,7 @@ fn a_client_that_gives_up_at_its_deadline_records_deadline_exceeded() {
     let mut h = FakeHost::http(0);
     h.req("grpc-timeout", "100m");
     let mut s = Session::new();
-    s.on_request(&mut w, &mut h);
+    s.on_request(&mut w, &mut h, true);
     h.flags = Some(F::DOWNSTREAM_REMOTE_RESET);
     h.now = Some(500);
     s.on_end(&mut w, &mut h);
@@ -233,7 +230,7 @@ fn what_the_client_sends_never_changes_an_outcome() {
         .req("x-circuit-breaker", "closed")
         .req("x-envoy-upstream-rq-timeout-ms", "1");
     let mut s = Session::new();
-    s.on_request(&mut w, &mut h);
+    s.on_request(&mut w, &mut h, true);
     h.resp(":status", "200");
     s.on_response_headers(&mut w, &mut h, false);
     h.trailer("grpc-status", "14");
@@ -243,7 +240,7 @@ fn what_the_client_sends_never_changes_an_outcome() {
     let mut h = FakeHost::grpc(0);
     h.req("grpc-status", "14");
     let mut s = Session::new();
-    s.on_request(&mut w, &mut h);
+    s.on_request(&mut w, &mut h, true);
     h.flags = Some(crate::classify::ResponseFlags::DOWNSTREAM_REMOTE_RESET);
     s.on_end(&mut w, &mut h);
     assert_eq!(h.counter(FAILURES) + h.counter(SUCCESSES), 0);
@@ -257,8 +254,8 @@ fn the_health_endpoint_answers_get_only_and_counts_no_call() {
     let mut h = FakeHost::http(0);
     h.req(":path", "/health/cb?verbose=1");
     let mut s = Session::new();
-    assert_eq!(s.on_request(&mut w, &mut h), Action::Stop);
-    let body: serde_json::Value = serde_json::from_slice(&h.replies[0].body).unwrap();
+    assert_eq!(s.on_request(&mut w, &mut h, true), Action::Stop);
+    let body: serde_json::Value = serde_json::from_str(h.replies[0].body.as_str()).unwrap();
     assert_eq!(h.replies[0].status, 200);
     assert_eq!(body["status"], "healthy");
     assert_eq!(body["circuit_breakers"][0]["upstream"], "content");
@@ -267,7 +264,10 @@ fn the_health_endpoint_answers_get_only_and_counts_no_call() {
     assert_eq!(h.counters.values().sum::<u64>(), 0, "no metric moved");
     let mut h = FakeHost::http(0);
     h.req(":path", "/health/cb").req(":method", "POST");
-    assert_eq!(Session::new().on_request(&mut w, &mut h), Action::Continue);
+    assert_eq!(
+        Session::new().on_request(&mut w, &mut h, true),
+        Action::Continue
+    );
     assert!(h.replies.is_empty());
 }
 
@@ -279,8 +279,8 @@ fn the_health_endpoint_says_unknown_when_the_clock_fails_only_about_the_time_lef
     let mut h = FakeHost::http(0);
     h.req(":path", "/h");
     h.now = None;
-    Session::new().on_request(&mut w, &mut h);
-    let body: serde_json::Value = serde_json::from_slice(&h.replies[0].body).unwrap();
+    Session::new().on_request(&mut w, &mut h, true);
+    let body: serde_json::Value = serde_json::from_str(h.replies[0].body.as_str()).unwrap();
     assert_eq!(h.replies[0].status, 503);
     assert_eq!(body["status"], "degraded");
     assert_eq!(body["circuit_breakers"][0]["state"], "open");
@@ -298,7 +298,7 @@ fn dry_run_marks_and_counts_but_never_rejects() {
     grpc_call(&mut w, 1, "14", &mut t);
     let mut h = FakeHost::grpc(2);
     let mut s = Session::new();
-    assert_eq!(s.on_request(&mut w, &mut h), Action::Continue);
+    assert_eq!(s.on_request(&mut w, &mut h, true), Action::Continue);
     assert!(!s.in_flight(), "not recorded");
     h.resp(":status", "200");
     s.on_response_headers(&mut w, &mut h, false);
@@ -322,17 +322,20 @@ fn a_fallback_replaces_the_rejection() {
     let mut t = FakeHost::default();
     grpc_call(&mut w, 0, "14", &mut t);
     let mut h = FakeHost::http(1);
-    assert_eq!(Session::new().on_request(&mut w, &mut h), Action::Stop);
+    assert_eq!(
+        Session::new().on_request(&mut w, &mut h, true),
+        Action::Stop
+    );
     assert_eq!(h.replies[0].status, 200);
-    assert_eq!(h.replies[0].body, b"[]");
+    assert_eq!(h.replies[0].body.as_str(), "[]");
     assert!(h.replies[0]
         .headers
-        .contains(&("x-from".to_string(), "cache".to_string())));
+        .contains(&("x-from".to_string().into(), "cache".to_string().into())));
     let mut h = FakeHost::grpc(1);
-    Session::new().on_request(&mut w, &mut h);
+    Session::new().on_request(&mut w, &mut h, true);
     assert!(h.replies[0]
         .headers
-        .contains(&("grpc-status".to_string(), "0".to_string())));
+        .contains(&("grpc-status".to_string().into(), "0".to_string().into())));
 }
 
 #[test]
@@ -343,7 +346,7 @@ fn a_rejection_the_host_will_not_send_is_untracked_not_rejected() {
     let mut h = FakeHost::grpc(1);
     h.refuse_replies = true;
     let mut s = Session::new();
-    assert_eq!(s.on_request(&mut w, &mut h), Action::Continue);
+    assert_eq!(s.on_request(&mut w, &mut h, true), Action::Continue);
     assert_eq!((h.counter(REJECTED), h.counter(UNTRACKED)), (0, 1));
 }
 
@@ -351,11 +354,14 @@ fn a_rejection_the_host_will_not_send_is_untracked_not_rejected() {
 fn calls_without_a_breaker_are_untracked_and_counted() {
     let (_, mut w) = setup(r#"{"upstream_key": "header:x-tenant"}"#);
     let mut h = FakeHost::grpc(0);
-    assert_eq!(Session::new().on_request(&mut w, &mut h), Action::Continue);
+    assert_eq!(
+        Session::new().on_request(&mut w, &mut h, true),
+        Action::Continue
+    );
     assert_eq!(h.counter(UNTRACKED), 1, "no header");
     let mut h = FakeHost::grpc(0);
     h.req("x-tenant", &"x".repeat(MAX_KEY_LEN + 1));
-    Session::new().on_request(&mut w, &mut h);
+    Session::new().on_request(&mut w, &mut h, true);
     assert_eq!(
         h.counter(UNTRACKED),
         1,
@@ -363,18 +369,18 @@ fn calls_without_a_breaker_are_untracked_and_counted() {
     );
     assert_eq!(
         w.store().inner().len(),
-        1 + 1024,
-        "no slot touched: the table and its marker"
+        2 + 1024,
+        "no slot touched: the table, its marker and the label tally"
     );
     let mut h = FakeHost::grpc(0);
     h.request.insert("x-tenant".into(), vec![0xff, 0xfe]);
-    Session::new().on_request(&mut w, &mut h);
+    Session::new().on_request(&mut w, &mut h, true);
     assert_eq!(h.counter(UNTRACKED), 1, "not UTF-8");
     let mut h = FakeHost::grpc(0);
     h.req("x-tenant", "acme");
     h.now = None;
     let mut s = Session::new();
-    s.on_request(&mut w, &mut h);
+    s.on_request(&mut w, &mut h, true);
     assert_eq!(h.counter(UNTRACKED), 1, "no clock");
     assert!(!s.in_flight());
 }
@@ -390,7 +396,7 @@ fn grpc_keys_come_from_the_path() {
     );
     let mut h = FakeHost::grpc(0);
     h.req(":path", "/not-grpc");
-    Session::new().on_request(&mut w, &mut h);
+    Session::new().on_request(&mut w, &mut h, true);
     assert_eq!(h.counter(UNTRACKED), 1);
 }
 
@@ -401,7 +407,7 @@ fn disabled_touches_nothing_not_even_the_clock() {
     let mut h = FakeHost::grpc(0);
     h.now = None;
     let mut s = Session::new();
-    assert_eq!(s.on_request(&mut w, &mut h), Action::Continue);
+    assert_eq!(s.on_request(&mut w, &mut h, true), Action::Continue);
     assert!(!s.in_flight());
     assert!(h.counters.is_empty() && h.events.is_empty());
     assert_eq!(store.len(), before);
@@ -411,7 +417,7 @@ fn disabled_touches_nothing_not_even_the_clock() {
 fn call_timeout_asks_the_router_for_it() {
     let (_, mut w) = setup(r#"{"call_timeout": "250ms"}"#);
     let mut h = FakeHost::grpc(0);
-    Session::new().on_request(&mut w, &mut h);
+    Session::new().on_request(&mut w, &mut h, true);
     assert_eq!(
         h.set_request,
         vec![(
@@ -429,10 +435,10 @@ fn a_cancelled_probe_gives_its_permit_back() {
     grpc_call(&mut w, 0, "14", &mut t);
     let mut h = FakeHost::grpc(1_000);
     let mut probe = Session::new();
-    assert_eq!(probe.on_request(&mut w, &mut h), Action::Continue);
+    assert_eq!(probe.on_request(&mut w, &mut h, true), Action::Continue);
     let mut h2 = FakeHost::grpc(1_001);
     assert_eq!(
-        Session::new().on_request(&mut w, &mut h2),
+        Session::new().on_request(&mut w, &mut h2, true),
         Action::Stop,
         "permit taken"
     );
@@ -440,7 +446,7 @@ fn a_cancelled_probe_gives_its_permit_back() {
     probe.on_end(&mut w, &mut h);
     let mut h3 = FakeHost::grpc(1_002);
     assert_eq!(
-        Session::new().on_request(&mut w, &mut h3),
+        Session::new().on_request(&mut w, &mut h3, true),
         Action::Continue,
         "permit back"
     );
@@ -451,7 +457,7 @@ fn slow_calls_are_counted_beside_their_outcome() {
     let (_, mut w) = setup(r#"{"slow_call_duration": "100ms"}"#);
     let mut h = FakeHost::grpc(0);
     let mut s = Session::new();
-    s.on_request(&mut w, &mut h);
+    s.on_request(&mut w, &mut h, true);
     h.now = Some(150);
     h.resp(":status", "200").resp("grpc-status", "0");
     s.on_response_headers(&mut w, &mut h, true);
@@ -479,7 +485,7 @@ fn every_request_is_a_call_a_rejection_or_untracked() {
         }
         requests += 1;
         let mut s = Session::new();
-        if s.on_request(&mut w, &mut h) == Action::Continue && s.in_flight() {
+        if s.on_request(&mut w, &mut h, true) == Action::Continue && s.in_flight() {
             h.resp(":status", "200");
             match i % 3 {
                 0 => {
@@ -517,13 +523,13 @@ fn a_stream_is_idle_once_nothing_is_left_to_settle_or_mark() {
     let mut h = FakeHost::grpc(0);
     let mut s = Session::new();
     assert!(s.idle());
-    s.on_request(&mut w, &mut h);
+    s.on_request(&mut w, &mut h, true);
     assert!(!s.idle(), "a call to settle");
     h.resp(":status", "200").resp("grpc-status", "14");
     s.on_response_headers(&mut w, &mut h, true);
     assert!(s.idle(), "settled");
     let mut h = FakeHost::grpc(1);
     let mut rejected = Session::new();
-    assert_eq!(rejected.on_request(&mut w, &mut h), Action::Stop);
+    assert_eq!(rejected.on_request(&mut w, &mut h, true), Action::Stop);
     assert!(rejected.idle(), "a rejection has nothing left to do");
 }

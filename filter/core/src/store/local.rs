@@ -5,21 +5,30 @@
 //! with no encoding, decoding or retry. The alternative, the shared-data layout over an in-process
 //! compare-and-swap map, pays a decode and an encode on every call; `make bench` measures both.
 
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
-use super::{BreakerStore, Read, Slot, SlotRead, StoreError, UpdateError, Updated};
+use super::{BreakerStore, Label, Labels, Read, Slot, SlotRead, StoreError, UpdateError, Updated};
 
 /// A process-wide table of `capacity` slots.
 #[derive(Debug)]
 pub struct LocalStore {
     slots: Box<[Mutex<Option<Slot>>]>,
+    /// The labelled keys, shared with every other table of the process.
+    labels: Arc<Labels>,
 }
 
 impl LocalStore {
-    /// An empty table of `capacity` slots (at least one).
+    /// An empty table of `capacity` slots (at least one), with its own tally of labelled keys.
     pub fn new(capacity: u32) -> Self {
+        Self::with_labels(capacity, Arc::new(Labels::new()))
+    }
+
+    /// An empty table of `capacity` slots (at least one) whose keys are labelled from `labels`, the
+    /// process's one tally.
+    pub fn with_labels(capacity: u32, labels: Arc<Labels>) -> Self {
         Self {
             slots: (0..capacity.max(1)).map(|_| Mutex::new(None)).collect(),
+            labels,
         }
     }
 
@@ -64,6 +73,10 @@ impl<T: std::ops::Deref<Target = LocalStore>> BreakerStore for T {
             retries: 0,
             corrupt: None,
         })
+    }
+
+    fn label(&mut self, key: &str, limit: u32) -> Result<Label, UpdateError> {
+        Ok(self.labels.label(key, limit))
     }
 }
 

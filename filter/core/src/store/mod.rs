@@ -14,6 +14,7 @@
 //!
 //! The registry ([`crate::registry`]) decides which slot a key lives in; the store only keeps them.
 
+mod labels;
 mod local;
 mod shared_data;
 
@@ -21,6 +22,8 @@ use std::fmt;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 
+pub(crate) use labels::fnv1a;
+pub use labels::{Label, Labels};
 pub use local::LocalStore;
 pub use shared_data::SharedData;
 
@@ -255,4 +258,9 @@ pub trait BreakerStore {
         read: Read,
         change: impl FnMut(&mut Option<Slot>) -> (R, bool),
     ) -> Result<Updated<R>, UpdateError>;
+
+    /// Whether `key` gets metric series of its own, when at most `limit` keys may over the life of
+    /// the Envoy, counted across every worker (see [`labels`]). Asked once per key by each worker,
+    /// which remembers the answer.
+    fn label(&mut self, key: &str, limit: u32) -> Result<Label, UpdateError>;
 }

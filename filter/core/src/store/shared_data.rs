@@ -2,14 +2,20 @@
 //! loop over the slot's encoded bytes.
 
 use super::{
-    BreakerStore, CasToken, Read, SharedStore, Slot, SlotRead, StoreError, UpdateError, Updated,
-    MAX_CAS_ATTEMPTS,
+    BreakerStore, CasToken, Label, Read, SharedStore, Slot, SlotRead, StoreError, UpdateError,
+    Updated, MAX_CAS_ATTEMPTS,
 };
 use crate::codec::{decode_slot, encode_slot, encode_slot_into};
 
+/// The tally of labelled keys (see [`super::labels`]): 4 bytes of count, little-endian, and one byte
+/// set once a key was turned away. One for the whole Envoy, whatever the table's capacity.
+const LABEL_TALLY: &str = "circuit_breaker.labels";
+/// Under `circuit_breaker.label.<key>`: the key is labelled.
+const LABEL_PREFIX: &str = "circuit_breaker.label.";
+
 /// A [`BreakerStore`] over shared data, as one worker uses it (it keeps that worker's latest read).
 ///
-/// Slot `i` lives under `circuit_breaker.v2.<capacity>.<i>`: the capacity is in the name because it
+/// Slot `i` lives under `circuit_breaker.v3.<capacity>.<i>`: the capacity is in the name because it
 /// decides which slot a key hashes to, so a configuration with another `max_upstreams` starts a
 /// table of its own rather than misreading this one.
 #[derive(Debug)]
@@ -33,7 +39,7 @@ impl<S: SharedStore> SharedData<S> {
         Self {
             store,
             capacity,
-            prefix: format!("circuit_breaker.v2.{capacity}."),
+            prefix: format!("circuit_breaker.v3.{capacity}."),
             key: String::new(),
             encoded: Vec::new(),
             last: None,
@@ -113,6 +119,9 @@ impl<S: SharedStore> BreakerStore for SharedData<S> {
         if self.get(&ready)?.is_some() {
             return Ok(());
         }
+        if self.get(LABEL_TALLY)?.is_none() {
+            self.store.set(LABEL_TALLY, &tally(0, false), None)?;
+        }
         let empty = encode_slot(None);
         for i in 0..self.capacity {
             self.set_key(i);
@@ -180,6 +189,58 @@ impl<S: SharedStore> BreakerStore for SharedData<S> {
         }
         Err(UpdateError::GaveUp)
     }
+
+    /// A key is labelled when its marker is there; otherwise it takes one unit of the tally, by
+    /// compare-and-swap, while any is left. Shared data cannot create a key atomically, so two
+    /// workers labelling the same new key at once may both count it: the tally can only overstate,
+    /// and the bound holds.
+    fn label(&mut self, key: &str, limit: u32) -> Result<Label, UpdateError> {
+        let marker = format!("{LABEL_PREFIX}{key}");
+        if self.get(&marker).map_err(UpdateError::Store)?.is_some() {
+            return Ok(Label::Own);
+        }
+        for _ in 0..MAX_CAS_ATTEMPTS {
+            let stored = self.get(LABEL_TALLY).map_err(UpdateError::Store)?;
+            let (count, overflowed, cas) = match &stored {
+                Some((bytes, cas)) => match read_tally(bytes) {
+                    Some((n, o)) => (n, o, Some(*cas)),
+                    // Foreign bytes: start the tally over rather than fail every new key.
+                    None => (0, false, Some(*cas)),
+                },
+                None => (0, false, None),
+            };
+            let (next, label) = if count < limit {
+                (tally(count + 1, overflowed), Label::Own)
+            } else if overflowed {
+                return Ok(Label::Other { first: false });
+            } else {
+                (tally(count, true), Label::Other { first: true })
+            };
+            match self.store.set(LABEL_TALLY, &next, cas) {
+                Ok(()) => {
+                    if label == Label::Own {
+                        self.store
+                            .set(&marker, b"1", None)
+                            .map_err(UpdateError::Store)?;
+                    }
+                    return Ok(label);
+                }
+                Err(StoreError::CasMismatch) => continue,
+                Err(e) => return Err(UpdateError::Store(e)),
+            }
+        }
+        Err(UpdateError::GaveUp)
+    }
+}
+
+fn tally(count: u32, overflowed: bool) -> [u8; 5] {
+    let [a, b, c, d] = count.to_le_bytes();
+    [a, b, c, d, u8::from(overflowed)]
+}
+
+fn read_tally(bytes: &[u8]) -> Option<(u32, bool)> {
+    let [a, b, c, d, o] = <[u8; 5]>::try_from(bytes).ok()?;
+    Some((u32::from_le_bytes([a, b, c, d]), o != 0))
 }
 
 #[cfg(test)]
@@ -236,7 +297,7 @@ mod tests {
         let s = MemoryStore::new();
         let mut t = SharedData::new(&s, 8);
         t.prepare().unwrap();
-        assert_eq!(s.len(), 9, "8 slots and the ready marker");
+        assert_eq!(s.len(), 10, "8 slots, the ready marker and the label tally");
         assert_eq!(t.read(7).unwrap(), SlotRead::Empty);
         t.update(3, Read::Fresh, |c| {
             *c = Some(slot("a"));
@@ -251,7 +312,7 @@ mod tests {
         );
         let mut other = SharedData::new(&s, 4);
         other.prepare().unwrap();
-        assert_eq!(s.len(), 9 + 5, "another capacity is another table");
+        assert_eq!(s.len(), 10 + 5, "another capacity is another table");
     }
 
     #[test]
@@ -306,8 +367,8 @@ mod tests {
             gets: Cell::new(0),
         };
         r.inner
-            .put_raw("circuit_breaker.v2.1.0", &encode_slot(Some(&slot("a"))));
-        r.inner.put_raw("circuit_breaker.v2.1.ready", b"1");
+            .put_raw("circuit_breaker.v3.1.0", &encode_slot(Some(&slot("a"))));
+        r.inner.put_raw("circuit_breaker.v3.1.ready", b"1");
         r.rivals.set(rivals);
         (r, rivals)
     }
@@ -369,6 +430,27 @@ mod tests {
     }
 
     #[test]
+    fn every_worker_draws_labels_from_one_tally() {
+        let s = MemoryStore::new();
+        let mut a = SharedData::new(&s, 8);
+        let mut b = SharedData::new(&s, 16);
+        a.prepare().unwrap();
+        assert_eq!(a.label("x", 2).unwrap(), Label::Own);
+        assert_eq!(
+            b.label("x", 2).unwrap(),
+            Label::Own,
+            "seen by another worker"
+        );
+        assert_eq!(b.label("y", 2).unwrap(), Label::Own);
+        assert_eq!(a.label("z", 2).unwrap(), Label::Other { first: true });
+        assert_eq!(b.label("w", 2).unwrap(), Label::Other { first: false });
+        assert_eq!(a.label("y", 2).unwrap(), Label::Own);
+        // A configuration with a larger limit labels more, from the same tally.
+        assert_eq!(b.label("z", 3).unwrap(), Label::Own);
+        assert_eq!(a.label("v", 3).unwrap(), Label::Other { first: false });
+    }
+
+    #[test]
     fn a_cas_token_of_zero_is_refused_on_every_path() {
         struct ZeroToken(MemoryStore);
         impl SharedStore for ZeroToken {
@@ -380,7 +462,7 @@ mod tests {
             }
         }
         let z = ZeroToken(MemoryStore::new());
-        z.0.put_raw("circuit_breaker.v2.1.0", &encode_slot(Some(&slot("a"))));
+        z.0.put_raw("circuit_breaker.v3.1.0", &encode_slot(Some(&slot("a"))));
         let mut t = SharedData::new(&z, 1);
         assert!(matches!(
             t.read(0),

@@ -21,7 +21,7 @@ const STUCK: &str = "circuit_breaker_stuck_calls_total{upstream=content}";
 fn start<S: BreakerStore>(w: &mut Worker<S>, now: u64) -> (Session, FakeHost) {
     let mut h = FakeHost::grpc(now);
     let mut s = Session::new();
-    assert_eq!(s.on_request(w, &mut h), Action::Continue);
+    assert_eq!(s.on_request(w, &mut h, true), Action::Continue);
     assert!(s.in_flight(), "admitted");
     (s, h)
 }
@@ -47,22 +47,23 @@ fn a_stuck_call_is_recorded_once_when_it_crosses_the_limit_and_not_again_when_it
     for late in ["0", "14"] {
         let mut t = FakeHost::default();
         let (mut s, mut h) = start(&mut w, 1_000);
-        w.check_stuck(1_499, &mut t);
+        w.tick(1_499, &mut t);
         assert_eq!(t.counter(STUCK), 0, "not yet");
-        w.check_stuck(1_500, &mut t);
+        w.tick(1_500, &mut t);
         assert_eq!((t.counter(STUCK), t.counter(FAILURES)), (1, 1));
-        w.check_stuck(1_600, &mut t);
+        w.tick(1_600, &mut t);
         assert_eq!(t.counter(STUCK), 1, "once");
-        assert_eq!(w.calls_in_flight(), 0);
+        assert_eq!(w.calls_in_flight(), 1, "stuck, kept until it ends");
         // The call ends later (a success, or a failure): its ticket is spent.
         h.now = Some(3_000);
         answer(&mut w, &mut s, &mut h, late);
         assert_eq!(h.counter(FAILURES) + h.counter(SUCCESSES), 0, "late {late}");
+        assert_eq!(w.calls_in_flight(), 0);
     }
     // Or it is reset in the end.
     let mut t = FakeHost::default();
     let (mut s, mut h) = start(&mut w, 10_000);
-    w.check_stuck(10_500, &mut t);
+    w.tick(10_500, &mut t);
     h.flags = Some(ResponseFlags::UPSTREAM_REMOTE_RESET);
     s.on_end(&mut w, &mut h);
     assert_eq!((t.counter(STUCK), h.counter(FAILURES)), (1, 0));
@@ -78,7 +79,7 @@ fn a_call_that_ends_in_time_leaves_the_table_and_is_recorded_normally() {
     answer(&mut w, &mut s, &mut h, "0");
     assert_eq!((h.counter(SUCCESSES), w.calls_in_flight()), (1, 0));
     let mut t = FakeHost::default();
-    w.check_stuck(10_000, &mut t);
+    w.tick(10_000, &mut t);
     assert_eq!(t.counter(STUCK), 0);
 }
 
@@ -92,7 +93,10 @@ fn stuck_calls_open_the_breaker_while_no_call_has_finished_and_the_next_request_
     let hung: Vec<_> = (0..3).map(|i| start(&mut w, i)).collect();
     // No tick: the next request for the upstream finds the three stuck ones first, and is rejected.
     let mut h = FakeHost::grpc(502);
-    assert_eq!(Session::new().on_request(&mut w, &mut h), Action::Stop);
+    assert_eq!(
+        Session::new().on_request(&mut w, &mut h, true),
+        Action::Stop
+    );
     assert_eq!(h.counter(STUCK), 3);
     assert_eq!(
         h.counter("circuit_breaker_open_total{upstream=content,reason=consecutive_failures}"),
@@ -116,7 +120,7 @@ fn a_stuck_probe_frees_its_permit_as_a_failed_probe() {
         BreakerState::HalfOpen { in_flight: 1, .. }
     ));
     let mut t = FakeHost::default();
-    w.check_stuck(1_500, &mut t);
+    w.tick(1_500, &mut t);
     assert_eq!(
         t.counter("circuit_breaker_open_total{upstream=content,reason=half_open_failure}"),
         1
@@ -156,7 +160,7 @@ fn a_probe_whose_record_loses_every_race_is_retried_not_taken_for_a_failure() {
         br#"{"failure_threshold": 1, "open_timeout": "1s", "success_threshold": 1}"#,
     )
     .unwrap();
-    let mut w = Worker::new(Arc::new(config), 0, SharedData::new(&store, 1024));
+    let mut w = Worker::new(Arc::new(config), 0, SharedData::new(&store, 1024), 0);
     w.prepare().unwrap();
     let (mut s, mut h) = start(&mut w, 0);
     answer(&mut w, &mut s, &mut h, "14");
@@ -169,7 +173,7 @@ fn a_probe_whose_record_loses_every_race_is_retried_not_taken_for_a_failure() {
     // The next call retries it first: the probe's success closes the breaker.
     let mut t = FakeHost::grpc(1_100);
     let mut next = Session::new();
-    assert_eq!(next.on_request(&mut w, &mut t), Action::Continue);
+    assert_eq!(next.on_request(&mut w, &mut t, true), Action::Continue);
     assert_eq!(t.counter(SUCCESSES), 1);
     assert_eq!(
         t.counter("circuit_breaker_state_changes_total{upstream=content,from_state=half_open,to_state=closed}"),
@@ -199,11 +203,14 @@ fn the_state_gauge_follows_the_stored_state_not_a_workers_first_look() {
     // w1's next look sets the gauge to what is stored (open), and a worker that only ever saw it
     // open never writes closed.
     let mut h = FakeHost::grpc(2);
-    assert_eq!(Session::new().on_request(&mut w1, &mut h), Action::Stop);
+    assert_eq!(
+        Session::new().on_request(&mut w1, &mut h, true),
+        Action::Stop
+    );
     assert_eq!(h.gauges["circuit_breaker_state{upstream=content}"], 1);
     let mut w3 = worker(json, &store);
     let mut h3 = FakeHost::grpc(3);
-    Session::new().on_request(&mut w3, &mut h3);
+    Session::new().on_request(&mut w3, &mut h3, true);
     assert_eq!(h3.gauges["circuit_breaker_state{upstream=content}"], 1);
 }
 
@@ -225,10 +232,11 @@ fn health_answers_unknown_when_the_store_cannot_be_read() {
         Arc::new(FilterConfig::default()),
         0,
         SharedData::new(Broken, 16),
+        0,
     );
     let reply = w.health(Some(0));
     assert_eq!(reply.status, 503);
-    let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+    let body: serde_json::Value = serde_json::from_str(reply.body.as_str()).unwrap();
     assert_eq!(body["status"], "unknown", "never healthy without knowing");
     assert!(body["error"].as_str().unwrap().contains("BadArgument"));
 }
@@ -236,9 +244,12 @@ fn health_answers_unknown_when_the_store_cannot_be_read() {
 #[test]
 fn store_errors_are_not_counted_as_cas_retries() {
     let config = FilterConfig::default();
-    let mut w = Worker::new(Arc::new(config), 0, SharedData::new(Broken, 1024));
+    let mut w = Worker::new(Arc::new(config), 0, SharedData::new(Broken, 1024), 0);
     let mut h = FakeHost::grpc(0);
-    assert_eq!(Session::new().on_request(&mut w, &mut h), Action::Continue);
+    assert_eq!(
+        Session::new().on_request(&mut w, &mut h, true),
+        Action::Continue
+    );
     assert_eq!(h.counter("circuit_breaker_untracked_calls_total"), 1);
     assert_eq!(h.counter("circuit_breaker_shared_data_errors_total"), 1);
     assert_eq!(h.counter("circuit_breaker_cas_retries_total"), 0);
@@ -251,8 +262,8 @@ fn an_older_configuration_never_reshapes_what_a_newer_one_shaped() {
         FilterConfig::from_json(br#"{"window_size": 50, "minimum_requests": 5}"#).unwrap();
     let new_cfg = FilterConfig::from_json(br#"{"window_duration": "10s"}"#).unwrap();
     let table = |s: &Arc<MemoryStore>| SharedData::new(Arc::clone(s), 1024);
-    let mut old = Worker::new(Arc::new(old_cfg), 1_000, table(&store));
-    let mut new = Worker::new(Arc::new(new_cfg), 2_000, table(&store));
+    let mut old = Worker::new(Arc::new(old_cfg), 1_000, table(&store), 0);
+    let mut new = Worker::new(Arc::new(new_cfg), 2_000, table(&store), 0);
     old.prepare().unwrap();
     let window_kind = |w: &mut Worker<SharedData<Arc<MemoryStore>>>| {
         let slot = crate::registry::home_slot("content", 1024);
@@ -303,7 +314,10 @@ fn forced_open_rejects_and_reports_the_forced_opening_once() {
     let mut t = FakeHost::default();
     for i in 0..3 {
         let mut h = FakeHost::grpc(i);
-        assert_eq!(Session::new().on_request(&mut w, &mut h), Action::Stop);
+        assert_eq!(
+            Session::new().on_request(&mut w, &mut h, true),
+            Action::Stop
+        );
         t.absorb(h);
     }
     assert_eq!(

@@ -321,7 +321,7 @@ impl Report<'_> {
             md,
             "| shared data per upstream | one slot: {} bytes (the key `{}`, its times, and the state \
              of a count window of 100) under a key of at most {} bytes \
-             (`circuit_breaker.v2.<capacity>.<slot>`) |",
+             (`circuit_breaker.v3.<capacity>.<slot>`) |",
             m.state_bytes,
             tenant(0),
             m.state_key_bytes,
