@@ -368,4 +368,6 @@ fn parse_status(raw: &[u8]) -> Option<u16> {
 }
 
 #[cfg(test)]
+mod stuck_tests;
+#[cfg(test)]
 mod tests;
