@@ -106,8 +106,8 @@ window_duration, minimum_requests and open_timeout, each candidate replayed thro
 Outages and blips are measured on the log, over every call to the upstream:
   - noise: the median error rate of its 10s buckets outside episodes;
   - a second (of call end times) is bad when its error rate is at least max(3 x noise, noise + 0.2);
-  - an episode is a run of bad seconds (bridging at most 2 good seconds and 10s without calls)
-    with at least 3 failures;
+  - an episode is a run of bad seconds (bridging 10s without calls, and 2 good seconds, or up to 10
+    while the episode with them still fails at the bad-second rate) with at least 3 failures;
   - an outage is an episode at least --outage long (full or partial: only the rate counts);
   - a blip is an episode shorter than --blip.
 A trip belongs to the episode it falls in: from 1s before its start until its failures have left the

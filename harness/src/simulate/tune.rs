@@ -38,7 +38,9 @@ The recommendation, per upstream, is the candidate that best meets, in this orde
   3. a margin, so that another day of the same traffic (which never repeats a log exactly) gets the
      same verdicts. As measured on the log (every call as if let through): every outage caught within
      a third of --outage, its window failure rate by then at least 1.25 x error_rate_threshold (or
-     halfway from it to 100 %) or 1.25 x failure_threshold failures in a row; on every blip and in
+     halfway from it to 100 %) or 1.25 x failure_threshold failures in a row, and that again within
+     every third of --outage until it ends (a breaker that closes mid-outage is caught again in
+     time); on every blip and in
      normal traffic, a window failure rate at most 2/3 of error_rate_threshold and at most 2/3 of
      failure_threshold failures in a row;
   4. fewest would-succeed calls rejected;
