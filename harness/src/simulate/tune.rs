@@ -373,7 +373,7 @@ pub fn replay(
 }
 
 /// Each upstream's calls in `calls`, by key, as `config` keys them.
-fn by_key(calls: &[Call], config: &FilterConfig) -> BTreeMap<String, Vec<Call>> {
+pub(crate) fn by_key(calls: &[Call], config: &FilterConfig) -> BTreeMap<String, Vec<Call>> {
     let mut by_key: BTreeMap<String, Vec<Call>> = BTreeMap::new();
     for c in calls {
         if let Some(k) = c.upstream_key(&config.upstream_key) {
@@ -384,7 +384,7 @@ fn by_key(calls: &[Call], config: &FilterConfig) -> BTreeMap<String, Vec<Call>> 
 }
 
 /// An upstream's episodes, from what the filter records for its calls (when, and whether it failed).
-fn episodes_of(judged: &[Option<Judged>]) -> Episodes {
+pub(crate) fn episodes_of(judged: &[Option<Judged>]) -> Episodes {
     let outcomes: Vec<(u64, bool)> = judged
         .iter()
         .flatten()
