@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use cb_core::classify::{Classification, Outcome};
 use cb_core::config::{BreakerConfig, WindowConfig};
+use cb_core::window::Window;
 use serde::Serialize;
 
 /// Judged calls, failures and slow calls per second of end time (ignored calls say nothing).
@@ -74,6 +75,11 @@ pub(crate) fn failure_episode_ms(
 pub const NOISE_BUCKET_S: u64 = 10;
 /// Good seconds (with calls, below the threshold) an episode bridges between two bad ones: a partial
 /// outage at 50 % errors has the odd second below it, and is still one outage.
+///
+/// More of them, up to [`MAX_SILENT_GAP_S`], are bridged when the episode, with them, still fails at
+/// the threshold rate: at a few calls a second, a partial outage has runs of lucky seconds, and each
+/// split would make the search time its catch from a later start than the failures'. Lone noise
+/// failures seconds apart never add up to that rate across the good seconds between them.
 pub const MAX_GOOD_GAP_S: u64 = 2;
 /// Seconds without calls an episode bridges between two bad ones: they say nothing either way.
 pub const MAX_SILENT_GAP_S: u64 = 10;
@@ -189,9 +195,28 @@ impl Outcomes {
         }
     }
 
-    /// The worst `window` would have shown at the outcomes whose end time `inside` accepts, as if
-    /// every earlier call had been let through: the highest failure rate while it held at least
-    /// `minimum_requests` calls, and the longest run of failures.
+    /// What `window` holds just after each outcome, as if every call had been let through: `f` gets
+    /// the outcome's time, and the window's failure rate (0 while it holds fewer than
+    /// `minimum_requests` calls) with the run of failures ending there. The window is the core's own
+    /// ([`Window`], fed each outcome as the breaker records it), so that what the search judges a
+    /// candidate by is what the replay's breaker would have seen: a time window forgets in tenths of
+    /// its length, not call by call.
+    pub fn each(&self, window: WindowConfig, minimum_requests: u32, mut f: impl FnMut(u64, Peak)) {
+        let mut w = Window::new(window);
+        for ((t, failed), run) in self.iter().zip(&self.run) {
+            w.record(t, failed, false);
+            let stats = w.stats(t);
+            let rate = if stats.calls >= minimum_requests {
+                stats.failure_rate()
+            } else {
+                0.0
+            };
+            f(t, Peak { rate, run: *run });
+        }
+    }
+
+    /// The worst `window` would have shown (see [`Outcomes::each`]) at the outcomes whose time
+    /// `inside` accepts: the highest failure rate and the longest run of failures.
     pub fn peak(
         &self,
         window: WindowConfig,
@@ -199,38 +224,12 @@ impl Outcomes {
         inside: impl Fn(u64) -> bool,
     ) -> Peak {
         let mut peak = Peak::default();
-        let mut from = 0usize;
-        for (i, &t) in self.ends.iter().enumerate() {
-            let first = match window {
-                WindowConfig::Count(n) => (i + 1).saturating_sub(usize::from(n)),
-                WindowConfig::Time { duration_ms } => {
-                    while self
-                        .ends
-                        .get(from)
-                        .is_some_and(|e| e.saturating_add(duration_ms) <= t)
-                    {
-                        from += 1;
-                    }
-                    from.min(i)
-                }
-            };
-            if !inside(t) {
-                continue;
+        self.each(window, minimum_requests, |t, p| {
+            if inside(t) {
+                peak.rate = peak.rate.max(p.rate);
+                peak.run = peak.run.max(p.run);
             }
-            peak.run = peak.run.max(self.run.get(i).copied().unwrap_or(0));
-            let calls = i + 1 - first;
-            if calls < minimum_requests as usize {
-                continue;
-            }
-            let failures = match (
-                self.failures_before.get(i + 1),
-                self.failures_before.get(first),
-            ) {
-                (Some(a), Some(b)) => a - b,
-                _ => 0,
-            };
-            peak.rate = peak.rate.max(f64::from(failures) / calls as f64);
-        }
+        });
         peak
     }
 }
@@ -242,10 +241,12 @@ pub fn episode_threshold(noise: f64) -> f64 {
 
 /// An upstream's failure episodes, from the outcomes of its judged calls (ignored calls left out).
 ///
-/// A second (of call end times) is *bad* when its error rate reaches the threshold
+/// A second (of the times outcomes are recorded) is *bad* when its error rate reaches the threshold
 /// [`episode_threshold`] of the upstream's noise. An episode is a run of bad seconds, where two bad
-/// seconds with at most [`MAX_GOOD_GAP_S`] good seconds and at most [`MAX_SILENT_GAP_S`] seconds
-/// without calls between them belong to the same run; a run with fewer than
+/// seconds with at most [`MAX_SILENT_GAP_S`] seconds without calls between them belong to the same
+/// run when the good seconds between them are at most [`MAX_GOOD_GAP_S`], or at most
+/// [`MAX_SILENT_GAP_S`] with the run, them and the second after them failing together at least at
+/// the threshold rate (the failures had not stopped); a run with fewer than
 /// [`MIN_EPISODE_FAILURES`] failures is not an episode. The noise is the median (the lower middle of an
 /// even count) of the error rates of the [`NOISE_BUCKET_S`] buckets with calls that overlap no
 /// episode; as episodes depend on it, it starts as the median of all buckets and is refined until it
@@ -319,8 +320,17 @@ fn runs(seconds: &BTreeMap<u64, (u64, u64)>, threshold: f64) -> Vec<Episode> {
             continue;
         }
         let silent = s.saturating_sub(last_bad + 1).saturating_sub(good);
+        let still_failing = |e: &Episode| {
+            let (all, failed) = (
+                e.calls + pending.0 + calls,
+                e.failures + pending.1 + failures,
+            );
+            failed as f64 >= threshold * all as f64 - 1e-9
+        };
+        let bridged =
+            |e: &Episode| good <= MAX_GOOD_GAP_S || (good <= MAX_SILENT_GAP_S && still_failing(e));
         match current.as_mut() {
-            Some(e) if good <= MAX_GOOD_GAP_S && silent <= MAX_SILENT_GAP_S => {
+            Some(e) if bridged(e) && silent <= MAX_SILENT_GAP_S => {
                 e.end_ms = (s + 1) * 1000;
                 e.calls += pending.0 + calls;
                 e.failures += pending.1 + failures;
@@ -411,7 +421,9 @@ mod tests {
         );
         assert!((e.episodes[2].error_rate() - 0.5).abs() < 1e-9);
 
-        // Two good seconds inside are bridged, three are not; ten silent seconds are, eleven not.
+        // Two good seconds inside are bridged; three are too, as the episode still fails at the
+        // threshold rate across them; ten (20 failures in 120 calls, below 0.2) are not. Ten silent
+        // seconds are bridged, eleven not.
         let mut c = calls(0, 100, 10, 0);
         for (from, to) in [(100, 110), (112, 120), (123, 130)] {
             c.extend(calls(from, to, 10, 1));
@@ -422,14 +434,21 @@ mod tests {
         c.extend(calls(200, 205, 10, 1));
         c.extend(calls(215, 220, 10, 1));
         c.extend(calls(231, 235, 10, 1));
-        c.extend(calls(235, 300, 10, 0));
+        c.extend(calls(235, 250, 10, 0));
+        c.extend(calls(250, 251, 10, 1));
+        c.extend(calls(251, 261, 10, 0));
+        c.extend(calls(261, 262, 10, 1));
+        c.extend(calls(262, 300, 10, 0));
         c.sort_by_key(|x| x.0);
         let spans: Vec<(u64, u64)> = find_episodes(Outcomes::new(c))
             .episodes
             .iter()
             .map(|x| (x.start_ms / 1000, x.end_ms / 1000))
             .collect();
-        assert_eq!(spans, [(100, 120), (123, 130), (200, 220), (231, 235)]);
+        assert_eq!(
+            spans,
+            [(100, 130), (200, 220), (231, 235), (250, 251), (261, 262)]
+        );
         assert!(find_episodes(Outcomes::default()).episodes.is_empty());
     }
 

@@ -7,12 +7,26 @@
 //! (`"duration": "12"`), and `null` or `-` mean absent, as Envoy writes them. A call is gRPC when it has
 //! a gRPC status or its `content_type` starts with `application/grpc`. A line that cannot be read is
 //! listed with its line number and skipped.
+//!
+//! Two more keys let the replay judge a call the way the filter does (contract section 3):
+//! - `grpc_timeout` (`%REQ(GRPC-TIMEOUT)%`, also read as `grpc-timeout` or inside a
+//!   `request_headers` object): the call's deadline, for a client that cancels at it;
+//! - `response_duration` (`%RESPONSE_DURATION%`) or `upstream_service_time`
+//!   (`%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)%`, in Istio's default format): when the response headers
+//!   came, ms after the start.
+//!
+//! Whether response headers came at all is `response_code`: Envoy logs 0 (or `-`) when none was sent.
+//! Without either timing key, a call with a response code is taken to have had its headers at its end
+//! ([`Call::response_headers_after_ms`]): an Envoy local reply is sent then, and a unary call's headers
+//! come with its answer; only a long stream in such a log would then look stuck. Without
+//! `grpc_timeout`, a call has no deadline, as the filter treats a call without the header: a cancel
+//! before any response is then ignored, and only `stuck_call_duration` can see a hang.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
-use cb_core::classify::{classify, grpc_code_from_name, CallFacts, Classification, ResponseFlags};
-use cb_core::config::BreakerConfig;
-use cb_core::key::UpstreamKey;
+use cb_core::classify::{grpc_code_from_name, ResponseFlags};
+use cb_core::key::{normalize_authority, UpstreamKey};
 use cb_core::reply::is_grpc;
 use serde_json::{Map, Value};
 
@@ -45,6 +59,12 @@ pub struct Call {
     pub response_flags: ResponseFlags,
     /// The call is gRPC.
     pub grpc: bool,
+    /// The request's `grpc-timeout` header as sent (`"2S"`, `"300m"`): the core reads the deadline
+    /// from it as it reads the header.
+    pub grpc_timeout: Option<String>,
+    /// When the response headers came, ms after the start, when the log says so; see
+    /// [`Call::response_headers_after_ms`] for what is assumed when it does not.
+    pub response_headers_ms: Option<u64>,
     /// Request headers by lower-case name, for `upstream_key: "header:NAME"`. From a log, only the one
     /// the key names: a top-level field `NAME` (or with `_` for `-`, as access-log keys are usually
     /// spelt), or `NAME` inside an object field such as `"request_headers": {...}`.
@@ -60,38 +80,37 @@ impl Call {
     /// The upstream key the filter would have computed for this call, or `None` when the log lacks the
     /// field it needs (the filter would have let the call through untracked).
     pub fn upstream_key(&self, kind: &UpstreamKey) -> Option<String> {
-        self.upstream_key_str(kind).map(str::to_string)
+        self.upstream_key_str(kind).map(Cow::into_owned)
     }
 
-    /// [`Call::upstream_key`], borrowed from the call.
-    pub fn upstream_key_str(&self, kind: &UpstreamKey) -> Option<&str> {
+    /// [`Call::upstream_key`], borrowed from the call where it can be (every kind but `authority`,
+    /// which the core normalises as it keys it: the log has no `:scheme`, so port 80 is the default).
+    pub fn upstream_key_str(&self, kind: &UpstreamKey) -> Option<Cow<'_, str>> {
         let key = match kind {
-            UpstreamKey::Cluster => self.upstream_cluster.as_deref(),
-            UpstreamKey::Authority => self.authority.as_deref(),
-            UpstreamKey::GrpcService | UpstreamKey::GrpcMethod => {
-                self.path.as_deref().and_then(|p| kind.from_grpc_path(p))
-            }
-            UpstreamKey::Header(name) => self.fields.get(name).map(String::as_str),
+            UpstreamKey::Cluster => self.upstream_cluster.as_deref().map(Cow::Borrowed),
+            UpstreamKey::Authority => self
+                .authority
+                .as_deref()
+                .and_then(|a| normalize_authority(a, None))
+                .map(Cow::Owned),
+            UpstreamKey::GrpcService | UpstreamKey::GrpcMethod => self
+                .path
+                .as_deref()
+                .and_then(|p| kind.from_grpc_path(p))
+                .map(Cow::Borrowed),
+            UpstreamKey::Header(name) => self.fields.get(name).map(|v| Cow::Borrowed(v.as_str())),
         };
         key.filter(|k| !k.is_empty())
     }
 
-    /// What the call counts as under one breaker's settings, as the filter would classify it.
-    pub fn classify(&self, cfg: &BreakerConfig) -> Classification {
-        // The core takes the raw header bytes; a code from the log is turned back into them.
-        let grpc_status = self.grpc_status.map(|c| c.to_string());
-        let facts = CallFacts {
-            grpc: self.grpc,
-            http_status: self.response_code,
-            grpc_status: grpc_status.as_deref().map(str::as_bytes),
-            flags: self.response_flags,
-            duration_ms: Some(self.duration_ms),
-            ended_early: self.response_code.is_none(),
-            deadline_us: None,
-            headers_came: false,
-            request_complete: true,
-        };
-        classify(cfg, &facts)
+    /// When the response headers came, ms after the start; `None` when none came (no response
+    /// code). Without a timing in the log, at the end of the call (see the module docs).
+    pub fn response_headers_after_ms(&self) -> Option<u64> {
+        self.response_code?;
+        Some(
+            self.response_headers_ms
+                .map_or(self.duration_ms, |ms| ms.min(self.duration_ms)),
+        )
     }
 }
 
@@ -198,6 +217,17 @@ pub fn parse_log_line(
     let method = text(&["method", ":method"])?;
     let content_type = text(&["content_type", "content-type"])?;
     let grpc = grpc_status.is_some() || is_grpc(content_type.as_deref().map(str::as_bytes));
+    // The first timing the line has, named in the error when it is not a number.
+    let timing = ["response_duration", "upstream_service_time"]
+        .into_iter()
+        .find_map(|name| present(&map, &[name]).map(|v| (name, v)));
+    let response_headers_ms = match timing {
+        None => None,
+        Some((name, v)) => {
+            Some(number(v).ok_or_else(|| format!("{name}: not a number of ms: {v}"))?)
+        }
+    };
+    let grpc_timeout = header_field(&map, "grpc-timeout");
 
     // Only the header a `header:NAME` key needs is kept: a log has a dozen other strings per line,
     // and copying them all would multiply the memory a long log takes.
@@ -219,6 +249,8 @@ pub fn parse_log_line(
         grpc_status,
         response_flags,
         grpc,
+        grpc_timeout,
+        response_headers_ms,
         fields,
     }))
 }

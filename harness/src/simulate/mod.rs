@@ -4,13 +4,15 @@
 //! ```text
 //! circuit-breaker simulate --log access.jsonl --config filter.json [--svg out.svg] [--json] [--blip 10s]
 //! circuit-breaker simulate --scenario scenario.json --config filter.json ...
+//! circuit-breaker simulate --scenario fleet-scenario.json --config fleet.json --fleet 100 [--json]
 //! ```
 //!
 //! - [`log`]: the access log and its timestamps;
 //! - [`scenario`]: synthetic traffic;
 //! - [`replay`]: the calls run through the breaker core, and the [`Report`];
 //! - [`render`]: the report as a table, JSON or an SVG timeline;
-//! - [`tune`]: `--tune`, a search per upstream for the settings that would have served the traffic best.
+//! - [`tune`]: `--tune`, a search per upstream for the settings that would have served the traffic best;
+//! - [`fleet`]: `--fleet N`, the traffic spread over N proxies with a breaker each.
 
 use std::io::Write as _;
 
@@ -19,10 +21,13 @@ use cb_core::duration::parse_duration_ms;
 use clap::FromArgMatches as _;
 
 pub mod episodes;
+pub mod fleet;
 pub mod log;
+pub mod proxy;
 pub mod render;
 pub mod replay;
 pub mod report;
+mod run;
 pub mod scenario;
 pub mod tune;
 mod tune_judge;
@@ -32,9 +37,11 @@ use crate::svg;
 pub use log::{
     format_rfc3339_ms, parse_log, parse_log_line, parse_rfc3339_ms, Call, Malformed, ParsedLog,
 };
+pub use proxy::{judge, judge_all, Judged};
 pub use render::{render_json, render_table, timeline};
 pub use replay::{
-    simulate, OpenPeriod, Options, Report, TransitionReport, UpstreamReport, DEFAULT_BLIP_MS,
+    simulate, simulate_judged, OpenPeriod, Options, Report, TransitionReport, UpstreamReport,
+    DEFAULT_BLIP_MS, DEFAULT_SEED,
 };
 pub use scenario::{
     generate, parse_scenario, scenario_span_ms, Phase, Scenario, XorShift, MAX_SCENARIO_CALLS,
@@ -88,6 +95,14 @@ pub struct Args {
     /// With --tune: an episode at least this long is an outage the breaker must catch
     #[arg(long = "outage", value_name = "DURATION", default_value = "30s", value_parser = duration_ms, requires = "tune")]
     pub outage_ms: u64,
+    /// Where each proxy's random draws come from (open_timeout_jitter): the same seed, the same run
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_SEED)]
+    pub seed: u64,
+    /// Spread the traffic of the upstream with the longest failure over N proxies, each with its
+    /// own breaker, and report what the fleet did to it, with and without open_timeout_jitter and
+    /// recovery_ramp (see below)
+    #[arg(long, value_name = "N", conflicts_with_all = ["tune", "svg"])]
+    pub fleet: Option<u32>,
 }
 
 /// What `--help` says about `--tune`.
@@ -99,14 +114,16 @@ window_duration, minimum_requests and open_timeout, each candidate replayed thro
 Outages and blips are measured on the log, over every call to the upstream:
   - noise: the median error rate of its 10s buckets outside episodes;
   - a second (of call end times) is bad when its error rate is at least max(3 x noise, noise + 0.2);
-  - an episode is a run of bad seconds (bridging at most 2 good seconds and 10s without calls)
-    with at least 3 failures;
+  - an episode is a run of bad seconds (bridging 10s without calls, and 2 good seconds, or up to 10
+    while the episode with them still fails at the bad-second rate) with at least 3 failures;
   - an outage is an episode at least --outage long (full or partial: only the rate counts);
   - a blip is an episode shorter than --blip.
 A trip belongs to the episode it falls in: from 1s before its start until its failures have left the
 breaker's window (at least 2s after its end); a trip in no episode is a trip in normal traffic.
 
 {objective}
+
+{stuck}
 
 The search: coordinate search (each setting in turn set to the value that ranks best, until a pass
 changes nothing, at most 3 passes) from the upstream's own settings and from a rate-only start, over
@@ -120,10 +137,14 @@ settings (slow calls, backoff, success_threshold...) stay as the base has them.
 Output: a ready-to-paste \"upstreams\" block (the base's own entries with each recommended override
 added, so it replaces the base's \"upstreams\" whole) and, per upstream, what the recommendation and the
 defaults would have done. With --json: one JSON object; its \"upstreams\" member is that block, its
-\"results\" the details.",
+\"results\" the details.
+
+{fleet}",
         objective = tune::OBJECTIVE,
+        stuck = tune::STUCK_RULE,
         grids = tune_search::grids(),
         max = tune::MAX_REPLAYS,
+        fleet = fleet::HELP,
     )
 }
 
@@ -197,6 +218,9 @@ pub fn run_args(args: &Args) -> Result<(), String> {
     if args.tune {
         return run_tune(args);
     }
+    if let Some(proxies) = args.fleet {
+        return run_fleet(args, proxies);
+    }
     let config = match &args.config {
         Some(path) => load_config(&read(path)?).map_err(|e| format!("{path}: {e}"))?,
         None => FilterConfig::default(),
@@ -210,6 +234,7 @@ pub fn run_args(args: &Args) -> Result<(), String> {
             malformed_lines: input.malformed,
             blip_ms: args.blip_ms,
             span_ms: input.span_ms,
+            seed: args.seed,
         },
     );
     if let Some(out) = &args.svg {
@@ -256,6 +281,34 @@ fn run_tune(args: &Args) -> Result<(), String> {
         emit(&(text + "\n"))
     } else {
         emit(&render::render_tune(&report))
+    }
+}
+
+fn run_fleet(args: &Args, proxies: u32) -> Result<(), String> {
+    let text = match &args.config {
+        Some(path) => read(path)?,
+        None => String::new(),
+    };
+    let named = |e: String| match &args.config {
+        Some(path) => format!("{path}: {e}"),
+        None => e,
+    };
+    let config = load_config(&text).map_err(named)?;
+    let without =
+        load_config(&fleet::without_jitter_or_ramp(&text).map_err(named)?).map_err(named)?;
+    let input = input(args, &config.upstream_key)?;
+    let opts = fleet::FleetOptions {
+        source: input.source,
+        proxies,
+        seed: args.seed,
+    };
+    let report = fleet::fleet(&input.calls, &config, &without, &opts)?;
+    if args.json {
+        let text =
+            serde_json::to_string_pretty(&report).map_err(|e| format!("report as JSON: {e}"))?;
+        emit(&(text + "\n"))
+    } else {
+        emit(&fleet::render_fleet(&report))
     }
 }
 

@@ -300,6 +300,15 @@ fn tune_upstream(out: &mut String, u: &UpstreamTuning, outage_ms: u64) {
     if !changes.is_empty() {
         let _ = writeln!(out, "  settings: {}", changes.join(", "));
     }
+    if let Some(a) = &u.stuck {
+        let _ = writeln!(
+            out,
+            "  stuck_call_duration by the rule (see --help): {}, from a 99.9th percentile of {}ms to response headers over {} successful calls",
+            duration(a.rule_ms),
+            a.p999_ms,
+            a.successes
+        );
+    }
     let _ = writeln!(out, "  {:<44}{:<16}defaults", "", "recommended");
     let (rec, base) = (&u.recommended, &u.base);
     for (i, c) in rec.outages.iter().enumerate() {
@@ -391,6 +400,12 @@ fn settings_changed(new: &Knobs, old: &Knobs) -> Vec<String> {
         "open_timeout ",
         open(new.open_timeout_ms),
         open(old.open_timeout_ms),
+    );
+    let stuck = |ms: Option<u64>| ms.map_or("unset".into(), open);
+    change(
+        "stuck_call_duration ",
+        stuck(new.stuck_call_duration_ms),
+        stuck(old.stuck_call_duration_ms),
     );
     v
 }

@@ -2,56 +2,49 @@
 //!
 //! # What it does
 //!
-//! Each call of the input is two events: an *admit* at its start time and, if the breaker let it
-//! through, a *record* of its outcome at its end (start + duration). The events run in time order
-//! through a priority queue, so overlapping calls interleave as they did on the wire: a slow call that
-//! started before an outage is recorded after the fast failures that tripped the breaker, exactly as the
-//! filter would see it. At the same millisecond, outcomes are recorded before new calls are admitted
-//! (a caller that saw a response come back can only call again afterwards), and ties keep log order.
-//!
-//! The decisions are the filter's own: each call is a stream of the core's [`Session`], over a host
-//! that shows it the logged request and response (see [`Core`], the one type that drives it), so the
-//! outcome is classified exactly as in Envoy from the logged response code, gRPC status, response
-//! flags and duration.
+//! Each call of the input is a stream of the core's [`cb_core::session::Session`], over a host that
+//! shows it the logged request and response ([`super::proxy`]): admitted at its start and, if the
+//! breaker let it through, settled as its response headers, its trailers and its end come, or when it
+//! becomes stuck. The moments run in time order ([`super::run`]), so overlapping calls interleave as
+//! they did on the wire, and every outcome is the one the filter would have recorded, when it would
+//! have recorded it.
 //!
 //! A call the breaker would have rejected never reaches the upstream, so its logged outcome is not
 //! recorded (the breaker would not have learnt it); the report counts how many of those would have
-//! failed anyway and how many would have succeeded (the price of the breaker).
+//! failed anyway and how many would have succeeded (the price of the breaker), by what the filter
+//! records for each call when it lets it through ([`super::proxy::judge`]).
 //!
 //! # Blips
 //!
 //! A trip (Closed → Open) is reported as a *blip* when the failure episode that caused it lasted less
 //! than `--blip` (default 10s). The episode is measured on the log, over every call to the upstream,
 //! also those the breaker would have rejected (the log is the ground truth about the upstream): in
-//! one-second buckets of call end times, a second is *bad* when its failure fraction reaches the
-//! upstream's `error_rate_threshold` (or, with slow-call tracking on, its slow fraction reaches
-//! `slow_call_rate_threshold`). The episode is the run of bad seconds that contains the last second with
-//! calls at or before the trip; seconds without calls neither break nor extend a run. A trip whose
-//! second is not bad (a handful of failures among many successes) has an episode of 0s: a blip.
+//! one-second buckets of the times the calls are recorded, a second is *bad* when its failure fraction
+//! reaches the upstream's `error_rate_threshold` (or, with slow-call tracking on, its slow fraction
+//! reaches `slow_call_rate_threshold`). The episode is the run of bad seconds that contains the last
+//! second with calls at or before the trip; seconds without calls neither break nor extend a run. A
+//! trip whose second is not bad (a handful of failures among many successes) has an episode of 0s: a
+//! blip.
 //!
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
-
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use cb_core::breaker::{StateKind, Transition};
-use cb_core::classify::{Classification, Outcome};
+use cb_core::classify::Outcome;
 use cb_core::config::{BreakerConfig, FilterConfig};
-use cb_core::host::{Action, Host};
-use cb_core::registry::Untracked;
-use cb_core::reply::LocalReply;
-use cb_core::session::Session;
-use cb_core::store::LocalStore;
-use cb_core::telemetry::{Event, Level, Series, Telemetry, Upstream};
-use cb_core::worker::Worker;
+use cb_core::telemetry::Event;
 
 use super::episodes::{failure_episode_ms, second_buckets};
 use super::log::{format_rfc3339_ms, Call};
+use super::proxy::{judge_all, Admit, Judged, Proxy};
 pub use super::report::{OpenPeriod, Report, TransitionReport, UpstreamReport};
+use super::run::{run, Observer};
 
 /// Default `--blip`: a trip whose failure episode lasted less than this is reported as a blip.
 pub const DEFAULT_BLIP_MS: u64 = 10_000;
+/// Default `--seed`.
+pub const DEFAULT_SEED: u64 = 1;
 
 // ---------------------------------------------------------------------------------------------------
 // Simulation
@@ -69,6 +62,8 @@ pub struct Options {
     /// The time range of the input, when it is known apart from the calls (a scenario's); the report
     /// covers it and every call.
     pub span_ms: Option<(u64, u64)>,
+    /// `--seed`: where the proxy's randomness comes from (`open_timeout_jitter`).
+    pub seed: u64,
 }
 
 impl Default for Options {
@@ -78,6 +73,7 @@ impl Default for Options {
             malformed_lines: 0,
             blip_ms: DEFAULT_BLIP_MS,
             span_ms: None,
+            seed: DEFAULT_SEED,
         }
     }
 }
@@ -168,16 +164,16 @@ impl Track {
         }
     }
 
-    fn reject(&mut self, verdict: Classification, dry_run: bool) {
+    fn reject(&mut self, judged: Option<Judged>, dry_run: bool) {
         if dry_run {
             self.report.dry_run_rejections += 1;
         } else {
             self.report.rejected += 1;
         }
-        match verdict.outcome {
-            Outcome::Failure => self.report.rejected_would_have_failed += 1,
-            Outcome::Success => self.report.rejected_would_have_succeeded += 1,
-            Outcome::Ignored => {}
+        match judged.map(|j| j.verdict.outcome) {
+            Some(Outcome::Failure) => self.report.rejected_would_have_failed += 1,
+            Some(Outcome::Success) => self.report.rejected_would_have_succeeded += 1,
+            Some(Outcome::Ignored) | None => {}
         }
         if let Some(p) = self
             .current
@@ -188,271 +184,41 @@ impl Track {
     }
 }
 
-/// The two things that happen to a call, in the order they happen at the same millisecond: an outcome
-/// is recorded before a new call is admitted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum EventKind {
-    Record,
-    Admit,
-}
-
-/// What the core decided on a new call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Admit {
-    /// Let through; its outcome is recorded when it ends.
-    Allow,
-    /// Rejected (`enforce`, `forced_open`).
-    Reject,
-    /// Would have been rejected (`dry_run`): let through, not recorded.
-    DryRun,
-    /// Passed without a breaker, and why (`disabled`, `too_many_upstreams`...).
-    Untracked(&'static str),
-}
-
-/// One logged call as the filter would have seen it in Envoy: its request, then its response, and
-/// the events the core produced for it.
-struct ReplayHost<'a> {
-    call: &'a Call,
-    now_ms: u64,
-    responded: bool,
-    events: Vec<Event>,
-}
-
-impl Telemetry for ReplayHost<'_> {
-    fn add(&mut self, _: &Series<'_>, _: u64) {}
-    fn set(&mut self, _: &Series<'_>, _: u64) {}
-    fn log(&mut self, _: Level, _: &str) {}
-    fn event(&mut self, _: Upstream<'_>, event: &Event) {
-        self.events.push(event.clone());
-    }
-}
-
-impl Host for ReplayHost<'_> {
-    fn now_ms(&mut self) -> Option<u64> {
-        Some(self.now_ms)
-    }
-    fn request_header(&mut self, name: &str) -> Option<Vec<u8>> {
-        let c = self.call;
-        let value = match name {
-            "content-type" => c.grpc.then(|| "application/grpc".to_string()),
-            ":path" => c.path.clone(),
-            ":authority" => c.authority.clone(),
-            ":method" => c.method.clone(),
-            other => c.fields.get(other).cloned(),
-        };
-        value.map(String::into_bytes)
-    }
-    fn response_header(&mut self, name: &str) -> Option<Vec<u8>> {
-        if !self.responded {
-            return None;
-        }
-        match name {
-            ":status" => self.call.response_code.map(|c| c.to_string().into_bytes()),
-            "grpc-status" => self.call.grpc_status.map(|c| c.to_string().into_bytes()),
-            _ => None,
-        }
-    }
-    fn response_trailer(&mut self, _: &str) -> Option<Vec<u8>> {
-        None
-    }
-    fn cluster_name(&mut self) -> Option<Vec<u8>> {
-        self.call.upstream_cluster.clone().map(String::into_bytes)
-    }
-    fn response_code(&mut self) -> Option<u16> {
-        self.call.response_code
-    }
-    fn response_flags(&mut self) -> Option<u64> {
-        Some(self.call.response_flags.0)
-    }
-    fn set_request_header(&mut self, _: &str, _: &str) {}
-    fn add_response_header(&mut self, _: &str, _: &str) {}
-    fn send_reply(&mut self, _: LocalReply) -> bool {
-        true
-    }
-}
-
-/// The one place the replay drives the breaker core, as the filter does: each call is a stream of the
-/// core's [`Session`], admitted when it starts and settled when it ends, over a host that shows the
-/// logged call ([`ReplayHost`]). Everything else here only sees [`Admit`] and the transitions.
-///
-/// One worker is enough (on one Envoy all workers share the same breaker state), over the breaker
-/// table in memory, as the native module keeps it: the replay runs hundreds of times in `--tune`.
-struct Core {
-    worker: Worker<Box<LocalStore>>,
-    /// Per call (by index into the replayed calls): the stream of a call let through.
-    sessions: Vec<Option<Session>>,
-}
-
-impl Core {
-    fn new(config: &FilterConfig, calls: usize) -> Self {
-        let table = Box::new(LocalStore::new(config.max_upstreams));
-        Self {
-            worker: Worker::new(Arc::new(config.clone()), 0, table, 0x5eed),
-            sessions: (0..calls).map(|_| None).collect(),
-        }
-    }
-
-    /// Call `i` starts at `at_ms`.
-    fn admit(&mut self, i: usize, call: &Call, at_ms: u64) -> (Admit, Vec<Transition>) {
-        let mut host = ReplayHost {
-            call,
-            now_ms: at_ms,
-            responded: false,
-            events: Vec::new(),
-        };
-        let mut session = Session::new();
-        let action = session.on_request(&mut self.worker, &mut host, true);
-        let mut admit = Admit::Untracked("disabled");
-        for e in &host.events {
-            admit = match e {
-                Event::Rejected(_) if action == Action::Stop => Admit::Reject,
-                Event::DryRun(_) => Admit::DryRun,
-                Event::Untracked(why) => Admit::Untracked(untracked_reason(why)),
-                _ => continue,
-            };
-        }
-        if session.in_flight() {
-            admit = Admit::Allow;
-            if let Some(slot) = self.sessions.get_mut(i) {
-                *slot = Some(session);
-            }
-        }
-        (admit, transitions(&host.events))
-    }
-
-    /// Call `i`, let through by [`Core::admit`], ends at `at_ms`: what it was recorded as, and the
-    /// state changes its outcome caused. `None` for a call that was not let through.
-    fn settle(
-        &mut self,
-        i: usize,
-        call: &Call,
-        at_ms: u64,
-    ) -> Option<(Classification, Vec<Transition>)> {
-        let mut session = self.sessions.get_mut(i)?.take()?;
-        let mut host = ReplayHost {
-            call,
-            now_ms: at_ms,
-            responded: call.response_code.is_some(),
-            events: Vec::new(),
-        };
-        if host.responded {
-            // As Envoy shows a logged response: its headers end it (trailers-only for gRPC).
-            session.on_response_headers(&mut self.worker, &mut host, true);
-        }
-        session.on_end(&mut self.worker, &mut host);
-        let recorded = host.events.iter().find_map(|e| match e {
-            Event::Recorded { outcome, slow, .. } => Some(Classification {
-                outcome: *outcome,
-                slow: *slow,
-            }),
-            _ => None,
-        })?;
-        Some((recorded, transitions(&host.events)))
-    }
-}
-
-fn transitions(events: &[Event]) -> Vec<Transition> {
-    events
-        .iter()
-        .filter_map(|e| match e {
-            Event::Transition(t) => Some(*t),
-            _ => None,
-        })
-        .collect()
-}
-
-fn untracked_reason(why: &Untracked) -> &'static str {
-    match why {
-        Untracked::TooManyUpstreams => "too_many_upstreams",
-        Untracked::KeyTooLong => "key_too_long",
-        Untracked::NoKey => "no_key",
-        Untracked::NoClock => "no_clock",
-        Untracked::ReplyFailed => "reply_failed",
-        Untracked::Store(_) => "store_error",
-    }
-}
-
-/// The events of a replay in the order they happen: by time, a record before an admit at the same
-/// millisecond, ties in log order. Admits are known up front and sorted once; only the records of
-/// calls in flight wait in a heap, which stays as small as the concurrency.
-struct Events {
-    admits: Vec<(u64, usize)>,
-    next: usize,
-    records: BinaryHeap<Reverse<(u64, usize)>>,
-}
-
-impl Events {
-    fn new(calls: &[Call]) -> Self {
-        let mut admits: Vec<(u64, usize)> = calls
-            .iter()
-            .enumerate()
-            .map(|(i, c)| (c.start_ms, i))
-            .collect();
-        admits.sort_unstable();
-        Self {
-            admits,
-            next: 0,
-            records: BinaryHeap::new(),
-        }
-    }
-
-    fn push_record(&mut self, at_ms: u64, i: usize) {
-        self.records.push(Reverse((at_ms, i)));
-    }
-
-    fn pop(&mut self) -> Option<(u64, EventKind, usize)> {
-        let admit = self.admits.get(self.next).copied();
-        let record = self.records.peek().map(|Reverse(r)| *r);
-        match (admit, record) {
-            (Some((a, _)), Some((r, i))) if (r, EventKind::Record) <= (a, EventKind::Admit) => {
-                self.records.pop();
-                Some((r, EventKind::Record, i))
-            }
-            (None, Some((r, i))) => {
-                self.records.pop();
-                Some((r, EventKind::Record, i))
-            }
-            (Some((a, i)), _) => {
-                self.next += 1;
-                Some((a, EventKind::Admit, i))
-            }
-            (None, None) => None,
-        }
-    }
-}
-
 /// Replays calls through the breaker core under `config` and reports what it would have done.
 pub fn simulate(calls: &[Call], config: &FilterConfig, opts: &Options) -> Report {
-    let mut core = Core::new(config, calls.len());
+    simulate_judged(calls, config, opts, &judge_all(config, calls))
+}
+
+/// [`simulate`], with what the filter records for each call (`judged`, one per call, from
+/// [`super::proxy::judge_all`]) already known: `--tune` replays the same calls many times.
+pub fn simulate_judged(
+    calls: &[Call],
+    config: &FilterConfig,
+    opts: &Options,
+    judged: &[Option<Judged>],
+) -> Report {
     // Each key once, with its settings and its track; a call knows its key by index, so the loop
-    // below never hashes, compares or allocates a key.
-    let mut index: HashMap<&str, usize> = HashMap::new();
-    let mut keys: Vec<(&str, &BreakerConfig)> = Vec::new();
+    // never hashes, compares or allocates a key.
+    let mut index: HashMap<String, usize> = HashMap::new();
+    let mut keys: Vec<(String, &BreakerConfig)> = Vec::new();
     // Calls to one upstream come in runs (all of them, when `--tune` replays one upstream): the key
     // of the call before is compared first, which is much cheaper than hashing it again.
-    let mut last: Option<(&str, usize)> = None;
+    let mut last: Option<usize> = None;
     let slots: Vec<Option<usize>> = calls
         .iter()
         .map(|c| {
             let key = c.upstream_key_str(&config.upstream_key)?;
-            let slot = match last {
-                Some((k, slot)) if k == key => slot,
-                _ => *index.entry(key).or_insert_with(|| {
-                    keys.push((key, config.breaker_for(key)));
+            let same = last.filter(|s| keys.get(*s).is_some_and(|(k, _)| *k == *key));
+            let slot = match same.or_else(|| index.get(key.as_ref()).copied()) {
+                Some(slot) => slot,
+                None => {
+                    keys.push((key.to_string(), config.breaker_for(&key)));
+                    index.insert(key.into_owned(), keys.len() - 1);
                     keys.len() - 1
-                }),
+                }
             };
-            last = Some((key, slot));
+            last = Some(slot);
             Some(slot)
-        })
-        .collect();
-    // What each call was, by the log: the ground truth the report compares the breaker with.
-    let verdicts: Vec<Classification> = calls
-        .iter()
-        .zip(&slots)
-        .map(|(c, slot)| {
-            let cfg = slot.and_then(|s| keys.get(s)).map(|(_, cfg)| *cfg);
-            c.classify(cfg.unwrap_or(config.defaults()))
         })
         .collect();
     let first = calls.iter().map(|c| c.start_ms).min();
@@ -464,73 +230,35 @@ pub fn simulate(calls: &[Call], config: &FilterConfig, opts: &Options) -> Report
         _ => (0, 0),
     };
 
-    let mut tracks: Vec<Track> = keys.iter().map(|(k, cfg)| Track::new(k, cfg)).collect();
-    let mut untracked: BTreeMap<String, u64> = BTreeMap::new();
-    let mut queue = Events::new(calls);
-    while let Some((at, kind, i)) = queue.pop() {
-        let slot = slots.get(i).copied().flatten();
-        let (Some(_), Some(track), Some(verdict)) = (
-            slot.and_then(|s| keys.get(s)),
-            slot.and_then(|s| tracks.get_mut(s)),
-            verdicts.get(i).copied(),
-        ) else {
-            if kind == EventKind::Admit {
-                *untracked.entry("no_key".into()).or_default() += 1;
-            }
-            continue;
-        };
-        match kind {
-            EventKind::Admit => {
-                track.report.calls += 1;
-                let Some(call) = calls.get(i) else {
-                    continue;
-                };
-                let (admit, transitions) = core.admit(i, call, at);
-                for t in transitions {
-                    track.apply(t, at, start_ms);
-                }
-                match admit {
-                    Admit::Allow => {
-                        track.report.allowed += 1;
-                        let end = calls.get(i).map_or(at, Call::end_ms);
-                        queue.push_record(end, i);
-                    }
-                    Admit::Reject => track.reject(verdict, false),
-                    Admit::DryRun => track.reject(verdict, true),
-                    Admit::Untracked(why) => {
-                        track.report.untracked += 1;
-                        *untracked.entry(why.into()).or_default() += 1;
-                    }
-                }
-            }
-            EventKind::Record => {
-                let Some(call) = calls.get(i) else {
-                    continue;
-                };
-                let Some((outcome, transitions)) = core.settle(i, call, at) else {
-                    continue;
-                };
-                if outcome.outcome == Outcome::Failure {
-                    track.report.failures_let_through += 1;
-                }
-                for t in transitions {
-                    track.apply(t, at, start_ms);
-                }
-            }
-        }
-    }
+    let mut tally = Tally {
+        tracks: keys.iter().map(|(k, cfg)| Track::new(k, cfg)).collect(),
+        untracked: BTreeMap::new(),
+        slots: &slots,
+        index: &index,
+        judged,
+        start_ms,
+    };
+    let mut proxy = Proxy::new(Arc::new(config.clone()), proxy_seed(opts.seed, 0));
+    run(
+        calls,
+        0..calls.len(),
+        &mut proxy,
+        &config.upstream_key,
+        &mut tally,
+    );
+    let (mut tracks, untracked) = (tally.tracks, tally.untracked);
 
     // The ground truth about each upstream: every logged call, whatever the breaker did with it.
-    for ((call, slot), verdict) in calls.iter().zip(&slots).zip(&verdicts) {
-        let Some(track) = slot.and_then(|s| tracks.get_mut(s)) else {
+    for ((call, slot), judged) in calls.iter().zip(&slots).zip(judged) {
+        let (Some(track), Some(j)) = (slot.and_then(|s| tracks.get_mut(s)), judged) else {
             continue;
         };
-        track.report.log_failures += u64::from(verdict.outcome == Outcome::Failure);
-        track.report.log_slow_calls += u64::from(verdict.slow);
+        track.report.log_failures += u64::from(j.verdict.outcome == Outcome::Failure);
+        track.report.log_slow_calls += u64::from(j.verdict.slow);
         track
             .report
             .samples
-            .push((call.end_ms(), *verdict, call.duration_ms));
+            .push((j.at_ms, j.verdict, call.duration_ms));
     }
 
     let mut upstreams: Vec<UpstreamReport> = tracks
@@ -551,6 +279,92 @@ pub fn simulate(calls: &[Call], config: &FilterConfig, opts: &Options) -> Report
         blip_threshold_ms: opts.blip_ms,
         untracked,
         upstreams,
+    }
+}
+
+/// The seed of proxy `n` of a run seeded with `seed`: distinct for every proxy, the same on every run.
+pub(crate) fn proxy_seed(seed: u64, n: u64) -> u64 {
+    // splitmix64 of the pair: nearby seeds and proxy numbers give unrelated streams.
+    let mut z = seed
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add(n.wrapping_add(1).wrapping_mul(0xD1B5_4A32_D192_ED03));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The report being built as the replay goes: one [`Track`] per upstream key.
+struct Tally<'a> {
+    tracks: Vec<Track>,
+    untracked: BTreeMap<String, u64>,
+    /// Each call's track.
+    slots: &'a [Option<usize>],
+    /// Each key's track.
+    index: &'a HashMap<String, usize>,
+    judged: &'a [Option<Judged>],
+    start_ms: u64,
+}
+
+impl Tally<'_> {
+    fn track(&mut self, i: usize) -> Option<&mut Track> {
+        let slot = self.slots.get(i).copied().flatten()?;
+        self.tracks.get_mut(slot)
+    }
+}
+
+impl Track {
+    /// What the core said about this upstream: state changes, and outcomes recorded.
+    fn heard(&mut self, events: &[Event], at_ms: u64, input_start_ms: u64) {
+        for e in events {
+            match e {
+                Event::Transition(t) => self.apply(*t, at_ms, input_start_ms),
+                Event::Recorded {
+                    outcome: Outcome::Failure,
+                    ..
+                } => self.report.failures_let_through += 1,
+                _ => {}
+            }
+        }
+    }
+}
+
+impl Observer for Tally<'_> {
+    fn admitted(&mut self, at_ms: u64, i: usize, admit: Admit, events: &[Event]) {
+        let (start, judged) = (self.start_ms, self.judged.get(i).copied().flatten());
+        let Some(track) = self.track(i) else {
+            *self.untracked.entry("no_key".into()).or_default() += 1;
+            return;
+        };
+        track.report.calls += 1;
+        // Events first: a transition at admission (Open → HalfOpen) comes before the decision.
+        track.heard(events, at_ms, start);
+        let why = match admit {
+            Admit::Allow => {
+                track.report.allowed += 1;
+                return;
+            }
+            Admit::Reject => return track.reject(judged, false),
+            Admit::DryRun => return track.reject(judged, true),
+            Admit::Untracked(why) => why,
+        };
+        track.report.untracked += 1;
+        *self.untracked.entry(why.into()).or_default() += 1;
+    }
+
+    fn settled(&mut self, at_ms: u64, i: usize, events: &[Event]) {
+        let start = self.start_ms;
+        if let Some(track) = self.track(i) {
+            track.heard(events, at_ms, start);
+        }
+    }
+
+    fn stuck(&mut self, at_ms: u64, events: &[(String, Event)]) {
+        for (key, e) in events {
+            let slot = self.index.get(key).copied();
+            if let Some(track) = slot.and_then(|s| self.tracks.get_mut(s)) {
+                track.heard(std::slice::from_ref(e), at_ms, self.start_ms);
+            }
+        }
     }
 }
 

@@ -68,9 +68,15 @@ pub struct Phase {
     #[serde(default)]
     pub rate_per_sec: Option<f64>,
     /// What a failure looks like: a gRPC status name (`"UNAVAILABLE"`, the default for gRPC), an HTTP
-    /// status (`"503"`, the default for HTTP) or Envoy response flags (`"UF"`, `"UT"`, `"UF,URX"`).
+    /// status (`"503"`, the default for HTTP), Envoy response flags (`"UF"`, `"UT"`, `"UF,URX"`), or
+    /// `"hang"`: the upstream answers nothing, and the client cancels (`DC`, no response code) at its
+    /// deadline, or after `latency_ms` when the phase sets none.
     #[serde(default)]
     pub failure: Option<String>,
+    /// The clients' deadline in ms, sent as `grpc-timeout` on every call of the phase (gRPC only). A
+    /// call not answered by then is cancelled then, with no response.
+    #[serde(default)]
+    pub deadline_ms: Option<f64>,
 }
 
 fn default_seed() -> u64 {
@@ -89,6 +95,7 @@ enum FailureKind {
     Grpc(u16),
     Http(u16),
     Flags(ResponseFlags),
+    Hang,
 }
 
 impl FailureKind {
@@ -100,6 +107,9 @@ impl FailureKind {
                 FailureKind::Http(503)
             });
         };
+        if spec.eq_ignore_ascii_case("hang") {
+            return Ok(FailureKind::Hang);
+        }
         if let Some(code) = grpc_code_from_name(spec) {
             return Ok(FailureKind::Grpc(u16::from(code)));
         }
@@ -111,7 +121,7 @@ impl FailureKind {
         match ResponseFlags::parse_short(spec) {
             Ok(flags) if flags.0 != 0 => Ok(FailureKind::Flags(flags)),
             _ => Err(format!(
-                "failure must be a gRPC status name (\"UNAVAILABLE\"), an HTTP status (\"503\") or Envoy response flags (\"UF\"), got {spec:?}"
+                "failure must be a gRPC status name (\"UNAVAILABLE\"), an HTTP status (\"503\"), Envoy response flags (\"UF\") or \"hang\", got {spec:?}"
             )),
         }
     }
@@ -167,6 +177,13 @@ pub fn parse_scenario(text: &str) -> Result<Scenario, String> {
                 ));
             }
             FailureKind::parse(p.failure.as_deref(), s.grpc).map_err(|e| format!("{at}.{e}"))?;
+            if let Some(d) = p.deadline_ms {
+                if !(d.is_finite() && d >= 1.0 && s.grpc) {
+                    return Err(format!(
+                        "{at}.deadline_ms must be a number of ms >= 1, in a gRPC scenario, got {d}"
+                    ));
+                }
+            }
             expected_calls += rate * (p.to_s - p.from_s);
         }
     }
@@ -226,13 +243,17 @@ pub fn generate(s: &Scenario) -> Result<Vec<Call>, String> {
                 }
                 let latency = p.latency_ms * (0.75 + 0.5 * rng.next_f64());
                 let failed = rng.next_f64() < p.failure_rate;
-                calls.push(synthetic_call(
+                let mut call = synthetic_call(
                     name,
                     start.saturating_add(secs_to_ms(t)),
                     latency.round() as u64,
                     s.grpc,
                     failed.then_some(failure),
-                ));
+                );
+                if let Some(deadline) = p.deadline_ms {
+                    with_deadline(&mut call, deadline.round() as u64);
+                }
+                calls.push(call);
             }
         }
     }
@@ -252,6 +273,7 @@ fn synthetic_call(
         Some(FailureKind::Grpc(code)) => (Some(200), Some(code), ResponseFlags::default()),
         Some(FailureKind::Http(code)) => (Some(code), None, ResponseFlags::default()),
         Some(FailureKind::Flags(flags)) => (Some(503), None, flags),
+        Some(FailureKind::Hang) => (None, None, cancelled()),
     };
     Call {
         line: 0,
@@ -261,12 +283,34 @@ fn synthetic_call(
         authority: Some(name.to_string()),
         path: Some(format!("/{name}/Call")),
         method: Some("POST".into()),
+        // A unary call: its response headers come with its answer.
+        response_headers_ms: response_code.map(|_| duration_ms),
         response_code,
         grpc_status,
         response_flags,
         grpc,
+        grpc_timeout: None,
         fields: BTreeMap::new(),
     }
+}
+
+/// The client sends its deadline, and gives up at it: a hung call, or one slower than it, ends then
+/// with a cancel and no response.
+fn with_deadline(call: &mut Call, deadline_ms: u64) {
+    call.grpc_timeout = Some(format!("{deadline_ms}m"));
+    let hung = call.response_code.is_none();
+    if hung || call.duration_ms >= deadline_ms {
+        call.duration_ms = deadline_ms;
+        call.response_code = None;
+        call.response_headers_ms = None;
+        call.grpc_status = None;
+        call.response_flags = cancelled();
+    }
+}
+
+/// A downstream cancel, as Envoy flags it.
+fn cancelled() -> ResponseFlags {
+    ResponseFlags(ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION)
 }
 
 /// xorshift64*: tiny, fast and plenty for traffic shapes (not for anything secret).
@@ -311,7 +355,7 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 mod tests {
     use super::*;
     use cb_core::classify::Outcome;
-    use cb_core::config::BreakerConfig;
+    use cb_core::config::FilterConfig;
 
     #[test]
     fn generated_traffic_is_deterministic_and_follows_phases() {
@@ -327,9 +371,9 @@ mod tests {
             calls.iter().all(|c| c.start_ms < 20_000),
             "cut at duration_s"
         );
-        let cfg = BreakerConfig::default();
-        for c in &calls {
-            let failed = c.classify(&cfg).outcome == Outcome::Failure;
+        let judged = crate::simulate::judge_all(&FilterConfig::default(), &calls);
+        for (c, j) in calls.iter().zip(judged) {
+            let failed = j.unwrap().verdict.outcome == Outcome::Failure;
             assert_eq!(failed, c.start_ms >= 10_000, "call at {}", c.start_ms);
             if c.start_ms < 10_000 {
                 assert!((30..=50).contains(&c.duration_ms));

@@ -6,6 +6,9 @@
 //! (coordinate search: one setting at a time, keeping any change that scores better, until a pass
 //! changes nothing), from two starting points, and replays at most [`MAX_REPLAYS`] candidates per
 //! upstream: the time it takes is bounded by that many replays of the upstream's calls.
+//!
+//! A sixth setting, `stuck_call_duration`, is not searched but measured ([`STUCK_RULE`]): it is what
+//! lets the breaker see a hang, and every candidate, and the episodes themselves, are judged with it.
 
 use std::collections::BTreeMap;
 
@@ -16,7 +19,8 @@ use serde_json::{Map, Value};
 
 use super::episodes::{find_episodes, Episodes, Outcomes};
 use super::log::Call;
-use super::replay::{simulate, Options};
+use super::proxy::{judge_all, Judged};
+use super::replay::{simulate_judged, Options};
 pub use super::tune_judge::{episode_of, judge, Catch, Effect};
 use super::tune_search::search;
 
@@ -34,7 +38,9 @@ The recommendation, per upstream, is the candidate that best meets, in this orde
   3. a margin, so that another day of the same traffic (which never repeats a log exactly) gets the
      same verdicts. As measured on the log (every call as if let through): every outage caught within
      a third of --outage, its window failure rate by then at least 1.25 x error_rate_threshold (or
-     halfway from it to 100 %) or 1.25 x failure_threshold failures in a row; on every blip and in
+     halfway from it to 100 %) or 1.25 x failure_threshold failures in a row, and that again within
+     every third of --outage until it ends (a breaker that closes mid-outage is caught again in
+     time); on every blip and in
      normal traffic, a window failure rate at most 2/3 of error_rate_threshold and at most 2/3 of
      failure_threshold failures in a row;
   4. fewest would-succeed calls rejected;
@@ -44,6 +50,19 @@ Each priority narrows the candidates left by the ones before it (in 1, to those 
 in time; in 3, to those short of the margin in fewest places); in 4 and 5, counts within 10 % (or 5
 calls) of the fewest are taken as equal, so that small differences of one log do not outweigh the
 next priority. When no candidate meets 1, 2 or 3, the report says which and why.";
+
+/// How `stuck_call_duration` is recommended, as `--help` states it.
+pub const STUCK_RULE: &str = "\
+stuck_call_duration is not searched but measured: 3 x the 99.9th percentile (the slowest, with fewer
+than 1000) of the time to response headers of the upstream's calls that succeeded, at least 1s,
+rounded up to 100ms. Only a hang takes that long: healthy calls are that slow far less than once in a
+thousand. An upstream whose settings have one keeps it unless it is shorter than that percentile.
+Outages (a hang included: its calls are stuck failures) are found with it, and every candidate has it.";
+
+/// `stuck_call_duration` is this many times the 99.9th percentile of the time to response headers.
+pub const STUCK_FACTOR: u64 = 3;
+/// ... at least this (ms).
+pub const MIN_STUCK_MS: u64 = 1_000;
 
 /// Settings of a tuning run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,7 +88,7 @@ impl Default for TuneOptions {
     }
 }
 
-/// The five settings the search moves.
+/// The five settings the search moves, and the measured `stuck_call_duration`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Knobs {
     /// `failure_threshold`.
@@ -82,6 +101,8 @@ pub struct Knobs {
     pub minimum_requests: u32,
     /// `open_timeout`, ms.
     pub open_timeout_ms: u64,
+    /// `stuck_call_duration`, ms (not searched: see [`STUCK_RULE`]).
+    pub stuck_call_duration_ms: Option<u64>,
 }
 
 impl Knobs {
@@ -93,6 +114,7 @@ impl Knobs {
             window: cfg.window,
             minimum_requests: cfg.minimum_requests,
             open_timeout_ms: cfg.open_timeout_ms,
+            stuck_call_duration_ms: cfg.stuck_call_duration_ms,
         }
     }
 
@@ -120,12 +142,20 @@ impl Knobs {
         if self.open_timeout_ms != base.open_timeout_ms {
             m.insert("open_timeout".into(), duration(self.open_timeout_ms).into());
         }
+        if let Some(ms) = self
+            .stuck_call_duration_ms
+            .filter(|_| self.stuck_call_duration_ms != base.stuck_call_duration_ms)
+        {
+            m.insert("stuck_call_duration".into(), duration(ms).into());
+        }
         m
     }
 
-    /// How many of the five settings differ from `base`.
+    /// How many of the five searched settings differ from `base`.
     pub fn distance(&self, base: &Knobs) -> usize {
-        self.changes_from(base).len()
+        let mut changes = self.changes_from(base);
+        changes.remove("stuck_call_duration");
+        changes.len()
     }
 }
 
@@ -154,6 +184,8 @@ pub struct UpstreamTuning {
     pub upstream: String,
     /// Its calls in the input.
     pub calls: u64,
+    /// How `stuck_call_duration` was measured; `None` when no call succeeded.
+    pub stuck: Option<StuckAdvice>,
     /// Its noise and episodes.
     pub episodes: Episodes,
     /// Outages among the episodes.
@@ -320,15 +352,17 @@ pub fn tune(calls: &[Call], base: &Base, opts: &TuneOptions) -> TuneReport {
     }
 }
 
-/// Replays `calls` (all to `key`) under `config` and judges the result.
+/// Replays `calls` (all to `key`, with what the filter records for each: `judged`) under `config`,
+/// and judges the result against `episodes`.
 pub fn replay(
     key: &str,
     calls: &[Call],
+    judged: &[Option<Judged>],
     config: &FilterConfig,
     episodes: &Episodes,
     opts: &TuneOptions,
 ) -> Option<Effect> {
-    let report = simulate(calls, config, &Options::default());
+    let report = simulate_judged(calls, config, &Options::default(), judged);
     let u = report.upstreams.iter().find(|u| u.upstream == key)?;
     Some(judge(
         u,
@@ -339,7 +373,7 @@ pub fn replay(
 }
 
 /// Each upstream's calls in `calls`, by key, as `config` keys them.
-fn by_key(calls: &[Call], config: &FilterConfig) -> BTreeMap<String, Vec<Call>> {
+pub(crate) fn by_key(calls: &[Call], config: &FilterConfig) -> BTreeMap<String, Vec<Call>> {
     let mut by_key: BTreeMap<String, Vec<Call>> = BTreeMap::new();
     for c in calls {
         if let Some(k) = c.upstream_key(&config.upstream_key) {
@@ -349,13 +383,13 @@ fn by_key(calls: &[Call], config: &FilterConfig) -> BTreeMap<String, Vec<Call>> 
     by_key
 }
 
-/// An upstream's episodes, measured on its calls as classified under `cfg`.
-fn episodes_of(calls: &[Call], cfg: &BreakerConfig) -> Episodes {
-    let outcomes: Vec<(u64, bool)> = calls
+/// An upstream's episodes, from what the filter records for its calls (when, and whether it failed).
+pub(crate) fn episodes_of(judged: &[Option<Judged>]) -> Episodes {
+    let outcomes: Vec<(u64, bool)> = judged
         .iter()
-        .map(|c| (c.end_ms(), c.classify(cfg).outcome))
-        .filter(|(_, o)| *o != Outcome::Ignored)
-        .map(|(t, o)| (t, o == Outcome::Failure))
+        .flatten()
+        .filter(|j| j.verdict.outcome != Outcome::Ignored)
+        .map(|j| (j.at_ms, j.verdict.outcome == Outcome::Failure))
         .collect();
     find_episodes(Outcomes::new(outcomes))
 }
@@ -370,11 +404,53 @@ pub fn evaluate(
     by_key(calls, config)
         .into_iter()
         .filter_map(|(key, calls)| {
-            let episodes = episodes_of(&calls, config.breaker_for(&key));
-            let effect = replay(&key, &calls, config, &episodes, opts)?;
+            let judged = judge_all(config, &calls);
+            let episodes = episodes_of(&judged);
+            let effect = replay(&key, &calls, &judged, config, &episodes, opts)?;
             Some((key, (episodes, effect)))
         })
         .collect()
+}
+
+/// How `stuck_call_duration` was measured for one upstream (see [`STUCK_RULE`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct StuckAdvice {
+    /// Calls that succeeded.
+    pub successes: u64,
+    /// The 99.9th percentile of their time to response headers (the slowest, with fewer than 1000),
+    /// ms.
+    pub p999_ms: u64,
+    /// What [`STUCK_RULE`] makes of it, ms.
+    pub rule_ms: u64,
+    /// What is recommended, ms: the rule's, or the upstream's own when that is long enough.
+    pub recommended_ms: u64,
+}
+
+/// `stuck_call_duration` for an upstream whose breaker has `current`, from its calls and what the
+/// filter records for each; `None` when none succeeded.
+pub fn stuck_advice(
+    calls: &[Call],
+    judged: &[Option<Judged>],
+    current: Option<u64>,
+) -> Option<StuckAdvice> {
+    let mut latencies: Vec<u64> = calls
+        .iter()
+        .zip(judged)
+        .filter(|(_, j)| j.is_some_and(|j| j.verdict.outcome == Outcome::Success))
+        .filter_map(|(c, _)| c.response_headers_after_ms())
+        .collect();
+    latencies.sort_unstable();
+    let n = latencies.len();
+    // The value 99.9 % of the calls do not exceed: the slowest, below 1000 calls.
+    let rank = (n * 999).div_ceil(1000).max(1);
+    let p999_ms = *latencies.get(rank - 1)?;
+    let rule_ms = (p999_ms * STUCK_FACTOR).max(MIN_STUCK_MS).div_ceil(100) * 100;
+    Some(StuckAdvice {
+        successes: n as u64,
+        p999_ms,
+        rule_ms,
+        recommended_ms: current.filter(|ms| *ms >= p999_ms).unwrap_or(rule_ms),
+    })
 }
 
 fn tune_upstream(
@@ -384,9 +460,30 @@ fn tune_upstream(
     opts: &TuneOptions,
 ) -> Option<UpstreamTuning> {
     let cfg = base.config.breaker_for(key);
-    let episodes = episodes_of(calls, cfg);
     let base_knobs = Knobs::of(cfg);
-    let base_effect = replay(key, calls, &base.config, &episodes, opts)?;
+    let judged_base = judge_all(&base.config, calls);
+    let stuck = stuck_advice(calls, &judged_base, cfg.stuck_call_duration_ms);
+    let start_knobs = Knobs {
+        stuck_call_duration_ms: stuck
+            .map(|a| a.recommended_ms)
+            .or(base_knobs.stuck_call_duration_ms),
+        ..base_knobs
+    };
+    // The start: the upstream's own settings with the measured stuck_call_duration. What the filter
+    // records under it is the ground truth for every candidate: a hang is then a run of failures.
+    let start_config = base
+        .override_for(key, &start_knobs)
+        .and_then(|entry| base.with_override(key, entry).ok());
+    let (start_knobs, judged) = match &start_config {
+        Some(config) => (start_knobs, judge_all(config, calls)),
+        None => (base_knobs, judged_base),
+    };
+    let episodes = episodes_of(&judged);
+    let base_effect = replay(key, calls, &judged, &base.config, &episodes, opts)?;
+    let start_effect = match &start_config {
+        Some(config) => replay(key, calls, &judged, config, &episodes, opts)?,
+        None => base_effect.clone(),
+    };
     let outages = episodes
         .episodes
         .iter()
@@ -400,49 +497,67 @@ fn tune_upstream(
     let mut result = UpstreamTuning {
         upstream: key.to_string(),
         calls: calls.len() as u64,
+        stuck,
         episodes: episodes.clone(),
         outages,
         blips,
-        override_fields: None,
-        recommended_knobs: base_knobs,
+        override_fields: base.override_for(key, &start_knobs),
+        recommended_knobs: start_knobs,
         base_knobs,
-        recommended: base_effect.clone(),
-        base: base_effect.clone(),
+        recommended: start_effect.clone(),
+        base: base_effect,
         unmet: Vec::new(),
         note: String::new(),
-        replays: 1,
+        replays: 1 + usize::from(start_config.is_some()),
     };
-    if outages == 0 && base_effect.needless_trips() == 0 {
-        result.note =
-            "no outage in the log, and the defaults trip on nothing: keeps the defaults (no override)"
-                .into();
+    if outages == 0 && start_effect.needless_trips() == 0 {
+        result.note = what(&result, outages);
         return Some(result);
     }
-    let tried = search(key, calls, base, &episodes, opts, base_knobs, base_effect);
-    result.replays = tried.len();
-    // Never empty: the base is the first candidate.
+    let tried = search(
+        key,
+        calls,
+        &judged,
+        base,
+        &episodes,
+        opts,
+        start_knobs,
+        start_effect,
+    );
+    result.replays += tried.len() - 1;
+    // Never empty: the start is the first candidate.
     let (best_knobs, best) = tried.best(opts)?;
     result.unmet = super::tune_search::unmet(&tried, (best_knobs, best), &episodes, opts);
     result.override_fields = base.override_for(key, &best_knobs);
     result.recommended_knobs = best_knobs;
     result.recommended = best.clone();
-    result.note = note(&result, outages);
-    Some(result)
-}
-
-fn note(r: &UpstreamTuning, outages: usize) -> String {
-    let met = if r.unmet.is_empty() {
+    let met = if result.unmet.is_empty() {
         "it meets every priority"
     } else {
         "it does not meet every priority (below)"
     };
-    let what = match (&r.override_fields, outages) {
-        (None, 0) => {
-            "no outage in the log; the defaults are the best candidate: keeps them (no override)"
+    result.note = format!("{}; {met}", what(&result, outages));
+    Some(result)
+}
+
+/// What the recommendation is, in words.
+fn what(r: &UpstreamTuning, outages: usize) -> String {
+    let thresholds = r.recommended_knobs.distance(&r.base_knobs) > 0;
+    let stuck = r.recommended_knobs.stuck_call_duration_ms != r.base_knobs.stuck_call_duration_ms;
+    let what = match (thresholds, outages, r.base.needless_trips()) {
+        (false, 0, 0) => {
+            "no outage in the log, and the defaults trip on nothing: keeps the defaults"
         }
-        (None, _) => "the defaults are the best candidate: keeps them (no override)",
-        (Some(_), 0) => "no outage in the log, but the defaults trip needlessly: an override",
-        (Some(_), _) => "an override",
+        (false, 0, _) => "no outage in the log; the defaults are the best candidate: keeps them",
+        (false, _, _) => "the defaults are the best candidate: keeps them",
+        (true, 0, _) => "no outage in the log, but the defaults trip needlessly: an override",
+        (true, _, _) => "an override",
     };
-    format!("{what}; {met}")
+    let how = match (thresholds, stuck) {
+        (false, false) => " (no override)",
+        (false, true) => ", with stuck_call_duration added (see --help)",
+        (true, true) => ", stuck_call_duration included",
+        (true, false) => "",
+    };
+    format!("{what}{how}")
 }

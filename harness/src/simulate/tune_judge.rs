@@ -5,7 +5,7 @@ use cb_core::breaker::StateKind;
 use cb_core::config::WindowConfig;
 use serde::Serialize;
 
-use super::episodes::{Episode, Episodes, Peak};
+use super::episodes::{Episode, Episodes, Outcomes, Peak};
 use super::log::format_rfc3339_ms;
 use super::replay::UpstreamReport;
 use super::tune::{Knobs, TuneOptions};
@@ -20,7 +20,8 @@ const TRIP_AFTER_MS: u64 = 2_000;
 pub const MARGIN: f64 = 2.0 / 3.0;
 /// ... and an outage, within a third of `--outage`, to go past a trigger by this much: a window
 /// failure rate of 1.25 × `error_rate_threshold` (or halfway from it to 100 %, if that is lower), or
-/// 1.25 × `failure_threshold` failures in a row.
+/// 1.25 × `failure_threshold` failures in a row; and that again within every third of `--outage`
+/// until the outage ends.
 pub const OUTAGE_MARGIN: f64 = 0.8;
 
 /// One outage and how a candidate dealt with it.
@@ -153,6 +154,61 @@ fn catch(u: &UpstreamReport, e: &Episode, opts: &TuneOptions) -> Catch {
     }
 }
 
+/// How long an outage went, at most, without its window past a trigger by the outage margin.
+struct Uncleared {
+    /// The longest such stretch, ms (from the outage's start, between two outcomes that clear it,
+    /// or to its end).
+    longest_ms: u64,
+    /// Where it began.
+    from_ms: u64,
+    /// The worst the window showed in the outage's first `third`.
+    first_third: Peak,
+    /// The failure rate that clears the rate trigger by the margin.
+    rate_needed: f64,
+}
+
+/// The stretches of outage `e` in which the window (every call let through) was not past a trigger
+/// by [`OUTAGE_MARGIN`]. A catch that a lucky moment made (a run of failures in a partial outage, a
+/// window that reached `minimum_requests` once) leaves a long one: another day of the same traffic,
+/// or a breaker that closes in the middle of the outage, would be late. So the margin asks for it
+/// within every `third` of the outage, not only the first.
+fn uncleared(o: &Outcomes, knobs: &Knobs, e: &Episode, third: u64) -> Uncleared {
+    let thr = f64::from(knobs.error_rate_ppm) / 1e6;
+    let rate_needed = (thr / OUTAGE_MARGIN).min((1.0 + thr) / 2.0);
+    let run_needed = (f64::from(knobs.failure_threshold) / OUTAGE_MARGIN).ceil();
+    let by = e.start_ms + third;
+    let mut u = Uncleared {
+        longest_ms: 0,
+        from_ms: e.start_ms,
+        first_third: Peak::default(),
+        rate_needed,
+    };
+    let mut last_clear = e.start_ms;
+    let stretch = |from: u64, to: u64, u: &mut Uncleared| {
+        if to.saturating_sub(from) > u.longest_ms {
+            u.longest_ms = to.saturating_sub(from);
+            u.from_ms = from;
+        }
+    };
+    o.each(knobs.window, knobs.minimum_requests, |t, p| {
+        if !(e.start_ms..=e.end_ms).contains(&t) {
+            return;
+        }
+        if t <= by {
+            u.first_third.rate = u.first_third.rate.max(p.rate);
+            u.first_third.run = u.first_third.run.max(p.run);
+        }
+        let clear = p.rate >= rate_needed
+            || (knobs.failure_threshold > 0 && f64::from(p.run) >= run_needed);
+        if clear {
+            stretch(last_clear, t, &mut u);
+            last_clear = t;
+        }
+    });
+    stretch(last_clear, e.end_ms, &mut u);
+    u
+}
+
 /// From 1s before an episode to when its failures have left `window` (at least 2s after it).
 fn zone(episodes: &Episodes, window: WindowConfig, e: &Episode) -> (u64, u64) {
     let reach = episodes.outcomes.reach_end(window, e.end_ms);
@@ -183,26 +239,32 @@ fn margin(effect: &mut Effect, episodes: &Episodes, knobs: &Knobs, opts: &TuneOp
         let late = c
             .caught_after_ms
             .map_or(c.length_ms + opts.outage_ms, |ms| ms.saturating_sub(third));
-        let by = e.start_ms + third;
-        let peak = o.peak(knobs.window, min, |t| (e.start_ms..=by).contains(&t));
-        let thr = f64::from(knobs.error_rate_ppm) / 1e6;
-        let rate_needed = (thr / OUTAGE_MARGIN).min((1.0 + thr) / 2.0);
-        let run_needed = (f64::from(knobs.failure_threshold) / OUTAGE_MARGIN).ceil();
-        let clear = peak.rate >= rate_needed
-            || (knobs.failure_threshold > 0 && f64::from(peak.run) >= run_needed);
+        let stretch = uncleared(o, knobs, e, third);
+        let clear = stretch.longest_ms <= third;
         if late == 0 && clear {
             continue;
         }
         effect.margin_shortfall += late;
         if !clear {
-            effect.margin_shortfall += ((rate_needed - peak.rate).max(0.0) * 1e6) as u64;
+            effect.margin_shortfall += stretch.longest_ms - third;
+            if stretch.from_ms == e.start_ms {
+                let short = (stretch.rate_needed - stretch.first_third.rate).max(0.0);
+                effect.margin_shortfall += (short * 1e6) as u64;
+            }
         }
         let how = match c.caught_after_ms {
             Some(ms) if late > 0 => format!("caught after {}, later than the margin's {}", secs(ms), secs(third)),
             None => "not caught".into(),
+            Some(_) if stretch.from_ms == e.start_ms => format!(
+                "its window failure rate reached only {:.2} by {}, short of the {:.2} the margin asks",
+                stretch.first_third.rate,
+                secs(third),
+                stretch.rate_needed
+            ),
             Some(_) => format!(
-                "its window failure rate reached only {:.2} by {}, short of the {rate_needed:.2} the margin asks",
-                peak.rate,
+                "from {} its window stayed short of a trigger by the margin for {}, longer than the margin's {}: a breaker that had just closed would have caught it late",
+                clock(stretch.from_ms),
+                secs(stretch.longest_ms),
                 secs(third)
             ),
         };

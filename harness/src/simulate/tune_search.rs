@@ -5,6 +5,7 @@ use cb_core::config::{FilterConfig, WindowConfig};
 
 use super::episodes::Episodes;
 use super::log::Call;
+use super::proxy::Judged;
 use super::tune::{duration, replay, Base, Effect, Knobs, TuneOptions, Unmet, MAX_REPLAYS};
 use super::tune_judge::{clock, episode_of, secs};
 
@@ -130,6 +131,7 @@ impl Tried {
 struct Search<'a> {
     key: &'a str,
     calls: &'a [Call],
+    judged: &'a [Option<Judged>],
     base: &'a Base,
     episodes: &'a Episodes,
     opts: &'a TuneOptions,
@@ -161,9 +163,10 @@ impl Search<'_> {
                 Err(_) => self.tried.invalid.push(*k),
             }
         }
-        let (key, calls, episodes, opts) = (self.key, self.calls, self.episodes, self.opts);
+        let (key, calls, judged) = (self.key, self.calls, self.judged);
+        let (episodes, opts) = (self.episodes, self.opts);
         let effects = parallel_map(&todo, |(_, config)| {
-            replay(key, calls, config, episodes, opts)
+            replay(key, calls, judged, config, episodes, opts)
         });
         for ((k, _), effect) in todo.into_iter().zip(effects) {
             if let Some(e) = effect.flatten() {
@@ -299,19 +302,26 @@ fn rate_start(base: Knobs, episodes: &Episodes) -> Knobs {
     }
 }
 
-/// Every candidate the search replayed for `key`, the base (already replayed: `base_effect`) first.
+/// Every candidate the search replayed for `key`, the start (the upstream's own settings with the
+/// measured `stuck_call_duration`, already replayed: `start_effect`) first. `judged`: what the filter
+/// records for each call, under the start's settings.
+#[allow(clippy::too_many_arguments)]
 pub fn search(
     key: &str,
     calls: &[Call],
+    judged: &[Option<Judged>],
     base: &Base,
     episodes: &Episodes,
     opts: &TuneOptions,
-    base_knobs: Knobs,
-    base_effect: Effect,
+    start_knobs: Knobs,
+    start_effect: Effect,
 ) -> Tried {
+    let base_knobs = start_knobs;
+    let base_effect = start_effect;
     let mut s = Search {
         key,
         calls,
+        judged,
         base,
         episodes,
         opts,
