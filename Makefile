@@ -58,13 +58,14 @@ test-wasm: targets wasm-test-runner
 	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=$(WASM_TEST_RUNNER) \
 		cargo test -p circuit-breaker-core --lib --target wasm32-unknown-unknown
 
-## test-e2e: the contract's behaviours (tests/e2e.rs) and reliability (tests/reliability.rs) in Envoy,
+## test-e2e: the contract's behaviours (tests/e2e.rs), reliability (tests/reliability.rs), the calls that
+## never finish (tests/unanswered.rs) and one hung replica behind sidecars (tests/replica.rs) in Envoy,
 ## once per build: the wasm filter, then the native module (CB_BUILD picks the bootstraps); the crate's
 ## k8s tests run in test-k8s, which installs their tools.
 test-e2e: build envoy
 	cargo test -p circuit-breaker-e2e --lib --test native_smoke -- --test-threads 2
-	CB_BUILD=wasm cargo test -p circuit-breaker-e2e --test e2e --test reliability --test unanswered -- --test-threads 2
-	CB_BUILD=native cargo test -p circuit-breaker-e2e --test e2e --test reliability --test unanswered -- --test-threads 2
+	CB_BUILD=wasm cargo test -p circuit-breaker-e2e --test e2e --test reliability --test unanswered --test replica -- --test-threads 2
+	CB_BUILD=native cargo test -p circuit-breaker-e2e --test e2e --test reliability --test unanswered --test replica -- --test-threads 2
 
 ## test-docs: every relative link in the tracked Markdown resolves inside the repository (no Envoy)
 .PHONY: test-docs
@@ -83,10 +84,15 @@ corruptor: targets
 		--target-dir $(ROOT)/target/fixtures
 
 ## demo: Envoy + the filter in front of the demo services; an outage, the breaker opens, fails fast, recovers.
-## `make demo NATIVE=1` runs it on the native build (dist/libcircuit_breaker.so, envoy/demo-native.yaml).
+## `make demo SCENARIO=replica`: one of content-service's three replicas hangs, behind Istio-shaped
+## sidecars (envoy/outbound.yaml, envoy/inbound.yaml); no breaker, the caller's side, both sides with
+## cut_stuck_calls. `make demo NATIVE=1` runs either on the native build (dist/libcircuit_breaker.so,
+## the *-native.yaml bootstraps).
 NATIVE ?=
+SCENARIO ?=
 demo: build envoy
-	cargo run -q -p circuit-breaker-harness -- demo $(if $(filter 1,$(NATIVE)),--native)
+	cargo run -q -p circuit-breaker-harness -- demo $(if $(filter 1,$(NATIVE)),--native) \
+		$(if $(SCENARIO),--scenario $(SCENARIO))
 
 ## lint: rustfmt and clippy (-D warnings), for the host and for wasm32-wasip1
 lint: targets

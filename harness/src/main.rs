@@ -32,7 +32,7 @@ enum Command {
 gRPC services; content-service hangs for a while, the breaker is seen to open, fail fast and recover, \
 then the same run without the breaker for comparison. Needs dist/circuit_breaker.wasm and an Envoy \
 (ENVOY=/path/to/envoy).",
-        after_help = "Options (passed to the demo as they are):\n  --healthy S    seconds before the outage (1 to 300, default 6)\n  --outage S     seconds content-service hangs (default 16)\n  --recovery S   seconds after it (default 12)"
+        after_help = "Options (passed to the demo as they are):\n  --healthy S    seconds before the outage (1 to 300, default 6)\n  --outage S     seconds content-service hangs (default 16)\n  --recovery S   seconds after it (default 12)\n  --native       the native build of the filter (dist/libcircuit_breaker.so)\n  --scenario S   service (default: content-service hangs, with the breaker and without) or\n                 replica (one of its three replicas hangs behind sidecars: no breaker, the\n                 caller's side, both sides with cut_stuck_calls)"
     )]
     Demo(PassThrough),
     /// The benchmarks: the filter in Envoy against Envoy's own floor (what `make bench` runs)

@@ -529,7 +529,7 @@ fn one_hundred_thousand_outcomes_through_cas_on_one_key_are_all_accounted_for() 
     let allowed: u64 = sent.iter().map(|s| s.0).sum();
     // What is still queued for a retry is stored by the next stuck-call check.
     for w in sim.workers() {
-        w.check_stuck();
+        w.tick();
     }
     let t = sim.totals();
     println!("100k CAS race: {t:?}");

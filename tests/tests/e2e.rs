@@ -1183,7 +1183,10 @@ async fn health_endpoint_reports_every_breaker() {
     let (code, body) = health(&bed, path).await;
     assert_eq!(
         (code, &body),
-        (200, &json!({"status": "healthy", "circuit_breakers": []}))
+        (
+            200,
+            &json!({"status": "healthy", "circuit_breakers": [], "omitted": 0})
+        )
     );
 
     let channel = bed.envoy.channel().await.unwrap();
@@ -1193,7 +1196,8 @@ async fn health_endpoint_reports_every_breaker() {
     assert_eq!(
         breaker(&body, "user"),
         &json!({"upstream": "user", "state": "closed", "failure_rate": 0.0, "slow_call_rate": 0.0,
-                "calls_in_window": 1, "consecutive_failures": 0, "retry_after_ms": null})
+                "calls_in_window": 1, "consecutive_failures": 0, "retry_after_ms": null,
+                "admitting": 1.0})
     );
 
     // A closed breaker with failures in its window: still healthy, with the rates of the window.
@@ -1205,7 +1209,8 @@ async fn health_endpoint_reports_every_breaker() {
     assert_eq!(
         breaker(&body, "feed"),
         &json!({"upstream": "feed", "state": "closed", "failure_rate": 0.5, "slow_call_rate": 0.0,
-                "calls_in_window": 2, "consecutive_failures": 1, "retry_after_ms": null})
+                "calls_in_window": 2, "consecutive_failures": 1, "retry_after_ms": null,
+                "admitting": 1.0})
     );
 
     bed.content.set_fault(Fault::Unavailable).await.unwrap();
@@ -1219,17 +1224,22 @@ async fn health_endpoint_reports_every_breaker() {
     let content = breaker(&body, "content");
     assert_eq!(content["state"], "open", "{body}");
     assert_eq!(content["consecutive_failures"], 2, "{body}");
+    assert_eq!(content["admitting"], 0.0, "{body}");
     let retry_after = content["retry_after_ms"]
         .as_u64()
         .unwrap_or_else(|| panic!("retry_after_ms: {body}"));
     assert!(retry_after > 0 && retry_after <= 30_000, "{body}");
     assert_eq!(breaker(&body, "user")["state"], "closed");
     // The health endpoint answers itself: it is not an upstream, and never reaches one.
-    assert_eq!(
-        body["circuit_breakers"].as_array().unwrap().len(),
-        3,
-        "{body}"
-    );
+    let keys: Vec<_> = body["circuit_breakers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["upstream"].as_str().unwrap())
+        .collect();
+    // The breakers not closed come first, then the rest, each group sorted by key.
+    assert_eq!(keys, ["content", "feed", "user"], "{body}");
+    assert_eq!(body["omitted"], 0, "{body}");
     assert_eq!(bed.web.requests(), 0);
 }
 

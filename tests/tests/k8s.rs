@@ -10,6 +10,13 @@
 //!   it, is loaded into a real Envoy shaped like an Istio sidecar (`k8s/testdata/istio-sidecar.yaml`:
 //!   Istio's stats settings, Istio's outbound cluster names) and serves; a broken overlay config is
 //!   refused with the field named.
+//! - The destination's side (`k8s/components/inbound*`, through the `prod-inbound*` overlays): the
+//!   WasmPlugin of `match: [{mode: SERVER}]` placed where Istio puts its phase, and the
+//!   SIDECAR_INBOUND EnvoyFilters of both builds, in the inbound chain of that sidecar (Istio's
+//!   filter order with RBAC, route `timeout: 0s`, `grpc_timeout_header_max: 0s`, the inbound
+//!   cluster `inbound|8080||` at maximum thresholds) beside the caller's side in its outbound chain:
+//!   the two keep apart, RBAC answers first, and stuck calls of a hung workload open the breaker,
+//!   which then answers new calls at once and (wasm, so far) cuts the held ones.
 //! - The native module's forms (module `native`): the Istio EnvoyFilter in that sidecar, and the
 //!   Envoy Gateway EnvoyProxy and EnvoyExtensionPolicy as Envoy Gateway builds them, in an Envoy
 //!   shaped like an Envoy Gateway proxy (`k8s/testdata/envoy-gateway.yaml`).
@@ -50,8 +57,8 @@ use sha2::{Digest, Sha256};
 // ------------------------------------------------------------------------------------------------
 // Paths, rendering
 
-/// The overlays and how each loads the filter.
-const OVERLAYS: [Overlay; 9] = [
+/// The overlays, how each loads the filter, and whether it also puts it on the destination's side.
+const OVERLAYS: [Overlay; 12] = [
     Overlay::new("dev", Loader::WasmPlugin),
     Overlay::new("staging", Loader::WasmPlugin),
     Overlay::new("prod", Loader::WasmPlugin),
@@ -61,6 +68,9 @@ const OVERLAYS: [Overlay; 9] = [
     Overlay::new("dev-native", Loader::Native),
     Overlay::new("staging-native", Loader::Native),
     Overlay::new("prod-native", Loader::Native),
+    Overlay::both_sides("prod-inbound", Loader::WasmPlugin),
+    Overlay::both_sides("prod-inbound-envoyfilter", Loader::EnvoyFilter),
+    Overlay::both_sides("prod-inbound-native", Loader::Native),
 ];
 
 /// How an overlay loads the filter into the sidecars.
@@ -73,15 +83,49 @@ enum Loader {
     Native,
 }
 
+/// Which side of a pod a filter guards (docs/placement.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    /// What the pod calls: its sidecar's outbound chain (`k8s/base`, the caller-side components).
+    Caller,
+    /// The pod itself, for every caller at once: its sidecar's inbound chain
+    /// (`k8s/components/inbound*`).
+    Destination,
+}
+
+impl Side {
+    /// The name of the object (WasmPlugin or EnvoyFilter) that loads the filter on this side.
+    fn object_name(self) -> &'static str {
+        match self {
+            Side::Caller => "circuit-breaker",
+            Side::Destination => "circuit-breaker-inbound",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Overlay {
     dir: &'static str,
     loader: Loader,
+    /// Also the destination's side (a `k8s/components/inbound*` component), in the same form.
+    destination: bool,
 }
 
 impl Overlay {
     const fn new(dir: &'static str, loader: Loader) -> Self {
-        Self { dir, loader }
+        Self {
+            dir,
+            loader,
+            destination: false,
+        }
+    }
+
+    const fn both_sides(dir: &'static str, loader: Loader) -> Self {
+        Self {
+            dir,
+            loader,
+            destination: true,
+        }
     }
 
     /// `dev`, `staging` or `prod`.
@@ -89,6 +133,7 @@ impl Overlay {
         self.dir
             .trim_end_matches("-envoyfilter")
             .trim_end_matches("-native")
+            .trim_end_matches("-inbound")
     }
 
     fn path(self) -> String {
@@ -181,6 +226,30 @@ fn only_of_kind<'a>(docs: &'a [Value], wanted: &str) -> &'a Value {
     first
 }
 
+/// The one object of kind `wanted` named `name`.
+fn named<'a>(docs: &'a [Value], wanted: &str, name: &str) -> &'a Value {
+    let mut found = docs
+        .iter()
+        .filter(|d| kind(d) == wanted && d["metadata"]["name"] == name);
+    let first = found
+        .next()
+        .unwrap_or_else(|| panic!("no {wanted} {name} rendered"));
+    assert!(
+        found.next().is_none(),
+        "more than one {wanted} {name} rendered"
+    );
+    first
+}
+
+/// The object that loads the filter on `side` in `loader`'s form.
+fn loading_object(docs: &[Value], side: Side, loader: Loader) -> &Value {
+    let wanted = match loader {
+        Loader::WasmPlugin => "WasmPlugin",
+        Loader::EnvoyFilter | Loader::Native => "EnvoyFilter",
+    };
+    named(docs, wanted, side.object_name())
+}
+
 // ------------------------------------------------------------------------------------------------
 // The filter configuration inside the rendered objects
 
@@ -207,17 +276,17 @@ fn string_value_json(any: &Value, what: &str) -> Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("{what} is not JSON ({e}): {text}"))
 }
 
-/// The filter's JSON configuration as the overlay hands it to the sidecars.
-fn filter_config(docs: &[Value], loader: Loader) -> Value {
-    let envoy_filter = || envoy_filter_http_filter(only_of_kind(docs, "EnvoyFilter"));
+/// The filter's JSON configuration as the overlay hands it to the sidecars, on `side`.
+fn filter_config(docs: &[Value], side: Side, loader: Loader) -> Value {
+    let object = loading_object(docs, side, loader);
     match loader {
-        Loader::WasmPlugin => only_of_kind(docs, "WasmPlugin")["spec"]["pluginConfig"].clone(),
+        Loader::WasmPlugin => object["spec"]["pluginConfig"].clone(),
         Loader::EnvoyFilter => string_value_json(
-            &envoy_filter()["typed_config"]["config"]["configuration"],
+            &envoy_filter_http_filter(object)["typed_config"]["config"]["configuration"],
             "the EnvoyFilter's wasm configuration",
         ),
         Loader::Native => string_value_json(
-            &envoy_filter()["typed_config"]["filter_config"],
+            &envoy_filter_http_filter(object)["typed_config"]["filter_config"],
             "the EnvoyFilter's dynamic-module filter_config",
         ),
     }
@@ -275,16 +344,29 @@ fn filter_from_envoy_filter(envoy_filter: &Value, wasm: &Path) -> Value {
     filter
 }
 
-/// The overlay's filter, as the sidecar would get it.
-fn sidecar_filter(docs: &[Value], loader: Loader) -> Value {
+/// The overlay's filter on `side`, as the sidecar would get it.
+fn sidecar_filter(docs: &[Value], side: Side, loader: Loader) -> Value {
     let wasm = envoy::wasm_path().unwrap_or_else(|e| panic!("{e}"));
+    let object = loading_object(docs, side, loader);
     match loader {
-        Loader::WasmPlugin => {
-            istio_filter_from_wasm_plugin(only_of_kind(docs, "WasmPlugin"), &wasm)
-        }
-        Loader::EnvoyFilter => filter_from_envoy_filter(only_of_kind(docs, "EnvoyFilter"), &wasm),
+        Loader::WasmPlugin => istio_filter_from_wasm_plugin(object, &wasm),
+        Loader::EnvoyFilter => filter_from_envoy_filter(object, &wasm),
         // Verbatim: Envoy finds the module by name on ENVOY_DYNAMIC_MODULES_SEARCH_PATH.
-        Loader::Native => envoy_filter_http_filter(only_of_kind(docs, "EnvoyFilter")).clone(),
+        Loader::Native => envoy_filter_http_filter(object).clone(),
+    }
+}
+
+/// The overlay's destination-side filter, as the sidecar would get it, and where in the inbound
+/// chain Istio puts it.
+fn inbound_sidecar_filter(docs: &[Value], loader: Loader) -> InboundFilter {
+    let object = loading_object(docs, Side::Destination, loader);
+    let place = match loader {
+        Loader::WasmPlugin => InboundPlace::of_wasm_plugin(object),
+        Loader::EnvoyFilter | Loader::Native => InboundPlace::of_envoy_filter(object),
+    };
+    InboundFilter {
+        place,
+        filter: sidecar_filter(docs, Side::Destination, loader),
     }
 }
 
@@ -383,11 +465,93 @@ impl ProxySettings {
     }
 }
 
-/// `k8s/testdata/istio-sidecar.yaml` with `settings` and `filter` filled in, written where Envoy's
-/// runner can read it.
+/// The inbound cluster of `k8s/testdata/istio-sidecar.yaml`, as Istio names it for a pod serving
+/// port 8080: the destination's side's breaker key.
+const INBOUND_CLUSTER: &str = "inbound|8080||";
+
+/// The places in Istio's inbound HTTP chain where a filter can go, in chain order
+/// (pilot/pkg/networking/core/listener_builder.go): WasmPlugins of `match: [{mode: SERVER}]` by
+/// their `phase`, and an EnvoyFilter's `INSERT_BEFORE envoy.filters.http.router`. Each is a marker
+/// line of `k8s/testdata/istio-sidecar.yaml`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum InboundPlace {
+    /// `phase: AUTHN`: before Istio's authentication.
+    AuthnPhase,
+    /// `phase: AUTHZ`: after authentication, before RBAC.
+    AuthzPhase,
+    /// `phase: STATS`: after RBAC.
+    StatsPhase,
+    /// `phase: UNSPECIFIED_PHASE` (or none): after RBAC and the STATS-phase plugins.
+    UnspecifiedPhase,
+    /// `INSERT_BEFORE envoy.filters.http.router`: after every other filter.
+    BeforeRouter,
+}
+
+impl InboundPlace {
+    const ALL: [Self; 5] = [
+        Self::AuthnPhase,
+        Self::AuthzPhase,
+        Self::StatsPhase,
+        Self::UnspecifiedPhase,
+        Self::BeforeRouter,
+    ];
+
+    fn marker(self) -> &'static str {
+        match self {
+            Self::AuthnPhase => "@@INBOUND_AUTHN@@",
+            Self::AuthzPhase => "@@INBOUND_AUTHZ@@",
+            Self::StatsPhase => "@@INBOUND_STATS@@",
+            Self::UnspecifiedPhase => "@@INBOUND_UNSPECIFIED@@",
+            Self::BeforeRouter => "@@INBOUND_BEFORE_ROUTER@@",
+        }
+    }
+
+    /// Where Istio puts a `mode: SERVER` WasmPlugin, by its `phase`.
+    fn of_wasm_plugin(plugin: &Value) -> Self {
+        let spec = &plugin["spec"];
+        assert_eq!(spec["match"], json!([{"mode": "SERVER"}]), "{plugin}");
+        match spec["phase"].as_str() {
+            Some("AUTHN") => Self::AuthnPhase,
+            Some("AUTHZ") => Self::AuthzPhase,
+            Some("STATS") => Self::StatsPhase,
+            None | Some("UNSPECIFIED_PHASE") => Self::UnspecifiedPhase,
+            Some(other) => panic!("no WasmPlugin phase {other}"),
+        }
+    }
+
+    /// Where an EnvoyFilter's patch goes: the test knows `INSERT_BEFORE` the router only.
+    fn of_envoy_filter(envoy_filter: &Value) -> Self {
+        let patch = &envoy_filter["spec"]["configPatches"][0];
+        assert_eq!(
+            patch["match"]["context"], "SIDECAR_INBOUND",
+            "{envoy_filter}"
+        );
+        assert_eq!(
+            patch["patch"]["operation"], "INSERT_BEFORE",
+            "{envoy_filter}"
+        );
+        assert_eq!(
+            patch["match"]["listener"]["filterChain"]["filter"]["subFilter"]["name"],
+            "envoy.filters.http.router",
+            "{envoy_filter}"
+        );
+        Self::BeforeRouter
+    }
+}
+
+/// A filter for the sidecar's inbound chain, and its place there.
+#[derive(Debug, Clone)]
+struct InboundFilter {
+    place: InboundPlace,
+    filter: Value,
+}
+
+/// `k8s/testdata/istio-sidecar.yaml` with `settings`, `filter` in the outbound chain and `inbound`
+/// (if any) in the inbound chain filled in, written where Envoy's runner can read it.
 fn sidecar_bootstrap(
     name: &str,
     filter: &Value,
+    inbound: Option<&InboundFilter>,
     settings: &ProxySettings,
 ) -> tempfile::NamedTempFile {
     let template = fs::read_to_string(k8s("testdata/istio-sidecar.yaml")).unwrap();
@@ -407,7 +571,7 @@ fn sidecar_bootstrap(
         .iter()
         .map(|(k, v)| format!("      {}: {}", json!(k), json!(v)))
         .collect();
-    let rendered = template
+    let mut rendered = template
         .replace("@@EXTRA_STATS_TAGS@@", &tag_rules.join("\n"))
         .replace("@@INCLUSION_PREFIXES@@", &prefix_rules.join("\n"))
         .replace("@@RUNTIME_VALUES@@", &runtime.join("\n"))
@@ -422,6 +586,13 @@ fn sidecar_bootstrap(
         )
         // JSON is YAML: the filter goes in as one flow mapping.
         .replace("@@HTTP_FILTER@@", &filter.to_string());
+    for place in InboundPlace::ALL {
+        let line = match inbound {
+            Some(f) if f.place == place => format!("          - {}", f.filter),
+            _ => String::new(),
+        };
+        rendered = rendered.replace(place.marker(), &line);
+    }
     temp_config(name, &rendered)
 }
 
@@ -463,8 +634,28 @@ impl Sidecar {
         filter: &Value,
         settings: &ProxySettings,
     ) -> Result<Self, String> {
-        let bootstrap = sidecar_bootstrap(name, filter, settings);
+        Self::start_both_sides(name, filter, None, settings).await
+    }
+
+    /// An Istio-like sidecar with `settings`, `filter` on the caller's side (outbound) and
+    /// `inbound` on the destination's side, in front of ContentService; Envoy's refusal, with its
+    /// log, if it does not start.
+    async fn start_both_sides(
+        name: &str,
+        filter: &Value,
+        inbound: Option<&InboundFilter>,
+        settings: &ProxySettings,
+    ) -> Result<Self, String> {
+        let bootstrap = sidecar_bootstrap(name, filter, inbound, settings);
         Self::start_from(name, |_| bootstrap, cluster(ServiceKind::User)).await
+    }
+
+    /// A gRPC channel to the inbound listener, as a caller's sidecar would open one to this pod.
+    async fn inbound_channel(&self) -> tonic::transport::Channel {
+        let port = self.envoy.port("virtualInbound").unwrap();
+        envoy::channel_to(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), None)
+            .await
+            .unwrap()
     }
 
     /// Envoy with the bootstrap `write` gives for the demo services' ports, which routes
@@ -803,7 +994,7 @@ fn overlays_set_the_documented_thresholds() {
         ("prod", (5, 3, "30s")),
     ];
     for overlay in OVERLAYS {
-        let config = filter_config(&kustomize(&overlay.path()), overlay.loader);
+        let config = filter_config(&kustomize(&overlay.path()), Side::Caller, overlay.loader);
         let (failure, success, open) = expected
             .iter()
             .find(|(env, _)| *env == overlay.env())
@@ -842,12 +1033,20 @@ fn overlays_set_the_documented_thresholds() {
 #[test]
 fn all_ways_to_load_it_carry_the_same_settings() {
     for env in ["dev", "staging", "prod"] {
-        let plugin = filter_config(&kustomize(&format!("overlays/{env}")), Loader::WasmPlugin);
+        let plugin = filter_config(
+            &kustomize(&format!("overlays/{env}")),
+            Side::Caller,
+            Loader::WasmPlugin,
+        );
         for (suffix, loader) in [
             ("envoyfilter", Loader::EnvoyFilter),
             ("native", Loader::Native),
         ] {
-            let other = filter_config(&kustomize(&format!("overlays/{env}-{suffix}")), loader);
+            let other = filter_config(
+                &kustomize(&format!("overlays/{env}-{suffix}")),
+                Side::Caller,
+                loader,
+            );
             assert_eq!(
                 plugin, other,
                 "k8s/overlays/{env}/circuit-breaker.yaml and \
@@ -910,7 +1109,7 @@ fn wasm_plugin_and_envoy_filter_are_set_up_as_documented() {
 async fn staging_filters_load_into_a_sidecar() {
     for dir in ["staging", "staging-envoyfilter"] {
         let overlay = Overlay::find(dir);
-        let filter = sidecar_filter(&kustomize(&overlay.path()), overlay.loader);
+        let filter = sidecar_filter(&kustomize(&overlay.path()), Side::Caller, overlay.loader);
         let sidecar = Sidecar::start(&format!("k8s-{dir}"), &filter).await;
         sidecar.serves_one_call().await;
     }
@@ -919,7 +1118,7 @@ async fn staging_filters_load_into_a_sidecar() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_envoy_filter_loads_and_answers_health() {
     let overlay = Overlay::find("dev-envoyfilter");
-    let filter = sidecar_filter(&kustomize(&overlay.path()), overlay.loader);
+    let filter = sidecar_filter(&kustomize(&overlay.path()), Side::Caller, overlay.loader);
     let sidecar = Sidecar::start("k8s-dev-envoyfilter", &filter).await;
     sidecar.serves_one_call().await;
     // The dev overlay turns the health endpoint on.
@@ -944,7 +1143,7 @@ async fn dev_envoy_filter_loads_and_answers_health() {
 async fn prod_overrides_and_metric_labels_in_a_sidecar() {
     for dir in ["prod", "prod-envoyfilter"] {
         let overlay = Overlay::find(dir);
-        let filter = sidecar_filter(&kustomize(&overlay.path()), overlay.loader);
+        let filter = sidecar_filter(&kustomize(&overlay.path()), Side::Caller, overlay.loader);
         let sidecar = Sidecar::start(&format!("k8s-{dir}"), &filter).await;
         prod_overrides_and_metric_labels(&sidecar, dir).await;
     }
@@ -1062,7 +1261,11 @@ async fn prod_overrides_and_metric_labels(sidecar: &Sidecar, dir: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_overlay_config_is_refused_with_the_field_named() {
-    let mut config = filter_config(&kustomize("overlays/prod"), Loader::WasmPlugin);
+    let mut config = filter_config(
+        &kustomize("overlays/prod"),
+        Side::Caller,
+        Loader::WasmPlugin,
+    );
     // A typo in an override, as someone editing the prod overlay might make.
     rename(
         &mut config["upstreams"]["outbound|*||auth-service.*"],
@@ -1109,6 +1312,474 @@ fn rename(object: &mut Value, from: &str, to: &str) {
 }
 
 // ------------------------------------------------------------------------------------------------
+// The destination's side (k8s/components/inbound*, docs/placement.md)
+
+/// The destination's side in its three forms: a WasmPlugin with `match: [{mode: SERVER}]` in
+/// `UNSPECIFIED_PHASE` (after RBAC), and SIDECAR_INBOUND EnvoyFilters before the router for both
+/// builds, each the caller's side's filter but for its name and configuration; the same
+/// configuration in all three, with `stuck_call_duration`, `cut_stuck_calls` and a table of its own.
+#[test]
+fn destination_side_is_set_up_as_documented() {
+    let docs = kustomize("overlays/prod-inbound");
+    let plugin = &named(&docs, "WasmPlugin", Side::Destination.object_name())["spec"];
+    let caller = &named(&docs, "WasmPlugin", Side::Caller.object_name())["spec"];
+    assert_eq!(plugin["match"], json!([{"mode": "SERVER"}]));
+    assert_eq!(caller["match"], json!([{"mode": "CLIENT"}]));
+    assert_eq!(plugin["phase"], "UNSPECIFIED_PHASE");
+    assert_eq!(plugin["failStrategy"], "FAIL_OPEN");
+    for field in ["url", "sha256", "imagePullPolicy"] {
+        assert_eq!(
+            plugin[field], caller[field],
+            "{field}: one image for both sides"
+        );
+    }
+    let config = filter_config(&docs, Side::Destination, Loader::WasmPlugin);
+
+    for (dir, loader) in [
+        ("overlays/prod-inbound-envoyfilter", Loader::EnvoyFilter),
+        ("overlays/prod-inbound-native", Loader::Native),
+    ] {
+        let docs = kustomize(dir);
+        assert_eq!(
+            filter_config(&docs, Side::Destination, loader),
+            config,
+            "{dir}: the destination's side's configuration differs from \
+             k8s/components/inbound/wasmplugin.yaml's"
+        );
+        let inbound = loading_object(&docs, Side::Destination, loader);
+        let outbound = loading_object(&docs, Side::Caller, loader);
+        assert_eq!(
+            InboundPlace::of_envoy_filter(inbound),
+            InboundPlace::BeforeRouter
+        );
+        assert_eq!(
+            inbound["spec"]["workloadSelector"], outbound["spec"]["workloadSelector"],
+            "{dir}: both sides reach the same sidecars"
+        );
+        // The caller's side's filter, but for the name and the configuration: the same module, VM
+        // and failure policy.
+        let without_config = |object: &Value| {
+            let mut filter = envoy_filter_http_filter(object).clone();
+            let typed = filter["typed_config"].as_object_mut().unwrap();
+            match loader {
+                Loader::EnvoyFilter => {
+                    let config = typed["config"].as_object_mut().unwrap();
+                    config.remove("configuration");
+                    config.remove("name");
+                }
+                _ => {
+                    typed.remove("filter_config");
+                }
+            }
+            filter
+        };
+        assert_eq!(without_config(inbound), without_config(outbound), "{dir}");
+    }
+
+    assert_eq!(config["upstream_key"], "cluster");
+    assert!(config["stuck_call_duration"].is_string(), "{config}");
+    assert_eq!(config["cut_stuck_calls"], true);
+    // Its own table in both builds: another max_upstreams than the caller's side (default 1024).
+    let caller_max = filter_config(&docs, Side::Caller, Loader::WasmPlugin)["max_upstreams"]
+        .as_u64()
+        .unwrap_or(1024);
+    assert!(
+        config["max_upstreams"]
+            .as_u64()
+            .is_some_and(|m| m != caller_max),
+        "{config}"
+    );
+}
+
+/// docs/placement.md recommends what k8s/ renders: its first JSON block is the caller's side of
+/// `k8s/base`, its second the destination's side of `k8s/components/inbound`.
+#[test]
+fn placement_doc_recommends_what_k8s_renders() {
+    let text = fs::read_to_string(root().join("docs/placement.md")).unwrap();
+    let blocks: Vec<Value> = text
+        .split("```json\n")
+        .skip(1)
+        .map(|rest| {
+            let block = rest.split("```").next().unwrap();
+            serde_json::from_str(block)
+                .unwrap_or_else(|e| panic!("docs/placement.md: a JSON block is not JSON ({e})"))
+        })
+        .collect();
+    assert_eq!(blocks.len(), 2, "docs/placement.md: two JSON blocks");
+    assert_eq!(
+        blocks[0],
+        filter_config(&kustomize("base"), Side::Caller, Loader::WasmPlugin),
+        "docs/placement.md's caller-side configuration and k8s/base's differ"
+    );
+    assert_eq!(
+        blocks[1],
+        filter_config(
+            &kustomize("overlays/prod-inbound"),
+            Side::Destination,
+            Loader::WasmPlugin
+        ),
+        "docs/placement.md's destination-side configuration and k8s/components/inbound's differ"
+    );
+}
+
+/// The prod-inbound overlays' wasm forms in an Istio-like sidecar, both sides at once: the WasmPlugins
+/// as Istio builds and places them, the EnvoyFilters verbatim. The calls a hung workload held are
+/// cut when its breaker opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destination_side_guards_the_pod_in_a_sidecar() {
+    for dir in ["prod-inbound", "prod-inbound-envoyfilter"] {
+        let overlay = Overlay::find(dir);
+        let docs = kustomize(&overlay.path());
+        let outbound = sidecar_filter(&docs, Side::Caller, overlay.loader);
+        let inbound = inbound_sidecar_filter(&docs, overlay.loader);
+        let config = filter_config(&docs, Side::Destination, overlay.loader);
+        let sidecar = Sidecar::start_both_sides(
+            &format!("k8s-{dir}"),
+            &outbound,
+            Some(&inbound),
+            &ProxySettings::mesh(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("Envoy refused the {dir} filters:\n{e}"));
+        let held = destination_side_guards_the_pod(&sidecar, dir, &config).await;
+        held_calls_were_cut(&sidecar, dir, held).await;
+    }
+}
+
+/// Why `phase: UNSPECIFIED_PHASE`: the same WasmPlugin in the AUTHZ phase, before RBAC, takes a call
+/// an AuthorizationPolicy denies for the workload's success. As shipped, after RBAC, it never sees
+/// one (`destination_side_guards_the_pod`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn before_rbac_the_destination_side_would_count_denied_calls() {
+    let docs = kustomize("overlays/prod-inbound");
+    let mut plugin = named(&docs, "WasmPlugin", Side::Destination.object_name()).clone();
+    plugin["spec"]["phase"] = json!("AUTHZ");
+    let inbound = InboundFilter {
+        place: InboundPlace::of_wasm_plugin(&plugin),
+        filter: istio_filter_from_wasm_plugin(
+            &plugin,
+            &envoy::wasm_path().unwrap_or_else(|e| panic!("{e}")),
+        ),
+    };
+    assert_eq!(inbound.place, InboundPlace::AuthzPhase);
+    let outbound = sidecar_filter(&docs, Side::Caller, Loader::WasmPlugin);
+    let sidecar = Sidecar::start_both_sides(
+        "k8s-inbound-authz",
+        &outbound,
+        Some(&inbound),
+        &ProxySettings::mesh(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("Envoy refused the AUTHZ-phase filter:\n{e}"));
+    let denied = get_post(
+        sidecar.inbound_channel().await,
+        Some("blocked"),
+        CALL_DEADLINE,
+    )
+    .await;
+    assert_eq!(
+        denied.map_err(|s| s.code()),
+        Err(tonic::Code::PermissionDenied)
+    );
+    assert_eq!(
+        sidecar
+            .metric(
+                "circuit_breaker_calls_total",
+                &[("upstream", INBOUND_CLUSTER), ("result", "success")]
+            )
+            .await,
+        1.0,
+        "before RBAC, the denied call counts as a success of the workload"
+    );
+}
+
+/// The configuration rule on the destination side's configuration: `cut_stuck_calls` without
+/// `stuck_call_duration` is refused, and the refusal names both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_destination_config_without_stuck_call_duration_is_refused() {
+    let mut config = filter_config(
+        &kustomize("overlays/prod-inbound"),
+        Side::Destination,
+        Loader::WasmPlugin,
+    );
+    config
+        .as_object_mut()
+        .unwrap()
+        .remove("stuck_call_duration")
+        .expect("stuck_call_duration");
+    let log = Envoy::start_expecting_failure("k8s-inbound-broken", &config.to_string())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let line = log
+        .lines()
+        .find(|l| l.contains("circuit breaker configuration rejected"))
+        .unwrap_or_else(|| panic!("no rejection logged:\n{log}"));
+    assert!(
+        line.contains("cut_stuck_calls") && line.contains("stuck_call_duration"),
+        "the rejection names both fields: {line}"
+    );
+}
+
+/// The deadline of the test's calls to the pod: far beyond `stuck_call_duration`.
+const CALL_DEADLINE: Duration = Duration::from_secs(30);
+
+/// `ContentService/GetPost` on `channel` with a deadline (the `grpc-timeout` header) and, if given,
+/// an `x-tenant` header (the inbound RBAC policy denies `blocked`).
+async fn get_post(
+    channel: tonic::transport::Channel,
+    tenant: Option<&'static str>,
+    deadline: Duration,
+) -> Result<(), tonic::Status> {
+    let mut request = tonic::Request::new(pb::GetPostRequest {
+        post_id: "p1".into(),
+    });
+    request.set_timeout(deadline);
+    if let Some(tenant) = tenant {
+        request
+            .metadata_mut()
+            .insert("x-tenant", tenant.parse().unwrap());
+    }
+    pb::content_service_client::ContentServiceClient::new(channel)
+        .get_post(request)
+        .await
+        .map(drop)
+}
+
+/// A duration of the filter's configuration (`"2s"`, `"250ms"`).
+fn config_duration(value: &Value) -> Duration {
+    let text = value
+        .as_str()
+        .unwrap_or_else(|| panic!("not a duration: {value}"));
+    let (number, unit) = match text.strip_suffix("ms") {
+        Some(ms) => (ms, 0.001),
+        None => (text.strip_suffix('s').expect("a duration in s or ms"), 1.0),
+    };
+    Duration::from_secs_f64(number.parse::<f64>().unwrap() * unit)
+}
+
+/// What the destination's side does in `sidecar` (loaded by `form`, with `config`), in front of the
+/// pod's workload (ContentService):
+/// - a call to the pod is counted under the inbound cluster, and a call the pod makes under its
+///   outbound cluster: the two sides keep apart in one sidecar;
+/// - a call RBAC denies never reaches the breaker, which sits after RBAC;
+/// - when the workload hangs, `failure_threshold` stuck calls open the breaker
+///   `stuck_call_duration` after they came; then a new call gets UNAVAILABLE at once, and a call
+///   RBAC denies still gets PERMISSION_DENIED (which a caller does not retry).
+async fn destination_side_guards_the_pod(
+    sidecar: &Sidecar,
+    form: &str,
+    config: &Value,
+) -> HeldCalls {
+    let inbound = [("upstream", INBOUND_CLUSTER)];
+    let counted = |result: &'static str| [("upstream", INBOUND_CLUSTER), ("result", result)];
+    sidecar.serves_one_call().await;
+    let channel = sidecar.inbound_channel().await;
+    get_post(channel.clone(), None, CALL_DEADLINE)
+        .await
+        .unwrap_or_else(|s| panic!("{form}: a call to the pod failed: {s:?}"));
+    assert_eq!(
+        sidecar
+            .metric("circuit_breaker_calls_total", &counted("success"))
+            .await,
+        1.0,
+        "{form}: the call to the pod, under {INBOUND_CLUSTER}:\n{}",
+        sidecar
+            .envoy
+            .metrics()
+            .await
+            .unwrap()
+            .dump("circuit_breaker")
+    );
+
+    let denied = get_post(channel.clone(), Some("blocked"), CALL_DEADLINE).await;
+    assert_eq!(
+        denied.map_err(|s| s.code()),
+        Err(tonic::Code::PermissionDenied),
+        "{form}: RBAC denies x-tenant: blocked"
+    );
+    assert_eq!(
+        sidecar
+            .metric("circuit_breaker_calls_total", &counted("success"))
+            .await,
+        1.0,
+        "{form}: a call RBAC denied reached the breaker"
+    );
+
+    // The workload hangs: the calls it holds get no response headers.
+    let threshold = config["failure_threshold"]
+        .as_u64()
+        .expect("failure_threshold");
+    let stuck_after = config_duration(&config["stuck_call_duration"]);
+    sidecar.content.set_fault(Fault::Hang).await.unwrap();
+    let hung_at = Instant::now();
+    let held: Vec<_> = (0..threshold)
+        .map(|_| tokio::spawn(get_post(channel.clone(), None, CALL_DEADLINE)))
+        .collect();
+    let opened_after = loop {
+        if sidecar.metric("circuit_breaker_state", &inbound).await == 1.0 {
+            break hung_at.elapsed();
+        }
+        assert!(
+            hung_at.elapsed() < stuck_after + Duration::from_secs(15),
+            "{form}: {threshold} stuck calls did not open {INBOUND_CLUSTER}:\n{}",
+            sidecar
+                .envoy
+                .metrics()
+                .await
+                .unwrap()
+                .dump("circuit_breaker")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        opened_after >= stuck_after,
+        "{form}: opened {opened_after:?} after the hang, before any call was stuck"
+    );
+    let metrics = sidecar.envoy.metrics().await.unwrap();
+    let dump = metrics.dump("circuit_breaker");
+    for (name, labels, value) in [
+        (
+            "circuit_breaker_stuck_calls_total",
+            inbound.to_vec(),
+            threshold,
+        ),
+        (
+            "circuit_breaker_calls_total",
+            counted("failure").to_vec(),
+            threshold,
+        ),
+        (
+            "circuit_breaker_open_total",
+            vec![
+                ("upstream", INBOUND_CLUSTER),
+                ("reason", "consecutive_failures"),
+            ],
+            1,
+        ),
+    ] {
+        assert_eq!(
+            metrics.value(name, &labels),
+            Some(value as f64),
+            "{form}: {name}{labels:?}:\n{dump}"
+        );
+    }
+
+    // Open: a new call is answered at once, by the pod's own sidecar.
+    let asked = Instant::now();
+    let rejected = get_post(channel.clone(), None, CALL_DEADLINE)
+        .await
+        .expect_err("a call to an open breaker");
+    assert!(
+        asked.elapsed() < Duration::from_secs(1),
+        "{form}: the rejection took {:?}",
+        asked.elapsed()
+    );
+    assert_eq!(rejected.code(), tonic::Code::Unavailable, "{rejected:?}");
+    assert_eq!(
+        rejected
+            .metadata()
+            .get("x-circuit-breaker")
+            .and_then(|v| v.to_str().ok()),
+        Some("open"),
+        "{rejected:?}"
+    );
+    assert!(
+        rejected
+            .message()
+            .contains(&format!("circuit breaker open for {INBOUND_CLUSTER}")),
+        "{rejected:?}"
+    );
+    // RBAC still answers first: a denied caller is told so, not asked to retry elsewhere.
+    let denied = get_post(channel.clone(), Some("blocked"), CALL_DEADLINE).await;
+    assert_eq!(
+        denied.map_err(|s| s.code()),
+        Err(tonic::Code::PermissionDenied),
+        "{form}: a denied call while open"
+    );
+    // The pod's own calls keep their breaker: the caller's side is not the destination's.
+    assert!(
+        matches!(
+            call(&sidecar.envoy, ServiceKind::User).await,
+            CallResult::Passed(Ok(()))
+        ),
+        "{form}: the pod's outbound breaker opened with its inbound one"
+    );
+    HeldCalls {
+        calls: held,
+        hung_at,
+        stuck_after,
+        threshold,
+    }
+}
+
+/// The calls a hung workload held when its breaker opened (`destination_side_guards_the_pod`).
+struct HeldCalls {
+    calls: Vec<tokio::task::JoinHandle<Result<(), tonic::Status>>>,
+    hung_at: Instant,
+    stuck_after: Duration,
+    threshold: u64,
+}
+
+impl Drop for HeldCalls {
+    fn drop(&mut self) {
+        for call in &self.calls {
+            call.abort();
+        }
+    }
+}
+
+/// `cut_stuck_calls`: the calls the workload held were cut when the breaker opened. Each caller has
+/// its answer, marked `cut` (the call reached the workload), at about `stuck_call_duration` rather
+/// than at its deadline, and each is counted once in `circuit_breaker_cut_calls_total`.
+async fn held_calls_were_cut(sidecar: &Sidecar, form: &str, mut held: HeldCalls) {
+    let HeldCalls {
+        hung_at,
+        stuck_after,
+        threshold,
+        ..
+    } = held;
+    let inbound = [("upstream", INBOUND_CLUSTER)];
+    for call in std::mem::take(&mut held.calls) {
+        let answer = tokio::time::timeout(Duration::from_secs(5), call)
+            .await
+            .unwrap_or_else(|_| panic!("{form}: a held call was not cut when the breaker opened"))
+            .unwrap();
+        let status = answer.expect_err("a call the hung workload held");
+        assert_eq!(
+            status.code(),
+            tonic::Code::Unavailable,
+            "{form}: {status:?}"
+        );
+        assert_eq!(
+            status
+                .metadata()
+                .get("x-circuit-breaker")
+                .and_then(|v| v.to_str().ok()),
+            Some("cut"),
+            "{form}: {status:?}"
+        );
+    }
+    assert!(
+        hung_at.elapsed() < stuck_after + Duration::from_secs(5),
+        "{form}: the held calls waited {:?}",
+        hung_at.elapsed()
+    );
+    assert_eq!(
+        sidecar
+            .metric("circuit_breaker_cut_calls_total", &inbound)
+            .await,
+        threshold as f64,
+        "{form}: every held call cut, and counted once:\n{}",
+        sidecar
+            .envoy
+            .metrics()
+            .await
+            .unwrap()
+            .dump("circuit_breaker")
+    );
+}
+
+// ------------------------------------------------------------------------------------------------
 // Prometheus during an outage
 
 /// A breaker opens in a dev sidecar (WasmPlugin form); Prometheus scrapes it: the open-breaker alert
@@ -1118,8 +1789,12 @@ fn rename(object: &mut Value, from: &str, to: &str) {
 async fn prometheus_sees_the_breaker_open_and_close() {
     let overlay = Overlay::find("dev");
     let docs = kustomize(&overlay.path());
-    let config = filter_config(&docs, overlay.loader);
-    let sidecar = Sidecar::start("k8s-prometheus", &sidecar_filter(&docs, overlay.loader)).await;
+    let config = filter_config(&docs, Side::Caller, overlay.loader);
+    let sidecar = Sidecar::start(
+        "k8s-prometheus",
+        &sidecar_filter(&docs, Side::Caller, overlay.loader),
+    )
+    .await;
     sidecar.serves_one_call().await;
     let envoy = &sidecar.envoy;
     let prometheus = Prometheus::start(envoy.admin(), &[k8s("monitoring/rules.yaml")]).await;
@@ -1184,7 +1859,11 @@ async fn prometheus_sees_the_breaker_open_and_close() {
             );
         }
     }
-    for name in ["CircuitBreakerHighRejectionRate", "CircuitBreakerFlapping"] {
+    for name in [
+        "CircuitBreakerHighRejectionRate",
+        "CircuitBreakerFlapping",
+        "CircuitBreakerReplicaHung",
+    ] {
         let expr = alert_rule(name)["expr"].as_str().unwrap().to_string();
         prometheus
             .query(&expr)
@@ -1293,6 +1972,7 @@ fn prometheus_rule_carries_the_rules_file() {
         "CircuitBreakerOpen",
         "CircuitBreakerHighRejectionRate",
         "CircuitBreakerFlapping",
+        "CircuitBreakerReplicaHung",
     ] {
         assert!(names.contains(&alert), "no {alert} in {names:?}");
     }
@@ -1353,15 +2033,40 @@ fn dashboard_and_rules_use_the_documented_metrics() {
         "Rejection rate",
         "Error rate",
         "State transitions",
+        "Stuck and cut calls per pod",
     ] {
         assert!(titles.contains(panel), "no panel {panel:?} in {titles:?}");
     }
+    // The destination's side is read per pod: its breakers have one name in every pod.
+    let per_pod = queries
+        .iter()
+        .find(|(title, _)| title == "Stuck and cut calls per pod")
+        .map(|(_, expr)| expr)
+        .unwrap();
+    assert!(
+        per_pod.contains("by (namespace, pod, upstream)"),
+        "{per_pod}"
+    );
     let rules = yaml_file("monitoring/rules.yaml");
     let rule_exprs = rules["groups"][0]["rules"]
         .as_array()
         .unwrap()
         .iter()
         .map(|r| ("rule".to_string(), r["expr"].as_str().unwrap().to_string()));
+    // Cut calls (cut_stuck_calls) are on the dashboard and in the rules.
+    let cut = cb_core::telemetry::Metric::CutCalls.name();
+    assert!(
+        queries.iter().any(|(_, expr)| expr.contains(cut)),
+        "no dashboard query reads {cut}"
+    );
+    assert!(
+        rules["groups"][0]["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["expr"].as_str().unwrap_or("").contains(cut)),
+        "no alert rule reads {cut}"
+    );
     for (title, expr) in queries.into_iter().chain(rule_exprs) {
         let names = metric_names(&expr);
         assert!(

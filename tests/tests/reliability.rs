@@ -1602,7 +1602,7 @@ async fn corrupt_shared_data_fails_open_and_restarts() {
         ),
         (
             "impossible state",
-            slot_hex("content", &format!("cb0109{}", "00".repeat(61))),
+            slot_hex("content", &format!("cb0209{}", "00".repeat(61))),
             1,
             "impossible breaker state",
         ),

@@ -13,14 +13,15 @@
 //!     28    2  half-open permits in flight
 //!     30    2  half-open successes
 //!     32    8  recovery ramp: start (ms)          \
-//!     40    8  recovery ramp: until (ms)           | all zero: no ramp (closed only)
-//!     48    4  recovery ramp: calls seen           |
-//!     52    4  recovery ramp: calls admitted      /
-//!     56       count window: size u16, len u16, head u16, failure bits, slow bits (⌈size/8⌉ bytes each)
+//!     40    8  recovery ramp: until (ms)           |
+//!     48    4  recovery ramp: epoch                | all zero: no ramp (closed only)
+//!     52    4  recovery ramp: calls seen (epoch)   |
+//!     56    4  recovery ramp: admitted (epoch)    /
+//!     60       count window: size u16, len u16, head u16, failure bits, slow bits (⌈size/8⌉ bytes each)
 //!              time window: bucket length u64, then 10 × (epoch u64, calls u32, failures u32, slow u32)
 //! ```
 //!
-//! A count window of 100 takes 88 bytes in all; of 1024, 318; a time window, 264. Bytes that are not
+//! A count window of 100 takes 92 bytes in all; of 1024, 322; a time window, 268. Bytes that are not
 //! exactly this layout (foreign data, another version, a truncated write, an impossible window) decode
 //! to a [`CodecError`]: the caller starts the breaker afresh, counts it and logs it. Never a panic.
 //!
@@ -48,7 +49,7 @@ use crate::window::{Bucket, CountWindow, TimeWindow, Window, TIME_BUCKETS};
 const MAGIC: u8 = 0xCB;
 /// Layout version written by this build.
 pub const VERSION: u8 = 2;
-const HEADER_LEN: usize = 56;
+const HEADER_LEN: usize = 60;
 
 /// Why stored bytes could not be decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,7 +83,7 @@ impl fmt::Display for CodecError {
 impl std::error::Error for CodecError {}
 
 /// The longest encoding: a count window of 1024 (header, 6 bytes of window header, 2 × 128 bytes of
-/// bits). A time window takes 304.
+/// bits). A time window takes 308.
 pub const MAX_ENCODED_LEN: usize = HEADER_LEN + 6 + 2 * 128;
 
 /// An encoding held on the stack: the filter encodes on every recorded call, and a heap allocation
@@ -165,11 +166,13 @@ pub fn encode_into(b: &Breaker, out: &mut Encoded) {
     let ramp = b.ramp.unwrap_or(Ramp {
         start_ms: 0,
         until_ms: 0,
+        epoch: 0,
         calls: 0,
         admitted: 0,
     });
     out.put(&ramp.start_ms.to_le_bytes());
     out.put(&ramp.until_ms.to_le_bytes());
+    out.put(&ramp.epoch.to_le_bytes());
     out.put(&ramp.calls.to_le_bytes());
     out.put(&ramp.admitted.to_le_bytes());
     match &b.window {
@@ -231,6 +234,7 @@ pub fn decode(bytes: &[u8]) -> Result<Breaker, CodecError> {
     let ramp = Ramp {
         start_ms: r.u64()?,
         until_ms: r.u64()?,
+        epoch: r.u32()?,
         calls: r.u32()?,
         admitted: r.u32()?,
     };
@@ -238,6 +242,7 @@ pub fn decode(bytes: &[u8]) -> Result<Breaker, CodecError> {
         Ramp {
             start_ms: 0,
             until_ms: 0,
+            epoch: 0,
             calls: 0,
             admitted: 0,
         } => None,
@@ -463,15 +468,15 @@ mod tests {
             encode(&sample(WindowConfig::Count(1024))).len(),
             MAX_ENCODED_LEN
         );
-        assert_eq!(encode(&sample(WindowConfig::Count(100))).len(), 88);
+        assert_eq!(encode(&sample(WindowConfig::Count(100))).len(), 92);
         assert!(encode(&sample(WindowConfig::Count(100))).len() <= 200);
-        assert_eq!(encode(&sample(WindowConfig::Count(1024))).len(), 318);
+        assert_eq!(encode(&sample(WindowConfig::Count(1024))).len(), 322);
         assert_eq!(
             encode(&sample(WindowConfig::Time {
                 duration_ms: 10_000
             }))
             .len(),
-            264
+            268
         );
     }
 
@@ -512,7 +517,7 @@ mod tests {
             Err(CodecError::Invalid(_))
         ));
         let mut bad_len = good.clone();
-        bad_len[58] = 200; // len > size
+        bad_len[62] = 200; // len > size
         assert!(matches!(decode(&bad_len), Err(CodecError::Invalid(_))));
         // A ramp on a breaker that is not closed, or admitting more than it saw, is not ours.
         let mut open_with_ramp = encode(&sample(WindowConfig::Count(100)));
@@ -525,12 +530,13 @@ mod tests {
         ramped.ramp = Some(Ramp {
             start_ms: 10,
             until_ms: 20,
+            epoch: 2,
             calls: 3,
             admitted: 1,
         });
         let mut bytes = encode(&ramped);
         assert_eq!(decode(&bytes), Ok(ramped.clone()), "a ramp round-trips");
-        bytes[52] = 9; // admitted 9 of 3
+        bytes[56] = 9; // admitted 9 of 3
         assert!(matches!(decode(&bytes), Err(CodecError::Invalid(_))));
     }
 
@@ -543,7 +549,7 @@ mod tests {
             breaker: sample(WindowConfig::Count(100)),
         };
         let bytes = encode_slot(Some(&slot));
-        assert_eq!(bytes.len(), 5 + slot.key.len() + 16 + 88);
+        assert_eq!(bytes.len(), 5 + slot.key.len() + 16 + 92);
         assert_eq!(decode_slot(&bytes), Ok(Some(slot.clone())));
         assert_eq!(decode_slot(&encode_slot(None)), Ok(None));
         assert_eq!(decode_slot(&[]), Err(CodecError::Malformed));

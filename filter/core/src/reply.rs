@@ -215,9 +215,16 @@ pub fn rejection(
                 Text::Static("content-type"),
                 Text::Static("application/json"),
             ));
+            // A call the recovery ramp turned away may try again at once, as far as seconds go: the
+            // share grows all the time (contract: `retry-after: 1`).
+            let seconds = if marker == "recovering" {
+                1
+            } else {
+                retry_after_seconds(retry_after_ms)
+            };
             headers.push((
                 Text::Static("retry-after"),
-                Text::Number(Digits::new(retry_after_seconds(retry_after_ms))),
+                Text::Number(Digits::new(seconds)),
             ));
             headers.push((Text::Static("x-circuit-breaker"), Text::Static(marker)));
             LocalReply {

@@ -336,7 +336,9 @@ fn upstream_key<H: Host>(kind: &UpstreamKey, host: &mut H) -> Result<String, Unt
             .map_err(too_long)?,
     };
     let raw = raw.ok_or(Untracked::NoKey)?;
-    // Checked on the raw value, so even a gRPC path is refused before it is parsed.
+    // A cluster name (Envoy's own) is checked here on its raw value. A gRPC path is not: its key is
+    // a part of it, checked once parsed below, so a long method name under a short service still
+    // has a breaker per service.
     if raw.len() > MAX_KEY_LEN
         && !matches!(kind, UpstreamKey::GrpcService | UpstreamKey::GrpcMethod)
     {
@@ -367,5 +369,7 @@ fn parse_status(raw: &[u8]) -> Option<u16> {
     std::str::from_utf8(raw).ok()?.trim().parse().ok()
 }
 
+#[cfg(test)]
+mod stuck_tests;
 #[cfg(test)]
 mod tests;

@@ -208,10 +208,21 @@ impl<'a> Upstream<'a> {
     }
 }
 
-/// A key as log lines show it: quoted, with quotes, backslashes and control characters escaped, so a
-/// client-chosen key (an `authority`, a header) can neither break a line nor forge a field.
+/// A key as log lines show it, the way logfmt writes a value: bare when it is a plain token
+/// (`upstream=content`, `upstream=outbound|80||content.default.svc.cluster.local`), and quoted, with
+/// quotes, backslashes and control characters escaped, when it holds a space, `=`, a quote, a
+/// backslash, a control character or nothing at all. So a client-chosen key (an `authority`, a
+/// header) can neither break a line nor forge a field, and the usual key reads as it always did.
 pub fn quoted(key: &str) -> String {
-    format!("{key:?}")
+    let plain = !key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_ascii_graphic() && c != '"' && c != '=' && c != '\\');
+    if plain {
+        key.to_owned()
+    } else {
+        format!("{key:?}")
+    }
 }
 
 /// Log levels, as Envoy has them.
@@ -350,7 +361,7 @@ pub fn report<T: Telemetry + ?Sized>(upstream: Upstream<'_>, event: &Event, t: &
             &format!(
                 "circuit breaker: {limit} upstream keys already have their own metric series, the most \
                  one Envoy labels (4 x max_upstreams); upstream={} and every further new key are \
-                 counted as upstream=\"{OTHER_LABEL}\"",
+                 counted as upstream={OTHER_LABEL}",
                 quoted(upstream.key)
             ),
         ),
@@ -464,5 +475,26 @@ fn failed<T: Telemetry + ?Sized>(upstream: &str, during: &str, e: &UpdateError, 
             t.add(&Series::global(Metric::CasGiveUps), 1);
         }
         UpdateError::Store(_) => t.add(&Series::global(Metric::SharedDataErrors), 1),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quoted;
+
+    #[test]
+    fn a_plain_key_is_bare_and_anything_else_is_quoted_and_escaped() {
+        assert_eq!(quoted("content"), "content");
+        assert_eq!(
+            quoted("outbound|80||content.default.svc.cluster.local"),
+            "outbound|80||content.default.svc.cluster.local"
+        );
+        assert_eq!(quoted("a b"), r#""a b""#);
+        assert_eq!(quoted("x from=open"), r#""x from=open""#);
+        assert_eq!(quoted("k=v"), r#""k=v""#);
+        assert_eq!(quoted("a\nupstream=forged"), r#""a\nupstream=forged""#);
+        assert_eq!(quoted(r#"say "hi""#), r#""say \"hi\"""#);
+        assert_eq!(quoted(r"back\slash"), r#""back\\slash""#);
+        assert_eq!(quoted(""), r#""""#);
     }
 }

@@ -15,7 +15,6 @@ use tokio::sync::Semaphore;
 // real run it is the system's monotonic clock.
 use tokio::time::{Instant, MissedTickBehavior};
 use tonic::transport::Channel;
-use tonic::Code;
 
 use crate::services::pb::auth_service_client::AuthServiceClient;
 use crate::services::pb::content_service_client::ContentServiceClient;
@@ -46,9 +45,11 @@ pub(super) enum Ending {
     Ok,
     /// An answer: the upstream (or Envoy on its behalf: timeout, reset) failed the call.
     UpstreamFailure,
-    /// An answer: the breaker rejected the call at once.
+    /// An answer: the breaker's (`x-circuit-breaker`): it rejected the call at once, or it cut a stuck
+    /// call and no retry turned that into another answer.
     Rejected,
-    /// No answer: the gateway gave up at its deadline and cancelled the call.
+    /// No answer: the gateway gave up at its deadline and cancelled the call (or Envoy, timing the
+    /// call out at that same deadline, said so first).
     GaveUp,
     /// No answer, and no call: [`MAX_IN_FLIGHT`] calls were already waiting, so the gateway refused
     /// the request itself.
@@ -214,13 +215,10 @@ fn ending(result: Result<(), tonic::Status>, latency: Duration) -> Ending {
         Ok(()) => Ending::Ok,
         Err(status) if status.metadata().get("x-circuit-breaker").is_some() => Ending::Rejected,
         // tonic reports its own deadline as CANCELLED ("Timeout expired"); a server could send
-        // DEADLINE_EXCEEDED. Either way, at the deadline the gateway got nothing.
-        Err(status)
-            if matches!(status.code(), Code::Cancelled | Code::DeadlineExceeded)
-                && latency >= CLIENT_DEADLINE.mul_f64(0.95) =>
-        {
-            Ending::GaveUp
-        }
+        // DEADLINE_EXCEEDED; an Envoy that times the route out at the client's deadline (a sidecar
+        // with `max_grpc_timeout: 0s`, envoy/outbound.yaml) answers its timeout as UNAVAILABLE, a
+        // moment before or after. Whichever came first, at the deadline the gateway got nothing.
+        Err(_) if latency >= CLIENT_DEADLINE.mul_f64(0.95) => Ending::GaveUp,
         Err(_) => Ending::UpstreamFailure,
     }
 }
@@ -267,6 +265,14 @@ mod tests {
         assert_eq!(ending(Ok(()), late), Ending::Ok);
         assert_eq!(
             ending(Err(tonic::Status::cancelled("Timeout expired")), late),
+            Ending::GaveUp
+        );
+        // Envoy's own timeout at the client's deadline is no answer either.
+        assert_eq!(
+            ending(
+                Err(tonic::Status::unavailable("upstream request timeout")),
+                late
+            ),
             Ending::GaveUp
         );
         // A cancel well before the deadline is not the gateway giving up at it.

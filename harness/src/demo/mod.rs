@@ -29,6 +29,8 @@ use crate::svg;
 
 mod load;
 mod picture;
+mod replica;
+mod replica_report;
 mod report;
 mod run;
 
@@ -64,17 +66,23 @@ impl Phases {
 /// The wasm demo's bootstrap; [`Build::template`] names the native build's twin.
 const TEMPLATE: &str = "envoy/demo.yaml";
 
-/// Checks that `build` can run: its bootstrap template is there and, for the native build, the
-/// module ([`native_path`]: `CB_NATIVE`, else `dist/libcircuit_breaker.so`). The launcher points
-/// Envoy's `ENVOY_DYNAMIC_MODULES_SEARCH_PATH` at the module's directory.
-fn check(build: Build) -> Result<(), String> {
-    let template = workspace_root().join(build.template(TEMPLATE));
-    if !template.is_file() {
-        return Err(format!(
-            "demo: {} not found: the {} build of the filter needs it as its bootstrap template",
-            display_path(&template),
-            build.name()
-        ));
+/// Checks that `build` can run `scenario`: its bootstrap templates are there and, for the native
+/// build, the module ([`native_path`]: `CB_NATIVE`, else `dist/libcircuit_breaker.so`). The launcher
+/// points Envoy's `ENVOY_DYNAMIC_MODULES_SEARCH_PATH` at the module's directory.
+fn check(build: Build, scenario: Scenario) -> Result<(), String> {
+    let templates: &[&str] = match scenario {
+        Scenario::Service => &[TEMPLATE],
+        Scenario::Replica => &["envoy/outbound.yaml", "envoy/inbound.yaml"],
+    };
+    for template in templates {
+        let template = workspace_root().join(build.template(template));
+        if !template.is_file() {
+            return Err(format!(
+                "demo: {} not found: the {} build of the filter needs it as its bootstrap template",
+                display_path(&template),
+                build.name()
+            ));
+        }
     }
     if build == Build::Native {
         native_path().map_err(|e| format!("demo: the native build: {e}"))?;
@@ -82,17 +90,29 @@ fn check(build: Build) -> Result<(), String> {
     Ok(())
 }
 
+/// What breaks, and what is compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scenario {
+    /// content-service hangs, behind one Envoy; with the breaker and without (`make demo`).
+    Service,
+    /// One of content-service's three replicas hangs, behind sidecars; no breaker, the caller's side,
+    /// both sides (`make demo SCENARIO=replica`, `replica.rs`).
+    Replica,
+}
+
 /// The parsed command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Options {
     phases: Phases,
     build: Build,
+    scenario: Scenario,
 }
 
-/// Runs the subcommand: `harness demo [--healthy S] [--outage S] [--recovery S] [--native]`.
+/// Runs the subcommand: `harness demo [--healthy S] [--outage S] [--recovery S] [--native]
+/// [--scenario service|replica]`.
 pub fn run(args: &[String]) -> Result<(), String> {
     let options = parse_args(args)?;
-    check(options.build)?;
+    check(options.build, options.scenario)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -100,7 +120,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         .map_err(|e| format!("demo: cannot start the async runtime: {e}"))?;
     runtime.block_on(async {
         tokio::select! {
-            result = demo(options) => result,
+            result = scenario(options) => result,
             _ = tokio::signal::ctrl_c() => {
                 // Dropping the demo future drops Envoy and the services, which stops them.
                 eprintln!("\ninterrupted: stopping Envoy and the services");
@@ -117,9 +137,23 @@ fn parse_args(args: &[String]) -> Result<Options, String> {
         recovery: 12,
     };
     let mut build = Build::Wasm;
+    let mut scenario = Scenario::Service;
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         let slot = match flag.as_str() {
+            "--scenario" => {
+                scenario = match it.next().map(String::as_str) {
+                    Some("service") => Scenario::Service,
+                    Some("replica") => Scenario::Replica,
+                    other => {
+                        return Err(format!(
+                            "demo: --scenario takes `service` (the default: content-service hangs) or \
+                             `replica` (one of its three replicas hangs), got {other:?}"
+                        ))
+                    }
+                };
+                continue;
+            }
             "--healthy" => &mut phases.healthy,
             "--outage" => &mut phases.outage,
             "--recovery" => &mut phases.recovery,
@@ -129,7 +163,7 @@ fn parse_args(args: &[String]) -> Result<Options, String> {
             }
             other => {
                 return Err(format!(
-                "demo: unknown option {other:?} (allowed: --healthy S, --outage S, --recovery S, --native)"
+                "demo: unknown option {other:?} (allowed: --healthy S, --outage S, --recovery S, --native, --scenario service|replica)"
             ))
             }
         };
@@ -139,11 +173,21 @@ fn parse_args(args: &[String]) -> Result<Options, String> {
             .filter(|v| (1..=300).contains(v))
             .ok_or_else(|| format!("demo: {flag} takes a number of seconds from 1 to 300"))?;
     }
-    Ok(Options { phases, build })
+    Ok(Options {
+        phases,
+        build,
+        scenario,
+    })
 }
 
-async fn demo(options: Options) -> Result<(), String> {
-    let Options { phases, build } = options;
+async fn scenario(options: Options) -> Result<(), String> {
+    match options.scenario {
+        Scenario::Service => demo(options.phases, options.build).await,
+        Scenario::Replica => replica::demo(options.phases, options.build).await,
+    }
+}
+
+async fn demo(phases: Phases, build: Build) -> Result<(), String> {
     println!("circuit breaker demo: a social app's API gateway calling four gRPC services through Envoy.");
     println!(
         "The gateway gives every call a {}s deadline; Envoy's route timeout is 10s. content-service will \
@@ -203,15 +247,25 @@ mod tests {
         assert!(parse_args(&["--bogus".to_string()]).is_err());
         let native = parse_args(&["--native".to_string(), "--healthy".into(), "3".into()]).unwrap();
         assert_eq!((native.build, native.phases.healthy), (Build::Native, 3));
+        assert_eq!(native.scenario, Scenario::Service);
+        let replica = parse_args(&["--scenario".to_string(), "replica".into()]).unwrap();
+        assert_eq!(replica.scenario, Scenario::Replica);
+        assert!(parse_args(&["--scenario".to_string(), "zone".into()]).is_err());
+        assert!(parse_args(&["--scenario".to_string()]).is_err());
     }
 
     #[test]
     fn each_build_has_its_bootstrap() {
         assert_eq!(Build::Native.template(TEMPLATE), "envoy/demo-native.yaml");
-        assert_eq!(check(Build::Wasm), Ok(()), "envoy/demo.yaml ships");
+        assert_eq!(
+            check(Build::Wasm, Scenario::Service),
+            Ok(()),
+            "envoy/demo.yaml ships"
+        );
+        assert_eq!(check(Build::Wasm, Scenario::Replica), Ok(()));
         assert!(workspace_root().join("envoy/demo-native.yaml").is_file());
         // The native module may not be built yet; then the error says how to get it.
-        if let Err(e) = check(Build::Native) {
+        if let Err(e) = check(Build::Native, Scenario::Replica) {
             assert!(
                 e.contains("libcircuit_breaker.so") && e.contains("make build"),
                 "{e}"

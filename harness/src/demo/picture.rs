@@ -8,7 +8,7 @@
 
 use cb_core::breaker::StateKind;
 
-use super::load::Ending;
+use super::load::{CallRecord, Ending};
 use super::report::percentile;
 use super::run::RunReport;
 use super::Phases;
@@ -21,45 +21,37 @@ const BUCKET_MS: u64 = 1000;
 /// the breaker opens.
 const IN_FLIGHT_EVERY_MS: u64 = 100;
 const WITH: &str = "#1e88e5";
-const WITHOUT: &str = "#d81b60";
+/// A run without any breaker.
+pub(super) const WITHOUT: &str = "#d81b60";
+/// A run with the breaker on the caller's side only (`make demo SCENARIO=replica`).
+pub(super) const CALLER: &str = "#fb8c00";
+/// A run with the breaker on both sides (`make demo SCENARIO=replica`): the colour of "with".
+pub(super) const BOTH: &str = WITH;
 const OPENED: &str = "#e53935";
+
+/// One run as a picture draws it: its line's legend and colour.
+pub(super) struct Run<'a> {
+    pub(super) label: &'a str,
+    pub(super) colour: &'a str,
+    pub(super) report: &'a RunReport,
+}
 
 /// Both runs as one picture.
 pub(super) fn picture(with: &RunReport, without: &RunReport, phases: Phases) -> svg::Comparison {
     let end_ms = phases.total() * 1000;
     let runs = [
-        ("with breaker", WITH, with),
-        ("without breaker", WITHOUT, without),
+        Run {
+            label: "with breaker",
+            colour: WITH,
+            report: with,
+        },
+        Run {
+            label: "without breaker",
+            colour: WITHOUT,
+            report: without,
+        },
     ];
-    let lines = |f: &dyn Fn(&RunReport) -> Vec<(u64, f64)>| {
-        runs.iter()
-            .map(|(label, colour, r)| svg::Line {
-                label: (*label).to_string(),
-                colour: (*colour).to_string(),
-                points: f(r),
-            })
-            .collect()
-    };
-    let (hang_ms, back_ms) = if with.back_ms > with.hang_ms {
-        (with.hang_ms, with.back_ms)
-    } else {
-        (
-            phases.healthy * 1000,
-            (phases.healthy + phases.outage) * 1000,
-        )
-    };
-    let markers = with
-        .opened_ms
-        .map(|at| svg::Marker {
-            at_ms: at,
-            label: format!(
-                "breaker opened, {:.2}s into the hang",
-                at.saturating_sub(hang_ms) as f64 / 1000.0
-            ),
-            colour: OPENED.to_string(),
-        })
-        .into_iter()
-        .collect();
+    let (hang_ms, back_ms) = outage(with, phases);
     svg::Comparison {
         title: format!(
             "make demo: content-service hangs from {}s to {}s; the gateway with the breaker and without",
@@ -73,32 +65,73 @@ pub(super) fn picture(with: &RunReport, without: &RunReport, phases: Phases) -> 
             to_ms: back_ms,
             label: "content-service hangs".to_string(),
         }],
-        markers,
+        markers: opened_marker(with, hang_ms, "breaker opened").into_iter().collect(),
         panels: vec![
             svg::Panel {
                 title: "calls waiting for an answer at the gateway (in flight)".to_string(),
                 unit: String::new(),
                 log_scale: false,
-                lines: lines(&|r| in_flight(r, end_ms)),
+                lines: lines(&runs, &|r| in_flight(r, end_ms)),
             },
             svg::Panel {
                 title: "content-service calls answered per second (OK, failure or the breaker's rejection; a give-up at the deadline is none)"
                     .to_string(),
                 unit: "/s".to_string(),
                 log_scale: false,
-                lines: lines(&|r| content_answered(r, end_ms)),
+                lines: lines(&runs, &|r| content_answered(r, end_ms)),
             },
             svg::Panel {
                 title: "the gateway's p99 latency per second, all calls (log scale; no point: no call ended that second)"
                     .to_string(),
                 unit: "ms".to_string(),
                 log_scale: true,
-                lines: lines(&|r| p99(r, end_ms)),
+                lines: lines(&runs, &|r| p99(r, end_ms)),
             },
         ],
         rows_heading: "with the breaker, per service: breaker state, error rate, p99".to_string(),
-        rows: service_rows(with, end_ms),
+        rows: ServiceKind::ALL
+            .iter()
+            .map(|&kind| {
+                let name = format!("{kind}-service");
+                row(with, &name, kind.cluster(), &|c| c.service == kind, end_ms)
+            })
+            .collect(),
     }
+}
+
+/// One line per run of `f` of the run.
+pub(super) fn lines(runs: &[Run<'_>], f: &dyn Fn(&RunReport) -> Vec<(u64, f64)>) -> Vec<svg::Line> {
+    runs.iter()
+        .map(|run| svg::Line {
+            label: run.label.to_string(),
+            colour: run.colour.to_string(),
+            points: f(run.report),
+        })
+        .collect()
+}
+
+/// When the outage began and ended in `r`, or as `phases` planned it when the run did not say.
+pub(super) fn outage(r: &RunReport, phases: Phases) -> (u64, u64) {
+    if r.back_ms > r.hang_ms {
+        (r.hang_ms, r.back_ms)
+    } else {
+        (
+            phases.healthy * 1000,
+            (phases.healthy + phases.outage) * 1000,
+        )
+    }
+}
+
+/// A line at the moment `r`'s watched breaker opened, labelled `what` and how far into the hang.
+pub(super) fn opened_marker(r: &RunReport, hang_ms: u64, what: &str) -> Option<svg::Marker> {
+    r.opened_ms.map(|at| svg::Marker {
+        at_ms: at,
+        label: format!(
+            "{what}, {:.2}s into the hang",
+            at.saturating_sub(hang_ms) as f64 / 1000.0
+        ),
+        colour: OPENED.to_string(),
+    })
 }
 
 /// The buckets of the run: `(start, middle)` in ms.
@@ -107,7 +140,7 @@ fn buckets(end_ms: u64) -> impl Iterator<Item = (u64, u64)> {
 }
 
 /// Every [`IN_FLIGHT_EVERY_MS`], the calls that had arrived and not yet ended.
-fn in_flight(r: &RunReport, end_ms: u64) -> Vec<(u64, f64)> {
+pub(super) fn in_flight(r: &RunReport, end_ms: u64) -> Vec<(u64, f64)> {
     (0..=end_ms / IN_FLIGHT_EVERY_MS)
         .map(|i| {
             let t = i * IN_FLIGHT_EVERY_MS;
@@ -121,86 +154,110 @@ fn in_flight(r: &RunReport, end_ms: u64) -> Vec<(u64, f64)> {
         .collect()
 }
 
-/// Per bucket, calls to content-service that got an answer, as a rate per second.
-fn content_answered(r: &RunReport, end_ms: u64) -> Vec<(u64, f64)> {
+/// Per bucket, the calls `of` picks that ended in it, as a rate per second.
+pub(super) fn per_second(
+    r: &RunReport,
+    end_ms: u64,
+    of: &dyn Fn(&CallRecord) -> bool,
+) -> Vec<(u64, f64)> {
     buckets(end_ms)
         .map(|(from, mid)| {
             let n = r
                 .calls
                 .iter()
-                .filter(|c| c.at_ms / BUCKET_MS == from / BUCKET_MS)
-                .filter(|c| c.service == ServiceKind::Content && c.ending.answered())
+                .filter(|c| c.at_ms / BUCKET_MS == from / BUCKET_MS && of(c))
                 .count();
             (mid, n as f64 * 1000.0 / BUCKET_MS as f64)
         })
         .collect()
 }
 
-/// Per bucket, the p99 latency of every call that ended in it (NaN when none did).
-fn p99(r: &RunReport, end_ms: u64) -> Vec<(u64, f64)> {
+/// Per bucket, calls to content-service that got an answer, as a rate per second.
+fn content_answered(r: &RunReport, end_ms: u64) -> Vec<(u64, f64)> {
+    per_second(r, end_ms, &|c| {
+        c.service == ServiceKind::Content && c.ending.answered()
+    })
+}
+
+/// Per bucket, the `q` quantile of the latency of the calls `of` picks that ended in it (NaN when
+/// none did).
+pub(super) fn latency(
+    r: &RunReport,
+    end_ms: u64,
+    q: f64,
+    of: &dyn Fn(&CallRecord) -> bool,
+) -> Vec<(u64, f64)> {
     buckets(end_ms)
         .map(|(from, mid)| {
             let mut latencies: Vec<f64> = r
                 .calls
                 .iter()
-                .filter(|c| c.made() && c.at_ms / BUCKET_MS == from / BUCKET_MS)
+                .filter(|c| c.made() && c.at_ms / BUCKET_MS == from / BUCKET_MS && of(c))
                 .map(|c| c.latency_ms)
                 .collect();
             let v = if latencies.is_empty() {
                 f64::NAN
             } else {
-                percentile(&mut latencies, 0.99)
+                percentile(&mut latencies, q)
             };
             (mid, v)
         })
         .collect()
 }
 
-/// One row per service: state bands, error rate and p99 per second.
-fn service_rows(report: &RunReport, end_ms: u64) -> Vec<svg::Series> {
-    ServiceKind::ALL
-        .iter()
-        .map(|&kind| {
-            let mut error_rate = Vec::new();
-            let mut latency_ms = Vec::new();
-            for second in 0..end_ms / 1000 {
-                let mut lat: Vec<f64> = Vec::new();
-                let (mut n, mut bad) = (0usize, 0usize);
-                for c in report
-                    .calls
-                    .iter()
-                    .filter(|c| c.service == kind && c.at_ms / 1000 == second)
-                {
-                    n += 1;
-                    bad += usize::from(c.ending != Ending::Ok);
-                    if c.made() {
-                        lat.push(c.latency_ms);
-                    }
-                }
-                if n > 0 {
-                    error_rate.push((second * 1000 + 500, bad as f64 / n as f64));
-                }
-                if !lat.is_empty() {
-                    latency_ms.push((second * 1000 + 500, percentile(&mut lat, 0.99)));
-                }
-            }
-            svg::Series {
-                name: format!("{kind}-service"),
-                states: state_changes(report, kind),
-                error_rate,
-                latency_ms,
-            }
-        })
-        .collect()
+/// Per bucket, the p99 latency of every call that ended in it (NaN when none did).
+fn p99(r: &RunReport, end_ms: u64) -> Vec<(u64, f64)> {
+    latency(r, end_ms, 0.99, &|_| true)
 }
 
-/// A breaker's state changes, from the health endpoint read once a second: a change is drawn at the
-/// start of the second in which it was seen, except content's first opening, whose time was measured.
-fn state_changes(report: &RunReport, kind: ServiceKind) -> Vec<(u64, StateKind)> {
+/// A row named `name`: the states of the breaker in `column` of the timeline, and the error rate
+/// (anything but OK) and p99 per second of the calls `of` picks.
+pub(super) fn row(
+    report: &RunReport,
+    name: &str,
+    column: &str,
+    of: &dyn Fn(&CallRecord) -> bool,
+    end_ms: u64,
+) -> svg::Series {
+    let mut error_rate = Vec::new();
+    let mut latency_ms = Vec::new();
+    for second in 0..end_ms / 1000 {
+        let mut lat: Vec<f64> = Vec::new();
+        let (mut n, mut bad) = (0usize, 0usize);
+        for c in report
+            .calls
+            .iter()
+            .filter(|c| of(c) && c.at_ms / 1000 == second)
+        {
+            n += 1;
+            bad += usize::from(c.ending != Ending::Ok);
+            if c.made() {
+                lat.push(c.latency_ms);
+            }
+        }
+        if n > 0 {
+            error_rate.push((second * 1000 + 500, bad as f64 / n as f64));
+        }
+        if !lat.is_empty() {
+            latency_ms.push((second * 1000 + 500, percentile(&mut lat, 0.99)));
+        }
+    }
+    svg::Series {
+        name: name.to_string(),
+        states: state_changes(report, column),
+        error_rate,
+        latency_ms,
+    }
+}
+
+/// The state changes of the breaker in `column`, from the health endpoint read once a second: a
+/// change is drawn at the start of the second in which it was seen, except the watched breaker's first
+/// opening, whose time was measured.
+fn state_changes(report: &RunReport, column: &str) -> Vec<(u64, StateKind)> {
     let mut states = vec![(0, StateKind::Closed)];
-    let mut opened = report.opened_ms.filter(|_| kind == ServiceKind::Content);
+    let mut opened = report.opened_ms.filter(|_| column == report.watched_column);
     for (at, s) in &report.states {
-        let state = s.get(kind.cluster()).copied().unwrap_or(StateKind::Closed);
+        let state = s.get(column).copied().unwrap_or(StateKind::Closed);
         if states.last().map(|(_, last)| *last) == Some(state) {
             continue;
         }
@@ -222,7 +279,6 @@ mod tests {
     use std::collections::HashMap;
     use std::process::Command;
 
-    use super::super::load::CallRecord;
     use super::*;
 
     const PHASES: Phases = Phases {
@@ -240,6 +296,7 @@ mod tests {
             hang_ms: 2_000,
             back_ms: 6_000,
             opened_ms: Some(2_540),
+            watched_column: "content".to_string(),
             end_ms: 8_000,
             ..RunReport::default()
         };

@@ -9,33 +9,27 @@ use super::load::{CallRecord, Ending};
 use super::run::RunReport;
 use crate::services::ServiceKind;
 
-pub(super) fn header_line() -> String {
-    format!(
-        "{:>4}  {:>5} {:>5} {:>6} {:>6} {:>7} {:>4} {:>7}  {:>7} {:>7}  {:<9} {:<9} {:<9} {:<9}",
-        "t",
-        "ended",
-        "ok",
-        "failed",
-        "reject",
-        "gave up",
-        "shed",
-        "waiting",
-        "p50 ms",
-        "p99 ms",
-        "user",
-        "content",
-        "feed",
-        "auth"
-    )
+/// The timeline's heading, with one column per breaker shown (`columns`, in order).
+pub(super) fn header_line(columns: &[&str]) -> String {
+    let mut line = format!(
+        "{:>4}  {:>5} {:>5} {:>6} {:>6} {:>7} {:>4} {:>7}  {:>7} {:>7} ",
+        "t", "ended", "ok", "failed", "reject", "gave up", "shed", "waiting", "p50 ms", "p99 ms",
+    );
+    for column in columns {
+        let _ = write!(line, " {column:<9}");
+    }
+    line.trim_end().to_string()
 }
 
 /// The timeline line for the second that just ended: the requests that ended in it, how, and their
-/// latency; the calls still waiting for an answer at its end (`in_flight`); each breaker's state.
+/// latency; the calls still waiting for an answer at its end (`in_flight`); the state of each breaker
+/// of `columns` (`-` when unknown: no breaker there).
 pub(super) fn second_line(
     second: u64,
     calls: &[CallRecord],
     in_flight: usize,
     states: &HashMap<String, StateKind>,
+    columns: &[&str],
 ) -> String {
     let lo = (second - 1) * 1000;
     let hi = second * 1000;
@@ -62,15 +56,15 @@ pub(super) fn second_line(
         percentile(&mut latencies, 0.50),
         percentile(&mut latencies, 0.99),
     );
-    for kind in ServiceKind::ALL {
-        let state = states.get(kind.cluster()).map_or("-", |s| match s {
+    for column in columns {
+        let state = states.get(*column).map_or("-", |s| match s {
             StateKind::Closed => "closed",
             StateKind::Open => "OPEN",
             StateKind::HalfOpen => "half-open",
         });
         let _ = write!(line, " {state:<9}");
     }
-    line
+    line.trim_end().to_string()
 }
 
 /// The `q` quantile (nearest rank) of `values`; 0 when there are none.
@@ -229,14 +223,10 @@ pub(super) fn summary_table(with: &RunReport, without: &RunReport) -> String {
             both(&|r| r1(r.max_lag_ms)),
         ),
     ];
-    let mut out = format!(
-        "| {:<46} | {:>14} | {:>17} |\n",
-        "", "with breaker", "without breaker"
+    let mut out = table(
+        &["with breaker", "without breaker"],
+        &rows.map(|(name, (a, b))| (name, vec![a, b])),
     );
-    let _ = writeln!(out, "|{:-<48}|{:->16}|{:->19}|", "", "", "");
-    for (name, (a, b)) in rows {
-        let _ = writeln!(out, "| {name:<46} | {a:>14} | {b:>17} |");
-    }
     for (what, service) in [
         ("from content-service", Some(ServiceKind::Content)),
         ("at all", None),
@@ -254,7 +244,46 @@ pub(super) fn summary_table(with: &RunReport, without: &RunReport) -> String {
     out
 }
 
-fn r1(x: f64) -> String {
+/// A Markdown table: one row per measure, one column per run (`runs`, their headings), the values
+/// right-aligned.
+pub(super) fn table(runs: &[&str], rows: &[(&str, Vec<String>)]) -> String {
+    let name_width = rows
+        .iter()
+        .map(|(name, _)| name.chars().count())
+        .max()
+        .unwrap_or(0);
+    let widths: Vec<usize> = runs
+        .iter()
+        .enumerate()
+        .map(|(i, heading)| {
+            rows.iter()
+                .filter_map(|(_, values)| values.get(i))
+                .map(|v| v.chars().count())
+                .chain([heading.chars().count()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = format!("| {:<name_width$} |", "");
+    for (heading, width) in runs.iter().zip(&widths) {
+        let _ = write!(out, " {heading:>width$} |");
+    }
+    let _ = write!(out, "\n|{:-<w$}|", "", w = name_width + 2);
+    for width in &widths {
+        let _ = write!(out, "{:->w$}|", "", w = width + 2);
+    }
+    out.push('\n');
+    for (name, values) in rows {
+        let _ = write!(out, "| {name:<name_width$} |");
+        for (value, width) in values.iter().zip(&widths) {
+            let _ = write!(out, " {value:>width$} |");
+        }
+        out.push('\n');
+    }
+    out
+}
+
+pub(super) fn r1(x: f64) -> String {
     format!("{x:.1}")
 }
 

@@ -77,8 +77,17 @@ pub async fn http_request(
         }
         request.push_str("\r\n");
         stream.write_all(request.as_bytes()).await?;
+        // Read until the response is complete rather than to the end of the stream: Envoy holds a
+        // connection it asked to close open for its `delayed_close_timeout` (1 s) after a local reply.
         let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).await?;
+        let mut chunk = [0u8; 8192];
+        while !is_complete(&raw) {
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                break;
+            }
+            raw.extend_from_slice(chunk.get(..n).unwrap_or_default());
+        }
         Ok::<_, std::io::Error>(raw)
     };
     let raw = tokio::time::timeout(HTTP_TIMEOUT, exchange)
@@ -95,6 +104,28 @@ pub async fn http_request(
             String::from_utf8_lossy(&raw)
         ))
     })
+}
+
+/// Whether `raw` holds a whole response: its headers, and then the body its `content-length` gives, or
+/// a chunked body up to its last chunk. Without either, only the end of the stream ends it.
+fn is_complete(raw: &[u8]) -> bool {
+    let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(raw.get(..split).unwrap_or_default()).to_ascii_lowercase();
+    let body = raw.get(split + 4..).unwrap_or_default();
+    let header = |name: &str| {
+        head.split("\r\n")
+            .filter_map(|l| l.split_once(':'))
+            .find(|(k, _)| k.trim() == name)
+            .map(|(_, v)| v.trim().to_string())
+    };
+    if header("transfer-encoding").is_some_and(|v| v == "chunked") {
+        return dechunk(body).is_some();
+    }
+    header("content-length")
+        .and_then(|v| v.parse::<usize>().ok())
+        .is_some_and(|len| body.len() >= len)
 }
 
 fn parse_response(raw: &[u8]) -> Option<HttpResponse> {
@@ -149,7 +180,13 @@ mod tests {
             (r.status, r.header("retry-after"), r.body.as_str()),
             (503, Some("2"), "{}")
         );
-        let r = parse_response(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n").unwrap();
+        let chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
+        let r = parse_response(chunked).unwrap();
         assert_eq!(r.body, "abcde");
+        assert!(is_complete(chunked));
+        assert!(!is_complete(&chunked[..chunked.len() - 7]));
+        let sized = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}";
+        assert!(is_complete(sized) && !is_complete(&sized[..sized.len() - 1]));
+        assert!(!is_complete(b"HTTP/1.1 200 OK\r\n\r\nuntil the end"));
     }
 }

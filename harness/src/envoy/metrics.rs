@@ -57,7 +57,8 @@ impl Metrics {
                         .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
             })
             .map(|s| s.value)
-            .sum()
+            // Not `sum()`: over no samples it gives -0.0, which reads oddly in a failure message.
+            .fold(0.0, |total, v| total + v)
     }
 
     /// Samples whose name starts with `prefix`, as text lines (for failure messages).

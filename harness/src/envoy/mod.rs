@@ -7,6 +7,9 @@
 //!   across two workers sharing one breaker), and waits until it serves.
 //! - [`Envoy`]: the running process, killed on drop; [`Envoy::start`] and its siblings are the tests'
 //!   shorthands for a [`Launch`].
+//! - [`Mesh`] ([`MeshLaunch`]): a caller's sidecar and one sidecar per replica of content-service,
+//!   shaped as Istio configures them (`envoy/outbound.yaml`, `envoy/inbound.yaml`), for the test of one
+//!   hung replica and `make demo SCENARIO=replica`.
 //! - helpers to read `/stats/prometheus` ([`Metrics`]), to send plain HTTP requests ([`http_request`]),
 //!   and to open a gRPC channel to the listener.
 //!
@@ -24,11 +27,13 @@ use std::time::{Duration, Instant};
 mod client;
 mod config;
 mod launch;
+mod mesh;
 mod metrics;
 
 pub use client::{channel_to, http_request, HttpResponse};
 pub use config::{render_config, render_config_with, UpstreamPorts};
 pub use launch::{Launch, RunFiles};
+pub use mesh::{inbound_cluster, Mesh, MeshLaunch, REPLICAS};
 pub use metrics::{Metrics, Sample};
 
 /// Why the runner could not do what it was asked, in words a developer can act on.

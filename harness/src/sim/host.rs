@@ -39,6 +39,8 @@ pub(super) struct SimHost<'a> {
     pub trailers: Vec<(&'static str, String)>,
     pub flags: u64,
     pub reply: Option<LocalReply>,
+    /// The stream's handle for a cut: the worker's tick sends the call's id to it.
+    pub stream: u64,
 }
 
 fn find(headers: &[(&'static str, String)], name: &str) -> Option<Vec<u8>> {
@@ -94,6 +96,9 @@ impl Host for SimHost<'_> {
         self.request.push((name, value.to_string()));
     }
     fn add_response_header(&mut self, _: &str, _: &str) {}
+    fn stream_token(&mut self) -> Option<u64> {
+        Some(self.stream)
+    }
     fn send_reply(&mut self, reply: LocalReply) -> bool {
         self.reply = Some(reply);
         true

@@ -102,6 +102,10 @@ pub enum Reply {
     /// The client gave up before any answer (response flag `DR`): nothing to judge, unless it gave
     /// up at the deadline it had sent.
     ClientCancelled,
+    /// The breaker answered the call while it was stuck (`cut_stuck_calls`): the caller got the
+    /// breaker's `UNAVAILABLE` and the upstream request was reset. Its outcome is the stuck failure
+    /// recorded before.
+    Cut,
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -11,7 +11,10 @@ use std::process::{Command, Output, Stdio};
 
 use serde_json::{json, Value};
 
-use super::{k8s, kind, kustomize, only_of_kind, root, yaml_documents, Loader, Overlay, OVERLAYS};
+use super::{
+    k8s, kind, kustomize, named, only_of_kind, root, yaml_documents, Loader, Overlay, Side,
+    OVERLAYS,
+};
 
 /// Which source validates each kind k8s/ renders (the table in k8s/README.md).
 const SOURCES: [(&str, &str); 6] = [
@@ -259,30 +262,51 @@ fn every_kustomization_renders_and_validates() {
             );
         }
 
-        let kinds: BTreeSet<&str> = docs.iter().map(kind).collect();
-        let expected: BTreeSet<&str> = match dir.as_str() {
-            "base" => ["WasmPlugin"].into(),
-            "monitoring" => ["PrometheusRule", "ConfigMap"].into(),
-            "envoy-gateway" => ["EnvoyProxy", "EnvoyExtensionPolicy"].into(),
+        // (kind, name) of every object rendered.
+        let objects: BTreeSet<(&str, &str)> = docs
+            .iter()
+            .map(|d| (kind(d), d["metadata"]["name"].as_str().unwrap_or("")))
+            .collect();
+        let expected: BTreeSet<(&str, &str)> = match dir.as_str() {
+            "base" => [("WasmPlugin", "circuit-breaker")].into(),
+            "monitoring" => [
+                ("PrometheusRule", "circuit-breaker"),
+                ("ConfigMap", "circuit-breaker-dashboard"),
+            ]
+            .into(),
+            "envoy-gateway" => [
+                ("EnvoyProxy", "circuit-breaker"),
+                ("EnvoyExtensionPolicy", "circuit-breaker"),
+            ]
+            .into(),
             _ => {
                 let overlay = Overlay::find(dir.trim_start_matches("overlays/"));
-                let mut kinds: BTreeSet<&str> = match overlay.loader {
-                    // One way to load it, never both: two copies would be two breakers per call.
-                    Loader::WasmPlugin => ["WasmPlugin"].into(),
-                    Loader::EnvoyFilter | Loader::Native => ["EnvoyFilter"].into(),
+                // One way to load it on each side, never two: two copies in one chain would be two
+                // breakers per call.
+                let loading_kind = match overlay.loader {
+                    Loader::WasmPlugin => "WasmPlugin",
+                    Loader::EnvoyFilter | Loader::Native => "EnvoyFilter",
                 };
-                if overlay.env() != "dev" {
-                    kinds.extend(["PrometheusRule", "ConfigMap"]);
+                let mut objects: BTreeSet<(&str, &str)> =
+                    [(loading_kind, Side::Caller.object_name())].into();
+                if overlay.destination {
+                    objects.insert((loading_kind, Side::Destination.object_name()));
                 }
-                kinds
+                if overlay.env() != "dev" {
+                    objects.extend([
+                        ("PrometheusRule", "circuit-breaker"),
+                        ("ConfigMap", "circuit-breaker-dashboard"),
+                    ]);
+                }
+                objects
             }
         };
-        assert_eq!(kinds, expected, "kinds rendered by k8s/{dir}");
+        assert_eq!(objects, expected, "objects rendered by k8s/{dir}");
         assert_eq!(
             docs.len(),
             expected.len(),
-            "k8s/{dir} renders one object of each kind (the overlays' config ConfigMap is \
-             local-config and must not be applied)"
+            "k8s/{dir} renders each object once (the overlays' config ConfigMap is local-config \
+             and must not be applied)"
         );
     }
 }
@@ -305,7 +329,8 @@ fn remove(object: &mut Value, field: &str) {
         .unwrap_or_else(|| panic!("no {field} to remove"));
 }
 
-/// Broken variants of each kind, every one of which validation must refuse.
+/// Broken variants of each kind, every one of which validation must refuse: (kustomization, the
+/// object as `Kind` when it renders one of that kind or `Kind/name`, the breakage).
 fn breakages() -> Vec<(&'static str, &'static str, Breakage)> {
     vec![
         (
@@ -360,6 +385,34 @@ fn breakages() -> Vec<(&'static str, &'static str, Breakage)> {
             "WasmPlugin",
             b("bad name", |d| {
                 d["metadata"]["name"] = json!("Circuit_Breaker")
+            }),
+        ),
+        (
+            "overlays/prod-inbound",
+            "WasmPlugin/circuit-breaker-inbound",
+            b("match mode SERVER misspelt", |d| {
+                d["spec"]["match"][0]["mode"] = json!("INBOUND")
+            }),
+        ),
+        (
+            "overlays/prod-inbound",
+            "WasmPlugin/circuit-breaker-inbound",
+            b("phase after the router", |d| {
+                d["spec"]["phase"] = json!("ROUTER")
+            }),
+        ),
+        (
+            "overlays/prod-inbound-envoyfilter",
+            "EnvoyFilter/circuit-breaker-inbound",
+            b("inbound context typo", |d| {
+                patch0(d)["match"]["context"] = json!("SIDECAR_INBND")
+            }),
+        ),
+        (
+            "overlays/prod-inbound-native",
+            "EnvoyFilter/circuit-breaker-inbound",
+            b("port number not a number", |d| {
+                patch0(d)["match"]["listener"]["portNumber"] = json!("http")
             }),
         ),
         (
@@ -530,7 +583,11 @@ fn validation_rejects_broken_manifests() {
     let mut cases = Vec::new();
     for (dir, wanted, (what, breakage)) in breakages() {
         let docs = rendered.entry(dir).or_insert_with(|| kustomize(dir));
-        let mut doc = only_of_kind(docs, wanted).clone();
+        let mut doc = match wanted.split_once('/') {
+            Some((wanted, name)) => named(docs, wanted, name),
+            None => only_of_kind(docs, wanted),
+        }
+        .clone();
         breakage(&mut doc);
         cases.push((what, doc));
     }

@@ -5,9 +5,15 @@
 //! admitted when the admitted count is still below the share of the calls seen. Since the breaker is
 //! shared by every worker of the Envoy (shared data, or the native table), the workers keep the share
 //! together, not each on its own, and a burst lands on the share exactly rather than by chance.
+//!
+//! The counts start over every twentieth of the ramp (an *epoch*, 100 ms to 5 s): counted over the
+//! whole ramp, a share that rose would be met by admitting the deficit of the earlier, smaller shares
+//! in a burst, which is what the ramp is there to prevent.
 
 /// Share admitted when the ramp starts, in parts per million.
 pub const RAMP_START_PPM: u32 = 100_000;
+/// Epochs in a ramp (see the module's documentation).
+const EPOCHS: u64 = 20;
 
 /// A recovery ramp in progress.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,7 +22,9 @@ pub struct Ramp {
     pub start_ms: u64,
     /// When every call is admitted again.
     pub until_ms: u64,
-    /// Calls seen during the ramp.
+    /// The epoch the counts below are of.
+    pub epoch: u32,
+    /// Calls seen during the epoch.
     pub calls: u32,
     /// Of those, admitted.
     pub admitted: u32,
@@ -28,6 +36,7 @@ impl Ramp {
         Self {
             start_ms: now_ms,
             until_ms: now_ms.saturating_add(length_ms.max(1)),
+            epoch: 0,
             calls: 0,
             admitted: 0,
         }
@@ -45,6 +54,12 @@ impl Ramp {
     /// caller is told to wait. The wait is a tenth of the ramp (100 ms to 5 s), never past its end:
     /// by then a client retrying finds a larger share, and at the end, every call admitted.
     pub fn admit(&mut self, now_ms: u64) -> Option<u64> {
+        let epoch = self.epoch_at(now_ms);
+        if epoch != self.epoch {
+            self.epoch = epoch;
+            self.calls = 0;
+            self.admitted = 0;
+        }
         self.calls = self.calls.saturating_add(1);
         let share = u128::from(self.share_ppm(now_ms));
         if u128::from(self.admitted) * 1_000_000 < share * u128::from(self.calls) {
@@ -54,6 +69,14 @@ impl Ramp {
         let remaining = self.until_ms.saturating_sub(now_ms).max(1);
         let tenth = (self.until_ms.saturating_sub(self.start_ms) / 10).clamp(100, 5_000);
         Some(tenth.min(remaining))
+    }
+
+    /// The epoch `now_ms` falls in.
+    fn epoch_at(&self, now_ms: u64) -> u32 {
+        let span = self.until_ms.saturating_sub(self.start_ms);
+        let length = (span / EPOCHS).clamp(100, 5_000);
+        let epoch = now_ms.saturating_sub(self.start_ms) / length;
+        u32::try_from(epoch).unwrap_or(u32::MAX)
     }
 }
 
@@ -92,6 +115,13 @@ mod tests {
         let mut r = Ramp::new(0, 10_000);
         let admitted = (0..1_000).filter(|_| r.admit(5_000).is_none()).count();
         assert_eq!(admitted, 550);
+        // Calls that came at 10 % earlier are no debt to pay now: the counts start over each epoch.
+        let mut r = Ramp::new(0, 10_000);
+        (0..1_000).for_each(|_| {
+            r.admit(0);
+        });
+        let admitted = (0..100).filter(|_| r.admit(5_000).is_none()).count();
+        assert_eq!(admitted, 55, "not a burst to catch up");
         // The very first call of a ramp is admitted: the share is reached from above.
         let mut r = Ramp::new(0, 10_000);
         assert_eq!(r.admit(0), None);
@@ -105,6 +135,7 @@ mod tests {
         assert_eq!(r.admit(0), Some(5_000), "a tenth, at most 5 s");
         // Near the end nearly every call is admitted; one that is not waits only what is left.
         let mut late = Ramp {
+            epoch: 19,
             calls: 100_000,
             admitted: 100_000,
             ..r

@@ -387,3 +387,213 @@ fn admit_changes_only_the_state() {
         }
     }
 }
+
+/// Opens `b` at `now` on five failures, drawing `entropy` for the opening.
+fn open_at(b: &mut Breaker, c: &BreakerConfig, now: u64, entropy: u64) -> u64 {
+    for _ in 0..4 {
+        call(b, c, now, FAIL);
+    }
+    let t = allow(b, c, now);
+    b.record(c, t, now, FAIL, entropy);
+    match b.state {
+        BreakerState::Open { until_ms } => until_ms,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn jitter_adds_up_to_its_fraction_of_the_open_time_drawn_per_opening() {
+    let c = BreakerConfig {
+        open_timeout_ms: 10_000,
+        open_timeout_jitter_ppm: 200_000,
+        ..cfg()
+    };
+    let until = |entropy| open_at(&mut Breaker::new(&c), &c, 0, entropy);
+    assert_eq!(until(0), 10_000, "the least draw adds nothing");
+    assert_eq!(until(u64::MAX), 12_000, "the most adds the whole fraction");
+    assert_eq!(until(u64::MAX / 2), 11_000);
+    // Spread: 1,000 breakers opened at once come out over the whole interval.
+    let mut e = crate::entropy::Entropy::new(1);
+    let mut buckets = [0u32; 4];
+    for _ in 0..1_000 {
+        let extra = until(e.next_u64()) - 10_000;
+        assert!(extra <= 2_000);
+        buckets[(extra.min(1_999) / 500) as usize] += 1;
+    }
+    assert!(
+        buckets.iter().all(|n| (180..=320).contains(n)),
+        "{buckets:?}"
+    );
+    // The pushback tells the real time left, jitter included.
+    let mut b = Breaker::new(&c);
+    let until = open_at(&mut b, &c, 0, u64::MAX);
+    assert_eq!(
+        b.admit(&c, 4_000, 0).0,
+        Decision::Reject(Rejection {
+            state: StateKind::Open,
+            retry_after_ms: Some(until - 4_000)
+        })
+    );
+    // Without jitter the draw changes nothing.
+    assert_eq!(
+        open_at(&mut Breaker::new(&cfg()), &cfg(), 0, u64::MAX),
+        1_000
+    );
+}
+
+#[test]
+fn jitter_applies_after_the_backoff_and_never_compounds() {
+    let c = BreakerConfig {
+        open_timeout_ms: 1_000,
+        backoff_multiplier: 2.0,
+        max_open_timeout_ms: 100_000,
+        open_timeout_jitter_ppm: 500_000,
+        ..cfg()
+    };
+    let mut b = Breaker::new(&c);
+    let until = open_at(&mut b, &c, 0, u64::MAX);
+    assert_eq!(until, 1_500);
+    // The probe fails: re-open with backoff (2 s), then half of that drawn on top.
+    let t = allow(&mut b, &c, until);
+    b.record(&c, t, until, FAIL, u64::MAX);
+    assert_eq!(
+        b.open_timeout_ms, 2_000,
+        "the open time in force holds no jitter"
+    );
+    assert_eq!(b.retry_after_ms(until), Some(3_000));
+    // The HalfOpen hint is jittered too, from a tenth of the open time.
+    let t = allow(&mut b, &c, until + 3_000);
+    let hint = |e| match b.clone().admit(&c, until + 3_001, e).0 {
+        Decision::Reject(r) => r.retry_after_ms,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(hint(0), Some(200));
+    assert_eq!(hint(u64::MAX), Some(300));
+    b.record(&c, t, until + 3_002, IGNORED, 0);
+}
+
+fn ramped() -> BreakerConfig {
+    BreakerConfig {
+        open_timeout_ms: 1_000,
+        backoff_multiplier: 2.0,
+        max_open_timeout_ms: 60_000,
+        success_threshold: 1,
+        recovery_ramp_ms: Some(10_000),
+        ..cfg()
+    }
+}
+
+/// Opens, then closes by one good probe at `at`: the ramp starts there.
+fn close_into_ramp(b: &mut Breaker, c: &BreakerConfig, at: u64) {
+    open_at(b, c, at - 1_000, 0);
+    let t = call(b, c, at, OK).unwrap();
+    assert_eq!(
+        (t.to, t.reason),
+        (StateKind::Closed, Reason::ProbesSucceeded)
+    );
+}
+
+#[test]
+fn the_ramp_admits_a_rising_share_then_everything_and_says_when_it_ended() {
+    let c = ramped();
+    let mut b = Breaker::new(&c);
+    close_into_ramp(&mut b, &c, 1_000);
+    assert_eq!(b.admitting_ppm(1_000), 100_000);
+    let admitted = |b: &mut Breaker, now| {
+        (0..100)
+            .filter(|_| match b.admit(&c, now, 0).0 {
+                Decision::Allow(t) => {
+                    b.record(&c, t, now, OK, 0);
+                    true
+                }
+                Decision::Reject(r) => {
+                    assert_eq!(r.state, StateKind::Closed);
+                    assert_eq!(r.marker(), "recovering");
+                    assert!(r.retry_after_ms.is_some_and(|w| w <= 11_000 - now));
+                    false
+                }
+                other => panic!("{other:?}"),
+            })
+            .count()
+    };
+    assert_eq!(admitted(&mut b, 1_000), 10, "10 % at first");
+    assert_eq!(b.admitting_ppm(6_000), 550_000);
+    let half = admitted(&mut b, 6_000);
+    assert!((50..=65).contains(&half), "about 55 % half-way: {half}");
+    assert_eq!(b.state, BreakerState::Closed);
+    // At the end, the first call ends the ramp (logged as closed → closed), and all are admitted.
+    let (d, t) = b.admit(&c, 11_000, 0);
+    assert!(matches!(d, Decision::Allow(_)));
+    assert_eq!(
+        t,
+        Some(Transition {
+            from: StateKind::Closed,
+            to: StateKind::Closed,
+            reason: Reason::RecoveryRampEnded
+        })
+    );
+    assert_eq!(b.ramp, None);
+    assert_eq!(b.open_timeout_ms, 1_000, "the open time starts over");
+    assert_eq!(admitted(&mut b, 11_001), 100);
+}
+
+#[test]
+fn a_relapse_during_the_ramp_reopens_with_backoff_and_ends_it() {
+    let c = ramped();
+    let mut b = Breaker::new(&c);
+    close_into_ramp(&mut b, &c, 1_000);
+    let generation = b.generation;
+    // Outcomes are judged as in Closed, on a fresh window: five failures reopen it.
+    let mut reopened = None;
+    for i in 0..50 {
+        if let Decision::Allow(t) = b.admit(&c, 2_000 + i, 0).0 {
+            reopened = reopened.or(b.record(&c, t, 2_000 + i, FAIL, 0));
+        }
+    }
+    let reopened = reopened.unwrap();
+    assert_eq!(
+        (reopened.to, reopened.reason),
+        (StateKind::Open, Reason::ConsecutiveFailures)
+    );
+    assert!(b.generation > generation);
+    assert_eq!(b.ramp, None, "the ramp ends there");
+    assert_eq!(b.open_timeout_ms, 2_000, "with the backoff of a re-open");
+    // The next close starts a new ramp.
+    let BreakerState::Open { until_ms } = b.state else {
+        panic!("{:?}", b.state)
+    };
+    call(&mut b, &c, until_ms, OK);
+    assert_eq!(b.ramp.map(|r| r.start_ms), Some(until_ms));
+}
+
+#[test]
+fn without_a_ramp_closing_admits_everything_at_once() {
+    let c = BreakerConfig {
+        recovery_ramp_ms: None,
+        ..ramped()
+    };
+    let mut b = Breaker::new(&c);
+    close_into_ramp(&mut b, &c, 1_000);
+    assert_eq!(b.ramp, None);
+    assert_eq!(b.admitting_ppm(1_000), 1_000_000);
+    assert!((0..100).all(|_| matches!(b.admit(&c, 1_000, 0).0, Decision::Allow(_))));
+    // A ramp in progress ends when a reconfiguration turns it off.
+    let mut b = Breaker::new(&ramped());
+    close_into_ramp(&mut b, &ramped(), 1_000);
+    assert!(b.conform(&c));
+    assert_eq!(b.ramp, None);
+}
+
+#[test]
+fn dry_run_counts_the_ramp_but_lets_everything_through() {
+    let c = BreakerConfig {
+        mode: Mode::DryRun,
+        ..ramped()
+    };
+    let mut b = Breaker::new(&c);
+    close_into_ramp(&mut b, &c, 1_000);
+    let refused = (0..10)
+        .filter(|_| matches!(b.admit(&c, 1_000, 0).0, Decision::DryRunReject(r) if r.marker() == "recovering"))
+        .count();
+    assert_eq!(refused, 9);
+}

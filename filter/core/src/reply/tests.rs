@@ -274,6 +274,11 @@ fn a_rejection_is_built_from_the_keys_parts_and_only_the_pushback_is_new() {
     let http = rejection(false, &parts, "recovering", Some(250), None);
     assert_eq!(http.header("retry-after"), Some("1"));
     assert_eq!(http.header("x-circuit-breaker"), Some("recovering"));
+    // A ramp's tenth can be 5 s: HTTP still says one second, the share grows all the time.
+    let http = rejection(false, &parts, "recovering", Some(5_000), None);
+    assert_eq!(http.header("retry-after"), Some("1"));
+    let open = rejection(false, &parts, "open", Some(5_000), None);
+    assert_eq!(open.header("retry-after"), Some("5"));
 }
 
 #[test]

@@ -127,7 +127,7 @@ fn the_fifth_failure_opens_and_the_next_grpc_call_gets_unavailable_at_once() {
         .logs
         .iter()
         .any(|(_, l)| l
-            == "circuit breaker state change: upstream=\"content\" from=closed to=open reason=consecutive_failures"));
+            == "circuit breaker state change: upstream=content from=closed to=open reason=consecutive_failures"));
 
     let mut h = FakeHost::grpc(1_000);
     let mut s = Session::new();
@@ -532,4 +532,49 @@ fn a_stream_is_idle_once_nothing_is_left_to_settle_or_mark() {
     let mut rejected = Session::new();
     assert_eq!(rejected.on_request(&mut w, &mut h, true), Action::Stop);
     assert!(rejected.idle(), "a rejection has nothing left to do");
+}
+
+#[test]
+fn authorities_that_spell_one_host_differently_share_one_breaker() {
+    let (_, mut w) = setup(r#"{"upstream_key": "authority", "failure_threshold": 2}"#);
+    let mut t = FakeHost::default();
+    let with = |authority: &str, scheme: &str| {
+        let mut h = FakeHost::grpc(0);
+        h.req(":authority", authority).req(":scheme", scheme);
+        h
+    };
+    for spelling in ["API.Example.com", "api.example.com.:80"] {
+        let mut h = with(spelling, "http");
+        let mut s = Session::new();
+        assert_eq!(s.on_request(&mut w, &mut h, true), Action::Continue);
+        h.resp(":status", "200").resp("grpc-status", "14");
+        s.on_response_headers(&mut w, &mut h, true);
+        t.absorb(h);
+    }
+    assert_eq!(
+        t.counter(
+            "circuit_breaker_open_total{upstream=api.example.com,reason=consecutive_failures}"
+        ),
+        1,
+        "two failures of one host, however spelled"
+    );
+    // No spelling steps around the open breaker; another port is another upstream.
+    for spelling in ["api.EXAMPLE.com:80", "api.example.com."] {
+        let mut h = with(spelling, "http");
+        assert_eq!(
+            Session::new().on_request(&mut w, &mut h, true),
+            Action::Stop,
+            "{spelling}"
+        );
+    }
+    let mut h = with("api.example.com:443", "http");
+    assert_eq!(
+        Session::new().on_request(&mut w, &mut h, true),
+        Action::Continue
+    );
+    let mut h = with("api.example.com:443", "https");
+    assert_eq!(
+        Session::new().on_request(&mut w, &mut h, true),
+        Action::Stop
+    );
 }

@@ -298,6 +298,18 @@ fn resolved_settings_are_kept_per_key_and_the_memory_is_bounded() {
     let mut w = worker(r#"{"upstreams": {"a*": {"failure_threshold": 1}}}"#, &store);
     assert_eq!(w.settings("abc").1.failure_threshold, 1);
     assert_eq!(w.settings("xyz").1.failure_threshold, 5);
+    assert_eq!(w.resolutions, 2);
+    // Calls of a known key resolve nothing again: admitted, rejected or settled.
+    for i in 0..10 {
+        let mut h = FakeHost::grpc(i);
+        h.cluster = Some(b"abc".to_vec());
+        let mut s = Session::new();
+        s.on_request(&mut w, &mut h, true);
+        h.resp(":status", "200").resp("grpc-status", "14");
+        s.on_response_headers(&mut w, &mut h, true);
+    }
+    assert_eq!(w.settings("abc").1.failure_threshold, 1);
+    assert_eq!(w.resolutions, 2, "resolved once per key");
     // 2 × max_upstreams (1024) keys at most.
     assert_eq!(w.max_keys, 2_048);
     for i in 0..5_000 {
@@ -327,5 +339,170 @@ fn forced_open_rejects_and_reports_the_forced_opening_once() {
     assert_eq!(
         t.counter("circuit_breaker_rejected_calls_total{upstream=content}"),
         3
+    );
+}
+
+/// A call of upstream `key` (by header) at `now`, answered with `status`.
+fn call_of<S: BreakerStore>(
+    w: &mut Worker<S>,
+    key: &str,
+    now: u64,
+    status: &str,
+    t: &mut FakeHost,
+) {
+    let mut h = FakeHost::grpc(now);
+    h.req("x-tenant", key);
+    let mut s = Session::new();
+    if s.on_request(w, &mut h, true) == Action::Continue {
+        h.resp(":status", "200").resp("grpc-status", status);
+        s.on_response_headers(w, &mut h, true);
+    }
+    t.absorb(h);
+}
+
+/// A call of upstream `key` that fails at `now`.
+fn failing_call_of<S: BreakerStore>(w: &mut Worker<S>, key: &str, now: u64, t: &mut FakeHost) {
+    call_of(w, key, now, "14", t);
+}
+
+#[test]
+fn keys_past_the_label_limit_are_counted_as_other_and_told_once() {
+    let store = Arc::new(MemoryStore::new());
+    // max_upstreams 2: at most 8 labelled keys in this Envoy's life.
+    let json = r#"{"upstream_key": "header:x-tenant", "max_upstreams": 2, "idle_timeout": "1s",
+                  "failure_threshold": 2, "open_timeout": "1s"}"#;
+    let mut w1 = worker(json, &store);
+    let mut w2 = worker(json, &store);
+    let mut t = FakeHost::default();
+    // Keys come and idle out, each taking a slot in turn, from both workers.
+    for i in 0..12u64 {
+        let w = if i % 2 == 0 { &mut w1 } else { &mut w2 };
+        call_of(w, &format!("Tenant \"{i}\""), 10_000 * i, "0", &mut t);
+    }
+    assert_eq!(t.counter("circuit_breaker_evicted_total"), 10);
+    let labelled: Vec<&String> = t
+        .counters
+        .keys()
+        .filter(|k| k.starts_with("circuit_breaker_calls_total{"))
+        .collect();
+    assert_eq!(
+        labelled.len(),
+        9,
+        "8 keys of their own and _other: {labelled:?}"
+    );
+    assert_eq!(
+        t.counter("circuit_breaker_calls_total{upstream=_other,result=success}"),
+        4
+    );
+    failing_call_of(&mut w2, "Tenant \"11\"", 120_001, &mut t);
+    failing_call_of(&mut w1, "Tenant \"11\"", 120_002, &mut t);
+    let told: Vec<&String> = t
+        .logs
+        .iter()
+        .map(|(_, l)| l)
+        .filter(|l| l.contains("_other"))
+        .collect();
+    assert_eq!(
+        told.len(),
+        1,
+        "the first key past the limit is logged once: {told:?}"
+    );
+    assert!(
+        told[0].contains(r#"upstream="Tenant \"8\"""#),
+        "{}",
+        told[0]
+    );
+    // Log lines name the real key, quoted, even when its series is _other.
+    assert!(t.logs.iter().any(|(_, l)| l
+        == r#"circuit breaker state change: upstream="Tenant \"11\"" from=closed to=open reason=consecutive_failures"#));
+}
+
+#[test]
+fn the_tick_sets_again_a_gauge_that_a_stale_write_left_wrong() {
+    let store = Arc::new(MemoryStore::new());
+    let json = r#"{"failure_threshold": 1, "open_timeout": "1h"}"#;
+    let mut w1 = worker(json, &store);
+    // One Envoy, one gauge: both workers report into `t`.
+    let mut t = FakeHost::default();
+    let (mut s, mut h) = start(&mut w1, 0);
+    answer(&mut w1, &mut s, &mut h, "14");
+    t.absorb(h);
+    assert_eq!(t.gauges["circuit_breaker_state{upstream=content}"], 1);
+    // Another worker's write made from an older look lands after it.
+    t.gauges
+        .insert("circuit_breaker_state{upstream=content}".into(), 0);
+    w1.tick(500, &mut t);
+    assert_eq!(
+        t.gauges["circuit_breaker_state{upstream=content}"], 0,
+        "not yet"
+    );
+    w1.tick(1_000, &mut t);
+    assert_eq!(
+        t.gauges["circuit_breaker_state{upstream=content}"], 1,
+        "set again from the stored state"
+    );
+}
+
+#[test]
+fn health_lists_at_most_100_breakers_those_not_closed_first() {
+    let store = Arc::new(MemoryStore::new());
+    let json = r#"{"upstream_key": "header:x-tenant", "failure_threshold": 2,
+                  "health_path": "/health"}"#;
+    let mut w = worker(json, &store);
+    let mut t = FakeHost::default();
+    for i in 0..150 {
+        let key = format!("t{i:03}");
+        failing_call_of(&mut w, &key, 0, &mut t);
+        if i % 30 == 7 {
+            failing_call_of(&mut w, &key, 0, &mut t); // the second failure opens it
+        }
+    }
+    let reply = w.health(Some(1));
+    assert_eq!(reply.status, 503);
+    let v: serde_json::Value = serde_json::from_str(reply.body.as_str()).unwrap();
+    let listed = v["circuit_breakers"].as_array().unwrap();
+    assert_eq!(listed.len(), 100);
+    assert_eq!(v["omitted"], 50);
+    let keys: Vec<&str> = listed
+        .iter()
+        .map(|b| b["upstream"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        &keys[..5],
+        ["t007", "t037", "t067", "t097", "t127"],
+        "open ones first"
+    );
+    assert!(listed[..5]
+        .iter()
+        .all(|b| b["state"] == "open" && b["admitting"] == 0.0));
+    assert_eq!(keys[5], "t000", "then the closed ones by key");
+    assert_eq!(keys[99], "t098", "95 closed ones: t098 is the last listed");
+    assert!(
+        reply.body.as_str().len() < 30_000,
+        "{} bytes",
+        reply.body.as_str().len()
+    );
+}
+
+#[test]
+fn an_outcome_whose_slot_went_to_another_upstream_is_counted_as_lost() {
+    let store = Arc::new(MemoryStore::new());
+    let json = r#"{"upstream_key": "header:x-tenant", "max_upstreams": 1, "idle_timeout": "1s"}"#;
+    let mut w = worker(json, &store);
+    let mut h = FakeHost::grpc(0);
+    h.req("x-tenant", "a");
+    let mut s = Session::new();
+    assert_eq!(s.on_request(&mut w, &mut h, true), Action::Continue);
+    // While a's call is out, a has been idle long enough for b to take the one slot.
+    let mut t = FakeHost::default();
+    failing_call_of(&mut w, "b", 5_000, &mut t);
+    assert_eq!(t.counter("circuit_breaker_evicted_total"), 1);
+    h.now = Some(6_000);
+    h.resp(":status", "200").resp("grpc-status", "0");
+    s.on_response_headers(&mut w, &mut h, true);
+    assert_eq!(h.counter("circuit_breaker_lost_outcomes_total"), 1);
+    assert_eq!(
+        h.counter("circuit_breaker_calls_total{upstream=a,result=success}"),
+        0
     );
 }
