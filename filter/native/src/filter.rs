@@ -77,7 +77,11 @@ impl Stream {
     }
 
     /// Request headers: the health endpoint, or admission.
-    pub fn request_headers(&mut self, envoy: &FilterEnvoy<'_>, end_of_stream: bool) -> (Action, Pending) {
+    pub fn request_headers(
+        &mut self,
+        envoy: &FilterEnvoy<'_>,
+        end_of_stream: bool,
+    ) -> (Action, Pending) {
         self.with(envoy, |s, w, h| s.on_request(w, h, end_of_stream))
     }
 
@@ -116,7 +120,8 @@ impl Stream {
     /// An event on the stream's scheduler: the tick ordered its stuck call cut (the event is the
     /// call's id); the breaker's answer, to send.
     pub fn scheduled(&mut self, envoy: &FilterEnvoy<'_>, call: u64) -> Pending {
-        self.with(envoy, |_, w, h| session::deliver_cut(w, h, call)).1
+        self.with(envoy, |_, w, h| session::deliver_cut(w, h, call))
+            .1
     }
 
     /// The stream is about to be freed (`filter_destroy`): a call its session still holds (a hook

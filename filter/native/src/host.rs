@@ -470,7 +470,13 @@ impl<'a> ConfigTelemetry<'a> {
 impl Telemetry for ConfigTelemetry<'_> {
     fn add(&mut self, series: &Series<'_>, n: u64) {
         let add = abi::envoy_dynamic_module_callback_http_filter_config_increment_counter;
-        update_metric(add, self.config.envoy.ptr(), &self.config.metrics, series, n);
+        update_metric(
+            add,
+            self.config.envoy.ptr(),
+            &self.config.metrics,
+            series,
+            n,
+        );
     }
 
     fn set(&mut self, series: &Series<'_>, value: u64) {

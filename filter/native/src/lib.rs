@@ -72,7 +72,9 @@ fn on_stream<T: Copy>(
             Lease::Lent(lease) => lease,
             Lease::PassThrough => return fail_open,
             Lease::Busy => {
-                host::log_with(Level::Critical, || format!("circuit breaker: hook {hook} re-entered for a stream another hook holds; passing it through"));
+                host::log_with(Level::Critical, || {
+                    format!("circuit breaker: hook {hook} re-entered for a stream another hook holds; passing it through")
+                });
                 return fail_open;
             }
         };
@@ -127,6 +129,8 @@ pub extern "C" fn envoy_dynamic_module_on_program_init() -> *const std::ffi::c_c
 }
 
 /// A filter configuration (main thread): the module's configuration, or null to refuse it.
+// Envoy's entry point: Envoy hands it the pointer, under the promise the SAFETY comment cites.
+#[allow(clippy::not_unsafe_ptr_arg_deref)]
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
     envoy: ConfigEnvoyPtr,
@@ -156,6 +160,8 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
 }
 
 /// An event committed to the configuration's scheduler, on the main thread: the tick.
+// Envoy's entry point: Envoy hands it the pointer, under the promise the SAFETY comment cites.
+#[allow(clippy::not_unsafe_ptr_arg_deref)]
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_config_scheduled(
     _envoy: ConfigEnvoyPtr,
@@ -173,6 +179,8 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_scheduled(
 }
 
 /// The configuration is gone (after its last stream; on whichever thread dropped it last).
+// Envoy's entry point: Envoy hands it the pointer, under the promise the SAFETY comment cites.
+#[allow(clippy::not_unsafe_ptr_arg_deref)]
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(config: ModulePtr) {
     guard("config_destroy", (), None, || {
@@ -184,6 +192,8 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(config: Mod
 // ---- Stream lifetime ----------------------------------------------------------------------------
 
 /// A new stream, on its worker. On a panic it gets the pass-through object (a null would close it).
+// Envoy's entry point: Envoy hands it the pointer, under the promise the SAFETY comment cites.
+#[allow(clippy::not_unsafe_ptr_arg_deref)]
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_new(
     config: ModulePtr,
@@ -202,6 +212,8 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_new(
 
 /// Frees the stream (once, after `stream_complete`; Envoy 1.40 defers it to the worker's next turn).
 /// Its scheduler leaves its worker's table first, and is deleted once.
+// Envoy's entry point: Envoy hands it the pointer, under the promise the SAFETY comment cites.
+#[allow(clippy::not_unsafe_ptr_arg_deref)]
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_destroy(module: ModulePtr) {
     // SAFETY: the stream pointer Envoy passed to this stream hook, on the stream's worker.
@@ -210,12 +222,17 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_destroy(module: ModulePtr)
         Lease::PassThrough => return,
         Lease::Busy => {
             // Freeing it would pull it from under the hook that holds it: leaked instead.
-            host::log(Level::Critical, "circuit breaker: a stream destroyed while a hook holds it is leaked");
+            host::log(
+                Level::Critical,
+                "circuit breaker: a stream destroyed while a hook holds it is leaked",
+            );
             return;
         }
     };
     let config = lease.stream().config_handle();
-    let scheduler = guard("destroy", None, Some(config.get()), || lease.stream().release());
+    let scheduler = guard("destroy", None, Some(config.get()), || {
+        lease.stream().release()
+    });
     // Deleted out of its worker's table, and after the worker's lock is released.
     drop(scheduler);
     // SAFETY: `filter_destroy`: Envoy hands this stream's pointer to no hook after this one.
@@ -265,10 +282,16 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
     if !end_of_stream {
         return BodyStatus::Continue;
     }
-    on_stream("request_body", envoy, module, BodyStatus::Continue, |s, _| {
-        s.request_end();
-        (BodyStatus::Continue, None)
-    })
+    on_stream(
+        "request_body",
+        envoy,
+        module,
+        BodyStatus::Continue,
+        |s, _| {
+            s.request_end();
+            (BodyStatus::Continue, None)
+        },
+    )
 }
 
 /// Request trailers: they end the request.

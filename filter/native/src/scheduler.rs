@@ -36,8 +36,9 @@ impl ConfigScheduler {
     /// none.
     pub fn new(envoy: ConfigEnvoy) -> Option<Self> {
         // SAFETY: `envoy` is the live configuration object of the running `config_new`.
-        let ptr =
-            unsafe { abi::envoy_dynamic_module_callback_http_filter_config_scheduler_new(envoy.ptr()) };
+        let ptr = unsafe {
+            abi::envoy_dynamic_module_callback_http_filter_config_scheduler_new(envoy.ptr())
+        };
         NonNull::new(ptr).map(Self)
     }
 
@@ -76,14 +77,18 @@ impl StreamScheduler {
     /// A scheduler for the stream of `envoy`; `None` if Envoy gave none.
     pub fn new(envoy: &FilterEnvoy<'_>) -> Option<Self> {
         // SAFETY: the live filter of the running hook.
-        let ptr = unsafe { abi::envoy_dynamic_module_callback_http_filter_scheduler_new(envoy.ptr()) };
+        let ptr =
+            unsafe { abi::envoy_dynamic_module_callback_http_filter_scheduler_new(envoy.ptr()) };
         NonNull::new(ptr).map(Self)
     }
 
     fn commit(&self, event_id: u64) {
         // SAFETY: a live scheduler: deleted only in `Drop`.
         unsafe {
-            abi::envoy_dynamic_module_callback_http_filter_scheduler_commit(self.0.as_ptr(), event_id);
+            abi::envoy_dynamic_module_callback_http_filter_scheduler_commit(
+                self.0.as_ptr(),
+                event_id,
+            );
         }
     }
 }

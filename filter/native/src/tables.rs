@@ -67,7 +67,10 @@ mod tests {
     #[test]
     fn a_table_in_use_is_shared_and_one_no_configuration_holds_is_freed() {
         let a = table(17);
-        assert!(Arc::ptr_eq(&a, &table(17)), "a reconfiguration finds the live table");
+        assert!(
+            Arc::ptr_eq(&a, &table(17)),
+            "a reconfiguration finds the live table"
+        );
         assert!(!Arc::ptr_eq(&a, &table(19)));
         let mut held = Arc::clone(&a);
         held.update(0, Read::Fresh, |slot| {
@@ -84,7 +87,10 @@ mod tests {
         drop((a, held));
         // Every holder is gone: the next lookup sweeps the dead entry and makes a fresh, empty table.
         let _other = table(23);
-        assert!(!registered(17), "a capacity no configuration uses leaves the registry");
+        assert!(
+            !registered(17),
+            "a capacity no configuration uses leaves the registry"
+        );
         let mut fresh = table(17);
         assert!(matches!(fresh.read(0).unwrap(), SlotRead::Empty));
     }

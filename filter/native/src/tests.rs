@@ -125,9 +125,13 @@ fn a_stream_whose_hook_panicked_passes_through_from_then_on() {
     let config = config_ptr("{}");
     let ptr = envoy_dynamic_module_on_http_filter_new(config, envoy());
     stubs::take();
-    let out = on_stream("response_headers", envoy(), ptr, 7, |_, _| -> (i32, Pending) {
-        panic!("half-way")
-    });
+    let out = on_stream(
+        "response_headers",
+        envoy(),
+        ptr,
+        7,
+        |_, _| -> (i32, Pending) { panic!("half-way") },
+    );
     assert_eq!(out, 7);
     assert_eq!(peek(ptr, |s| s.failed), Some(true));
     let mut ran = false;
@@ -198,7 +202,7 @@ fn metric_ids_are_indexed_in_the_order_of_metric_all() {
 // ---- NativeHost over the stub stream -------------------------------------------------------------
 
 use cb_core::breaker::{Rejection, StateKind};
-use cb_core::host::{Host, TooLong};
+use cb_core::host::Host;
 
 use crate::abi::stubs::StubStream;
 use crate::abi::{AttributeId, HeaderType};
@@ -374,5 +378,28 @@ fn labelled_series_reach_envoy_with_their_values_in_label_order() {
     assert_eq!(
         recorded.counted[1], stuck,
         "outside a stream, through the config's callbacks"
+    );
+}
+
+// ---- The module's clock ----------------------------------------------------------------------------
+
+#[test]
+fn configurations_leave_the_clock_when_dropped_and_no_tick_reaches_a_deleted_scheduler() {
+    let strays = stubs::config_strays();
+    let configs: Vec<ModuleConfig> = (0..20)
+        .map(|_| config_from(r#"{"stuck_call_duration": "1s"}"#))
+        .collect();
+    assert!(
+        ticker::registered() >= 20,
+        "each configuration is on the clock"
+    );
+    // Long enough for the clock to commit to them a few times (a 50 ms period), so that some drops
+    // race a commit.
+    std::thread::sleep(std::time::Duration::from_millis(120));
+    drop(configs);
+    assert_eq!(
+        stubs::config_strays(),
+        strays,
+        "a commit reached a scheduler deleted with its configuration"
     );
 }
