@@ -269,6 +269,23 @@ extern "C" {
     pub fn envoy_dynamic_module_callback_http_filter_config_scheduler_delete(
         scheduler: *mut std::ffi::c_void,
     );
+    /// A scheduler for events on the stream's worker thread, for this stream; deleted with
+    /// `..._scheduler_delete`.
+    pub fn envoy_dynamic_module_callback_http_filter_scheduler_new(
+        filter: FilterEnvoyPtr,
+    ) -> *mut std::ffi::c_void;
+    /// Posts `event_id` to the stream's worker, where Envoy calls
+    /// `envoy_dynamic_module_on_http_filter_scheduled` with it if the stream still exists. Callable
+    /// from any thread.
+    pub fn envoy_dynamic_module_callback_http_filter_scheduler_commit(
+        scheduler: *mut std::ffi::c_void,
+        event_id: u64,
+    );
+    /// Deletes a stream's scheduler (no commit may follow; events already committed are still
+    /// delivered).
+    pub fn envoy_dynamic_module_callback_http_filter_scheduler_delete(
+        scheduler: *mut std::ffi::c_void,
+    );
     /// The number of worker threads; main thread only.
     pub fn envoy_dynamic_module_callback_get_concurrency() -> u32;
     /// Logs to Envoy's `dynamic_modules` logger, with the module's source location (new in 1.40; the

@@ -7,13 +7,13 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use cb_core::config::{ConfigError, FilterConfig};
 use cb_core::store::LocalStore;
-use cb_core::telemetry::Level;
+use cb_core::telemetry::{Level, Telemetry};
 use cb_core::worker::Worker;
 
-use crate::abi;
-use crate::host::{self, ConfigEnvoy, ConfigScheduler, ConfigTelemetry, MetricIds};
+use crate::host::{self, ConfigEnvoy, ConfigTelemetry, MetricIds};
+use crate::scheduler::{ConfigScheduler, StreamSchedulers};
 use crate::tables;
-use crate::ticker::Ticker;
+use crate::ticker::{self, Ticker};
 
 /// One Envoy worker's breakers, over the process-wide table.
 pub type NativeWorker = Worker<Arc<LocalStore>>;
@@ -21,28 +21,37 @@ pub type NativeWorker = Worker<Arc<LocalStore>>;
 /// The only `filter_name` this module serves (contract section 7).
 pub const FILTER_NAME: &str = "circuit_breaker";
 
+/// What one Envoy worker's streams share under one lock: the core worker, and the schedulers of its
+/// streams that may be cut (together, so that the tick's cut orders reach only live schedulers: see
+/// `scheduler.rs`).
+#[derive(Debug)]
+pub struct WorkerState {
+    /// The core worker.
+    pub core: NativeWorker,
+    /// Its streams' schedulers, by token.
+    pub schedulers: StreamSchedulers,
+}
+
 /// What every stream of one filter configuration shares. Immutable once built: streams on every worker
 /// read it at once.
 pub struct ModuleConfig {
+    /// This configuration's place on the module's clock. Dropped first with the configuration, which
+    /// takes it off the clock (see `ticker.rs`).
+    _ticker: Option<Ticker>,
     /// The validated configuration.
     pub filter: Arc<FilterConfig>,
     /// Ids of the metrics defined for this configuration.
     pub metrics: MetricIds,
-    /// Envoy's worker count when the configuration was made, for per-worker state.
-    pub concurrency: u32,
-    /// One core worker per Envoy worker, each behind a lock its own thread takes (and the main thread,
-    /// briefly, for the stuck-call check): never contended on a request's path.
-    workers: Box<[Mutex<NativeWorker>]>,
+    /// One state per Envoy worker, each behind a lock its own thread takes (and the main thread,
+    /// briefly, for the tick): never contended on a request's path.
+    workers: Box<[Mutex<WorkerState>]>,
     /// Envoy's object for this configuration, to count and log outside streams.
     pub(crate) envoy: ConfigEnvoy,
-    /// The stuck-call check's clock, when a breaker tracks stuck calls. Dropped with the
-    /// configuration, which stops it.
-    ticker: Option<Ticker>,
 }
 
 impl ModuleConfig {
-    /// The core worker of Envoy worker `index` (the last one for an index Envoy should not give).
-    pub fn worker(&self, index: u32) -> Option<MutexGuard<'_, NativeWorker>> {
+    /// The state of Envoy worker `index` (the last one for an index Envoy should not give).
+    pub fn worker(&self, index: u32) -> Option<MutexGuard<'_, WorkerState>> {
         let slot = self
             .workers
             .get(index as usize)
@@ -52,14 +61,22 @@ impl ModuleConfig {
         Some(slot.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
-    /// The stuck-call check over every worker's calls in flight (main thread, from the ticker).
-    pub fn check_stuck(&self) {
-        let now = host::now_ms();
+    /// The tick (main thread, from the ticker's event), at `now_ms`: each worker's
+    /// [`Worker::tick`], and each cut it orders committed to its stream's scheduler, under the
+    /// worker's lock.
+    pub fn tick(&self, now_ms: u64) {
         let mut telemetry = ConfigTelemetry::new(self);
-        for index in 0..self.workers.len() {
-            if let Some(mut w) = self.worker(index as u32) {
-                // Cuts are not delivered by this build yet: the orders are dropped.
-                let _ = w.tick(now, &mut telemetry);
+        for slot in self.workers.iter() {
+            let mut state = slot.lock().unwrap_or_else(PoisonError::into_inner);
+            let orders = state.core.tick(now_ms, &mut telemetry);
+            for order in orders {
+                if !state.schedulers.commit(order) {
+                    // Its stream ended without its session settling the call (a hook panicked).
+                    telemetry.log(
+                        Level::Debug,
+                        "circuit breaker: a stuck call to cut has no stream any more",
+                    );
+                }
             }
         }
     }
@@ -91,7 +108,7 @@ fn parse(name: &[u8], bytes: &[u8]) -> Result<FilterConfig, ConfigError> {
 
 /// `config_new`: the configuration for Envoy to keep, or `None` to make Envoy refuse it (at start-up,
 /// or as a NACK of an update while the previous configuration keeps serving).
-pub fn config_new(envoy: abi::ConfigEnvoyPtr, name: &[u8], bytes: &[u8]) -> Option<ModuleConfig> {
+pub fn config_new(envoy: ConfigEnvoy, name: &[u8], bytes: &[u8]) -> Option<ModuleConfig> {
     let filter = match parse(name, bytes) {
         Ok(filter) => filter,
         Err(e) => {
@@ -100,49 +117,41 @@ pub fn config_new(envoy: abi::ConfigEnvoyPtr, name: &[u8], bytes: &[u8]) -> Opti
         }
     };
     host::log_with(Level::Info, || filter.configured_line());
-    let envoy = ConfigEnvoy::new(envoy);
     let filter = Arc::new(filter);
-    let concurrency = host::concurrency();
-    let mut config = ModuleConfig {
-        workers: workers(&filter, concurrency),
-        filter,
+    Some(ModuleConfig {
+        workers: workers(&filter, host::concurrency()),
         metrics: MetricIds::define(envoy),
-        concurrency,
+        _ticker: ticker(envoy, &filter),
+        filter,
         envoy,
-        ticker: None,
-    };
-    if config.filter.tracks_stuck_calls() {
-        config.ticker = ticker(envoy);
-    }
-    Some(config)
+    })
 }
 
-/// The stuck-call check's clock, or `None` (said in a log line) when Envoy gave no scheduler or no
-/// thread could start: the check then runs only when a request comes for the upstream.
-fn ticker(envoy: ConfigEnvoy) -> Option<Ticker> {
-    let ticker = ConfigScheduler::new(envoy).and_then(Ticker::start);
+/// The configuration's place on the module's clock, or `None` (said in a log line) when Envoy gave no
+/// scheduler or the clock's thread could not start: stuck calls are then recorded only when they end,
+/// and never cut.
+fn ticker(envoy: ConfigEnvoy, filter: &FilterConfig) -> Option<Ticker> {
+    let ticker = ConfigScheduler::new(envoy).and_then(|s| Ticker::start(s, ticker::period(filter)));
     if ticker.is_none() {
         host::log(
             Level::Warn,
-            "circuit breaker: no timer for the stuck-call check; it runs only when a request comes",
+            "circuit breaker: no timer for this configuration; stuck calls are recorded only when they end",
         );
     }
     ticker
 }
 
-/// One core worker per Envoy worker, all on the process-wide table for `max_upstreams`.
-fn workers(filter: &Arc<FilterConfig>, concurrency: u32) -> Box<[Mutex<NativeWorker>]> {
+/// One state per Envoy worker, all on the process-wide table for `max_upstreams`.
+fn workers(filter: &Arc<FilterConfig>, concurrency: u32) -> Box<[Mutex<WorkerState>]> {
     let table = tables::table(filter.max_upstreams);
     let now = host::now_ms();
     (0..concurrency.max(1))
         .map(|i| {
-            let seed = seed(now, i);
-            Mutex::new(Worker::new(
-                Arc::clone(filter),
-                now,
-                Arc::clone(&table),
-                seed,
-            ))
+            let core = Worker::new(Arc::clone(filter), now, Arc::clone(&table), seed(now, i));
+            Mutex::new(WorkerState {
+                core,
+                schedulers: StreamSchedulers::default(),
+            })
         })
         .collect()
 }
@@ -165,7 +174,7 @@ mod tests {
     fn a_bad_configuration_is_refused_with_the_wasm_line() {
         stubs::take();
         let refused = config_new(
-            stubs::fake_envoy_ptr(),
+            ConfigEnvoy::stub(),
             b"circuit_breaker",
             br#"{"failure_threshold": -1}"#,
         );
@@ -186,7 +195,7 @@ mod tests {
     #[test]
     fn another_filter_name_is_refused() {
         stubs::take();
-        assert!(config_new(stubs::fake_envoy_ptr(), b"other", b"{}").is_none());
+        assert!(config_new(ConfigEnvoy::stub(), b"other", b"{}").is_none());
         let logs = stubs::take().logs;
         assert!(logs.iter().any(|(l, m)| *l == LogLevel::Error
             && m == r#"circuit breaker configuration rejected: filter_name must be "circuit_breaker", got "other""#), "{logs:?}");
@@ -196,13 +205,13 @@ mod tests {
     fn a_good_configuration_logs_and_defines_every_metric_with_its_labels() {
         stubs::take();
         let config = config_new(
-            stubs::fake_envoy_ptr(),
+            ConfigEnvoy::stub(),
             b"circuit_breaker",
             br#"{"failure_threshold": 3}"#,
         )
         .unwrap();
         assert_eq!(config.filter.defaults().failure_threshold, 3);
-        assert_eq!(config.concurrency, 2, "the stub Envoy has two workers");
+        assert_eq!(config.workers.len(), 2, "one per worker of the stub Envoy");
         let recorded = stubs::take();
         assert!(
             recorded.logs.iter().any(|(l, m)| *l == LogLevel::Info

@@ -1,43 +1,123 @@
-//! The host, in one place: every call into Envoy, and every pointer Envoy hands back, goes through this
-//! file. [`NativeHost`] is one stream's view of Envoy (the core's [`Host`] and [`Telemetry`]);
-//! [`ConfigTelemetry`] counts and logs outside any stream (the main thread); the rest turns the module's
-//! objects into the pointers Envoy keeps, and back.
+//! The host, in one place: every call into Envoy goes through this file. [`NativeHost`] is one
+//! stream's view of Envoy (the core's [`Host`] and [`Telemetry`]); [`ConfigTelemetry`] counts and logs
+//! outside any stream (the main thread); [`FilterEnvoy`] and [`ConfigEnvoy`] are Envoy's objects as
+//! the hooks receive them. (The module's own objects, as Envoy keeps them, are in `objects.rs`.)
 //!
 //! Envoy's answers are translated here once: a callback that says "no such value" becomes `None`, and no
 //! byte Envoy returns is trusted to be UTF-8 or small (header values come back as bytes; the core
 //! decides what they mean).
 
+use std::marker::PhantomData;
 use std::panic::Location;
 use std::sync::OnceLock;
 use std::time::Instant;
 
-use cb_core::host::Host;
+use cb_core::host::{Host, TooLong};
 use cb_core::reply::LocalReply;
 use cb_core::telemetry::{Level, Metric, MetricKind, Series, Telemetry};
 
-use crate::abi::{self, AttributeId, EnvoyBuffer, HeaderType, LogLevel, ModuleBuffer, ModulePtr};
+use crate::abi::{self, AttributeId, EnvoyBuffer, HeaderType, LogLevel, ModuleBuffer};
 use crate::config::ModuleConfig;
-use crate::filter::Stream;
+use crate::scheduler::{StreamScheduler, StreamSchedulers};
 
-/// `details` of the module's local replies (Envoy's `%RESPONSE_CODE_DETAILS%`).
-const REPLY_DETAILS: &[u8] = b"circuit_breaker";
-
-/// Envoy's object for one filter configuration, kept by the module configuration to count and log
-/// outside streams.
+/// Envoy's object for one filter configuration, kept by the module configuration to count, log and
+/// schedule outside streams.
 #[derive(Debug, Clone, Copy)]
 pub struct ConfigEnvoy(abi::ConfigEnvoyPtr);
 
-// SAFETY: the pointer is only handed back to Envoy's `http_filter_config_*` metric callbacks, which
-// update thread-safe stats; Envoy keeps the object alive until it calls `config_destroy`, which drops
-// the module configuration holding this copy.
+// SAFETY: the pointer is only handed back to Envoy's `http_filter_config_*` callbacks (metrics, which
+// update thread-safe stats, and the scheduler's creation); Envoy keeps the object alive until it calls
+// `config_destroy`, which drops the module configuration holding this copy.
 unsafe impl Send for ConfigEnvoy {}
 // SAFETY: as for `Send`: the module never reads through the pointer itself.
 unsafe impl Sync for ConfigEnvoy {}
 
 impl ConfigEnvoy {
-    /// The pointer Envoy passed to `config_new`.
-    pub fn new(ptr: abi::ConfigEnvoyPtr) -> Self {
+    /// Envoy's configuration object.
+    ///
+    /// # Safety
+    ///
+    /// `ptr` is the pointer Envoy passed to the running `config_new`, and the value is kept only by
+    /// the configuration `config_new` returns (Envoy keeps the object alive until that
+    /// configuration's `config_destroy`).
+    pub unsafe fn new(ptr: abi::ConfigEnvoyPtr) -> Self {
         Self(ptr)
+    }
+
+    /// A stand-in for tests: the stub callbacks accept any pointer.
+    #[cfg(any(test, feature = "stubs"))]
+    pub fn stub() -> Self {
+        Self(abi::stubs::fake_envoy_ptr())
+    }
+
+    pub(crate) fn ptr(self) -> abi::ConfigEnvoyPtr {
+        self.0
+    }
+}
+
+/// Envoy's filter object of the running stream hook: valid only until that hook returns, so it is
+/// neither `Clone` nor `Send`, and the hook holds it by value. Sending a local reply consumes it
+/// ([`FilterEnvoy::send_response`]): Envoy may finish the stream inside that call.
+#[derive(Debug)]
+pub struct FilterEnvoy<'hook> {
+    ptr: abi::FilterEnvoyPtr,
+    _hook: PhantomData<&'hook mut ()>,
+}
+
+impl FilterEnvoy<'_> {
+    /// Envoy's filter object.
+    ///
+    /// # Safety
+    ///
+    /// `ptr` is the filter pointer Envoy passed to the running stream hook, and the value is dropped
+    /// before that hook returns.
+    pub unsafe fn new(ptr: abi::FilterEnvoyPtr) -> Self {
+        Self {
+            ptr,
+            _hook: PhantomData,
+        }
+    }
+
+    /// A stand-in for tests: the stub callbacks accept any pointer.
+    #[cfg(any(test, feature = "stubs"))]
+    pub fn stub() -> FilterEnvoy<'static> {
+        FilterEnvoy {
+            ptr: abi::stubs::fake_envoy_ptr(),
+            _hook: PhantomData,
+        }
+    }
+
+    pub(crate) fn ptr(&self) -> abi::FilterEnvoyPtr {
+        self.ptr
+    }
+
+    /// The index of the worker running this stream, 0-based (for per-worker state).
+    pub fn worker_index(&self) -> u32 {
+        // SAFETY: the live filter of the running hook (`FilterEnvoy::new`).
+        unsafe { abi::envoy_dynamic_module_callback_http_filter_get_worker_index(self.ptr) }
+    }
+
+    /// A local reply (see `reply.rs`, which builds the arguments). Consumes the filter: inside this
+    /// call Envoy runs the stream's `stream_complete` hook, and may destroy the stream.
+    pub fn send_response(
+        self,
+        status: u16,
+        headers: &[abi::ModuleHttpHeader],
+        body: &[u8],
+        details: &[u8],
+    ) {
+        // SAFETY: the live filter of the running hook; headers, body and details outlive the call,
+        // which copies them.
+        unsafe {
+            abi::envoy_dynamic_module_callback_http_send_response(
+                self.ptr,
+                u32::from(status),
+                headers.as_ptr(),
+                headers.len(),
+                ModuleBuffer::of(body),
+                ModuleBuffer::of(details),
+            );
+        }
     }
 }
 
@@ -145,16 +225,6 @@ pub fn concurrency() -> u32 {
     unsafe { abi::envoy_dynamic_module_callback_get_concurrency() }
 }
 
-/// Bytes Envoy lent to a hook (`config_new`'s name and configuration), for the duration of that hook.
-pub fn lent<'a>(buffer: EnvoyBuffer) -> &'a [u8] {
-    if buffer.ptr.is_null() || buffer.length == 0 {
-        return &[];
-    }
-    // SAFETY: Envoy passed `length` readable bytes at `ptr`, valid until the running hook returns; the
-    // caller uses them only within it.
-    unsafe { std::slice::from_raw_parts(buffer.ptr.cast::<u8>(), buffer.length) }
-}
-
 /// Bytes Envoy lent, copied before the callback's lifetime ends.
 fn copied(buffer: EnvoyBuffer) -> Option<Vec<u8>> {
     if buffer.ptr.is_null() {
@@ -164,31 +234,41 @@ fn copied(buffer: EnvoyBuffer) -> Option<Vec<u8>> {
     Some(unsafe { std::slice::from_raw_parts(buffer.ptr.cast::<u8>(), buffer.length) }.to_vec())
 }
 
-/// One stream's view of Envoy, built for the duration of one hook from the pointer Envoy passed it.
+/// One stream's view of Envoy for the duration of one hook's work on its worker's breakers.
 pub struct NativeHost<'a> {
-    envoy: abi::FilterEnvoyPtr,
+    envoy: &'a FilterEnvoy<'a>,
     config: &'a ModuleConfig,
-    /// A local reply the session asked for, sent by [`NativeHost::send_pending`] once the worker is
-    /// released: Envoy runs the stream's response hooks inside `send_response`, and those take the
-    /// worker too.
-    pending: Option<LocalReply>,
+    /// The worker's stream schedulers, where [`Host::stream_token`] registers this stream's.
+    schedulers: Option<&'a mut StreamSchedulers>,
+    /// The stream's token in `schedulers`, once it has one.
+    token: Option<u64>,
+    /// The local reply the session asked for: the hook sends it once it has let go of the stream and
+    /// of the worker (see `reply.rs`).
+    reply: Option<LocalReply>,
 }
 
 impl<'a> NativeHost<'a> {
-    /// The stream behind `envoy` (the filter pointer of the running hook), under `config`.
-    pub fn new(envoy: abi::FilterEnvoyPtr, config: &'a ModuleConfig) -> Self {
+    /// The stream of `envoy`, under `config`, on a worker whose stream schedulers are `schedulers`
+    /// (`None` where the hook has no worker), where the stream's scheduler, if it has one, is `token`.
+    pub fn new(
+        envoy: &'a FilterEnvoy<'a>,
+        config: &'a ModuleConfig,
+        schedulers: Option<&'a mut StreamSchedulers>,
+        token: Option<u64>,
+    ) -> Self {
         Self {
             envoy,
             config,
-            pending: None,
+            schedulers,
+            token,
+            reply: None,
         }
     }
 
-    /// Sends the local reply the session asked for, if any.
-    pub fn send_pending(&mut self) {
-        if let Some(reply) = self.pending.take() {
-            self.send_now(&reply);
-        }
+    /// The stream's scheduler token (made by [`Host::stream_token`] if it was asked), and the local
+    /// reply the session asked for, to send once the stream is let go.
+    pub fn finish(self) -> (Option<u64>, Option<LocalReply>) {
+        (self.token, self.reply)
     }
 
     /// The configuration this stream runs under.
@@ -196,13 +276,8 @@ impl<'a> NativeHost<'a> {
         self.config
     }
 
-    /// The index of the worker running this stream, 0-based (for per-worker state).
-    pub fn worker_index(&self) -> u32 {
-        // SAFETY: `envoy` is the live filter of the running hook.
-        unsafe { abi::envoy_dynamic_module_callback_http_filter_get_worker_index(self.envoy) }
-    }
-
-    fn header(&self, kind: HeaderType, name: &str) -> Option<Vec<u8>> {
+    /// The first value of a header, as Envoy lends it (valid until the running hook returns).
+    fn header_lent(&self, kind: HeaderType, name: &str) -> Option<EnvoyBuffer> {
         let mut out = EnvoyBuffer {
             ptr: std::ptr::null(),
             length: 0,
@@ -211,7 +286,7 @@ impl<'a> NativeHost<'a> {
         // a null count pointer is allowed (only the first value is asked for).
         let found = unsafe {
             abi::envoy_dynamic_module_callback_http_get_header(
-                self.envoy,
+                self.envoy.ptr(),
                 kind,
                 ModuleBuffer::of(name.as_bytes()),
                 &mut out,
@@ -219,7 +294,11 @@ impl<'a> NativeHost<'a> {
                 std::ptr::null_mut(),
             )
         };
-        found.then(|| copied(out)).flatten()
+        found.then_some(out)
+    }
+
+    fn header(&self, kind: HeaderType, name: &str) -> Option<Vec<u8>> {
+        self.header_lent(kind, name).and_then(copied)
     }
 
     fn attribute_int(&self, id: AttributeId) -> Option<u64> {
@@ -227,7 +306,9 @@ impl<'a> NativeHost<'a> {
         // SAFETY: `envoy` is the live filter of the running hook; `out` is a valid place to write.
         let found = unsafe {
             abi::envoy_dynamic_module_callback_http_filter_get_attribute_int(
-                self.envoy, id, &mut out,
+                self.envoy.ptr(),
+                id,
+                &mut out,
             )
         };
         found.then_some(out)
@@ -238,13 +319,14 @@ impl<'a> NativeHost<'a> {
             ModuleBuffer::of(name.as_bytes()),
             ModuleBuffer::of(value.as_bytes()),
         );
+        let envoy = self.envoy.ptr();
         // SAFETY: `envoy` is the live filter of the running hook; both buffers outlive the call. A
         // refusal (no such header map at this point of the stream) changes nothing: ignored.
         let _ = unsafe {
             if add {
-                abi::envoy_dynamic_module_callback_http_add_header(self.envoy, kind, key, value)
+                abi::envoy_dynamic_module_callback_http_add_header(envoy, kind, key, value)
             } else {
-                abi::envoy_dynamic_module_callback_http_set_header(self.envoy, kind, key, value)
+                abi::envoy_dynamic_module_callback_http_set_header(envoy, kind, key, value)
             }
         };
     }
@@ -257,6 +339,15 @@ impl Host for NativeHost<'_> {
 
     fn request_header(&mut self, name: &str) -> Option<Vec<u8>> {
         self.header(HeaderType::RequestHeader, name)
+    }
+
+    /// Checks the length Envoy reports before copying: a huge client-chosen value is never copied.
+    fn request_header_up_to(&mut self, name: &str, max: usize) -> Result<Option<Vec<u8>>, TooLong> {
+        match self.header_lent(HeaderType::RequestHeader, name) {
+            Some(lent) if lent.length > max => Err(TooLong),
+            Some(lent) => Ok(copied(lent)),
+            None => Ok(None),
+        }
     }
 
     fn response_header(&mut self, name: &str) -> Option<Vec<u8>> {
@@ -274,7 +365,7 @@ impl Host for NativeHost<'_> {
         };
         // SAFETY: `envoy` is the live filter of the running hook; `out` is a valid place to write.
         let found = unsafe {
-            abi::envoy_dynamic_module_callback_http_get_cluster_name(self.envoy, &mut out)
+            abi::envoy_dynamic_module_callback_http_get_cluster_name(self.envoy.ptr(), &mut out)
         };
         found.then(|| copied(out)).flatten()
     }
@@ -296,40 +387,24 @@ impl Host for NativeHost<'_> {
         self.put_header(HeaderType::ResponseHeader, name, value, true);
     }
 
-    /// Kept for [`NativeHost::send_pending`]; Envoy's `send_response` cannot fail, so the reply is as
-    /// good as sent.
+    /// Kept for the hook to send once it has let go of the stream and the worker; Envoy's
+    /// `send_response` cannot fail, so the reply is as good as sent.
     fn send_reply(&mut self, reply: LocalReply) -> bool {
-        self.pending = Some(reply);
+        self.reply = Some(reply);
         true
     }
-}
 
-impl NativeHost<'_> {
-    fn send_now(&mut self, reply: &LocalReply) {
-        // The core's gRPC rejection carries `grpc-status: 14` itself: without it, Envoy's trailers-only
-        // reply would say 0 (OK).
-        let headers: Vec<abi::ModuleHttpHeader> = reply
-            .headers
-            .iter()
-            .map(|(k, v)| abi::ModuleHttpHeader {
-                key_ptr: k.as_str().as_ptr().cast(),
-                key_length: k.as_str().len(),
-                value_ptr: v.as_str().as_ptr().cast(),
-                value_length: v.as_str().len(),
-            })
-            .collect();
-        // SAFETY: `envoy` is the live filter of the running hook; headers, body and details outlive
-        // the call, which copies them.
-        unsafe {
-            abi::envoy_dynamic_module_callback_http_send_response(
-                self.envoy,
-                u32::from(reply.status),
-                headers.as_ptr(),
-                headers.len(),
-                ModuleBuffer::of(reply.body.as_bytes()),
-                ModuleBuffer::of(REPLY_DETAILS),
-            );
+    /// The stream's scheduler, registered with its worker: the token the worker's tick names the
+    /// stream by in a cut order (see `scheduler.rs`). `None` when Envoy gives no scheduler, or the hook
+    /// has no worker.
+    fn stream_token(&mut self) -> Option<u64> {
+        if self.token.is_some() {
+            return self.token;
         }
+        let schedulers = self.schedulers.as_deref_mut()?;
+        let scheduler = StreamScheduler::new(self.envoy)?;
+        self.token = Some(schedulers.insert(scheduler));
+        self.token
     }
 }
 
@@ -365,12 +440,12 @@ fn update_metric(
 impl Telemetry for NativeHost<'_> {
     fn add(&mut self, series: &Series<'_>, n: u64) {
         let add = abi::envoy_dynamic_module_callback_http_filter_increment_counter;
-        update_metric(add, self.envoy, &self.config.metrics, series, n);
+        update_metric(add, self.envoy.ptr(), &self.config.metrics, series, n);
     }
 
     fn set(&mut self, series: &Series<'_>, value: u64) {
         let set = abi::envoy_dynamic_module_callback_http_filter_set_gauge;
-        update_metric(set, self.envoy, &self.config.metrics, series, value);
+        update_metric(set, self.envoy.ptr(), &self.config.metrics, series, value);
     }
 
     #[track_caller]
@@ -395,14 +470,20 @@ impl<'a> ConfigTelemetry<'a> {
 impl Telemetry for ConfigTelemetry<'_> {
     fn add(&mut self, series: &Series<'_>, n: u64) {
         let add = abi::envoy_dynamic_module_callback_http_filter_config_increment_counter;
-        update_metric(add, self.config.envoy.0, &self.config.metrics, series, n);
+        update_metric(
+            add,
+            self.config.envoy.ptr(),
+            &self.config.metrics,
+            series,
+            n,
+        );
     }
 
     fn set(&mut self, series: &Series<'_>, value: u64) {
         let set = abi::envoy_dynamic_module_callback_http_filter_config_set_gauge;
         update_metric(
             set,
-            self.config.envoy.0,
+            self.config.envoy.ptr(),
             &self.config.metrics,
             series,
             value,
@@ -412,100 +493,5 @@ impl Telemetry for ConfigTelemetry<'_> {
     #[track_caller]
     fn log(&mut self, level: Level, message: &str) {
         log(level, message);
-    }
-}
-
-// ---- The configuration's scheduler ----------------------------------------------------------------
-
-/// A configuration's scheduler: events committed to it run `config_scheduled` on the main thread.
-#[derive(Debug)]
-pub struct ConfigScheduler(*mut std::ffi::c_void);
-
-// SAFETY: Envoy's commit is callable from any thread (it posts to the main dispatcher); the pointer is
-// only handed back to Envoy, and deleted once, in `Drop`, after the only thread that commits stopped.
-unsafe impl Send for ConfigScheduler {}
-// SAFETY: as for `Send`.
-unsafe impl Sync for ConfigScheduler {}
-
-impl ConfigScheduler {
-    /// A scheduler for the configuration being made (`config_new`, main thread).
-    pub fn new(envoy: ConfigEnvoy) -> Option<Self> {
-        // SAFETY: `envoy` is the live config object of the running `config_new`.
-        let ptr =
-            unsafe { abi::envoy_dynamic_module_callback_http_filter_config_scheduler_new(envoy.0) };
-        (!ptr.is_null()).then_some(Self(ptr))
-    }
-
-    /// Runs `config_scheduled(event_id)` on the main thread, soon.
-    pub fn commit(&self, event_id: u64) {
-        // SAFETY: a live scheduler (deleted only in `Drop`); commit may be called from any thread.
-        unsafe {
-            abi::envoy_dynamic_module_callback_http_filter_config_scheduler_commit(self.0, event_id)
-        }
-    }
-}
-
-impl Drop for ConfigScheduler {
-    fn drop(&mut self) {
-        // SAFETY: deleted once; its owner stopped committing first (see `ticker`).
-        unsafe { abi::envoy_dynamic_module_callback_http_filter_config_scheduler_delete(self.0) }
-    }
-}
-
-// ---- The module's objects as Envoy holds them ----------------------------------------------------
-
-/// The stream object handed to Envoy when `filter_new` failed: every hook passes it through and
-/// `filter_destroy` leaves it alone. (A null pointer would make Envoy close the stream.)
-static PASS_THROUGH: u8 = 0;
-
-fn is_ours(ptr: ModulePtr) -> bool {
-    !ptr.is_null() && !std::ptr::eq(ptr.cast::<u8>(), &PASS_THROUGH)
-}
-
-/// The pointer Envoy keeps for a configuration; [`config_ref`] reads it, [`drop_config`] frees it.
-pub fn config_into_ptr(config: Box<ModuleConfig>) -> ModulePtr {
-    Box::into_raw(config).cast_const().cast()
-}
-
-/// The configuration behind a pointer from [`config_into_ptr`].
-pub fn config_ref<'a>(ptr: ModulePtr) -> Option<&'a ModuleConfig> {
-    // SAFETY: Envoy hands back the pointer `config_new` returned, and keeps it alive (each filter holds
-    // a reference to the config) until `config_destroy`, after every stream made under it is gone.
-    unsafe { ptr.cast::<ModuleConfig>().as_ref() }
-}
-
-/// Frees a configuration (`config_destroy`).
-pub fn drop_config(ptr: ModulePtr) {
-    if !ptr.is_null() {
-        // SAFETY: Envoy calls `config_destroy` once per pointer `config_new` returned, after the last
-        // stream under it is destroyed; nothing refers to it afterwards.
-        drop(unsafe { Box::from_raw(ptr.cast_mut().cast::<ModuleConfig>()) });
-    }
-}
-
-/// The pointer Envoy keeps for a stream; `None` hands Envoy the pass-through object.
-pub fn stream_into_ptr(stream: Option<Box<Stream>>) -> ModulePtr {
-    match stream {
-        Some(s) => Box::into_raw(s).cast_const().cast(),
-        None => std::ptr::from_ref(&PASS_THROUGH).cast(),
-    }
-}
-
-/// The stream behind a pointer from [`stream_into_ptr`]; `None` for the pass-through object.
-pub fn stream_mut<'a>(ptr: ModulePtr) -> Option<&'a mut Stream> {
-    if !is_ours(ptr) {
-        return None;
-    }
-    // SAFETY: a pointer from `stream_into_ptr`, alive until `filter_destroy`; Envoy runs one stream's
-    // hooks on its worker one at a time, so no other reference to it exists while a hook runs.
-    unsafe { ptr.cast_mut().cast::<Stream>().as_mut() }
-}
-
-/// Frees a stream (`filter_destroy`). Envoy calls it once per stream (it forgets the pointer right
-/// after, and since 1.40 runs it from the worker's deferred-delete list, after `stream_complete`).
-pub fn drop_stream(ptr: ModulePtr) {
-    if is_ours(ptr) {
-        // SAFETY: a pointer from `stream_into_ptr`, destroyed once; no hook of its stream runs after.
-        drop(unsafe { Box::from_raw(ptr.cast_mut().cast::<Stream>()) });
     }
 }

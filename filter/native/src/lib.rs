@@ -6,125 +6,98 @@
 //! matched." when it agrees, and only warns when it does not.
 //!
 //! - [`abi`]: the types and callbacks of the ABI this module uses, declared here.
-//! - [`host`]: every call into Envoy, and every pointer Envoy keeps for the module.
+//! - [`host`]: every call into Envoy: one stream's view of it ([`host::NativeHost`]), metrics, logs.
+//! - [`objects`]: the module's objects as Envoy keeps them, and the lease through which a hook
+//!   reaches its stream.
 //! - [`config`]: `config_new`: the configuration validated, the metrics defined, one core worker per
-//!   Envoy worker.
+//!   Envoy worker; and the tick over them.
 //! - [`filter`]: the per-stream object: each hook one call of the core's `Session`.
-//! - [`tables`]: the process-wide breaker tables, kept across reconfigurations.
-//! - [`ticker`]: the stuck-call check's clock.
+//! - [`reply`]: sending a local reply, the last thing a hook does with its stream.
+//! - [`scheduler`]: Envoy's schedulers, and why no commit can reach a deleted one.
+//! - [`ticker`]: the module's one clock thread, which ticks every configuration.
+//! - [`tables`]: the process-wide breaker tables, shared by the configurations that use them.
+//! - [`guard`]: the panic guard.
 //!
 //! This file holds the hooks Envoy resolves by name: Envoy refuses a module that lacks any of the 20
 //! `envoy_dynamic_module_on_http_filter_*` hooks below ("Failed to resolve symbol"), so the ones the
-//! breaker has no use for are here too, and do nothing. Each runs its body behind [`guard`]: a panic
-//! must not unwind into Envoy (there is no VM between them: it would take the process down), so it is
-//! caught, logged at Critical with the hook and the place, counted in `circuit_breaker_panics_total`,
-//! and the stream goes on as if the filter were not there. That needs the `release-native` profile
-//! (`panic = "unwind"`); under the workspace's `panic = "abort"` nothing could be caught.
+//! breaker has no use for are here too, and do nothing. Each runs its body behind [`guard()`]: a panic
+//! is caught, logged, counted, and the stream goes on as if the filter were not there. The hooks are
+//! where Envoy's promises about the pointers it passes enter the module: each `unsafe` block here
+//! turns one into a value, citing the promise.
 #![deny(unsafe_op_in_unsafe_fn)]
 
-// Unsafe code lives in `abi` (the declarations, and the test stubs) and `host` (the only caller); the
-// other modules deny it, and this file has none but the `#[no_mangle]` of the hooks.
+// Unsafe code lives in `abi` (the declarations, and the test stubs), `host`, `objects` and `scheduler`
+// (the callers of Envoy and the owners of its pointers), and the hooks below; the other modules deny
+// it.
 pub mod abi;
 pub mod config;
 pub mod filter;
+pub mod guard;
 pub mod host;
+pub mod objects;
+pub mod reply;
+pub mod scheduler;
 pub mod tables;
 pub mod ticker;
 
-use std::cell::{Cell, RefCell};
-use std::panic::{self, AssertUnwindSafe};
-
 use cb_core::host::Action;
-use cb_core::telemetry::{Level, Metric, Series, Telemetry};
+use cb_core::telemetry::Level;
 
 use abi::{
     BodyStatus, ConfigEnvoyPtr, EnvoyBuffer, EnvoyHttpHeader, FilterEnvoyPtr, HeadersStatus,
     ModulePtr, TrailersStatus,
 };
-use config::ModuleConfig;
-use filter::Stream;
-use host::{ConfigTelemetry, NativeHost};
+use filter::{Pending, Stream};
+pub use guard::guard;
+use host::{ConfigEnvoy, FilterEnvoy};
+use objects::{ConfigHandle, Lease};
 
-thread_local! {
-    /// How many guarded hooks are running on this thread (a hook can be entered from another's
-    /// callback): inside one, the panic hook records the panic for [`guard`] instead of printing it.
-    static GUARDED: Cell<u32> = const { Cell::new(0) };
-    /// What the panic hook saw of the last panic inside a guard: message and source location.
-    static LAST_PANIC: RefCell<Option<String>> = const { RefCell::new(None) };
-}
-
-/// Runs a hook's `body`; on a panic returns `fail_open` instead, after a Critical log line naming the
-/// hook and the panic's place, and a count in `circuit_breaker_panics_total` when `config` is known.
-pub fn guard<T>(
-    hook: &str,
-    fail_open: T,
-    config: Option<&ModuleConfig>,
-    body: impl FnOnce() -> T,
-) -> T {
-    GUARDED.with(|g| g.set(g.get().saturating_add(1)));
-    let result = panic::catch_unwind(AssertUnwindSafe(body));
-    GUARDED.with(|g| g.set(g.get().saturating_sub(1)));
-    let payload = match result {
-        Ok(out) => return out,
-        Err(payload) => payload,
-    };
-    let what = LAST_PANIC
-        .with(|p| p.try_borrow_mut().ok().and_then(|mut p| p.take()))
-        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic with no message".into());
-    // Dropping the payload runs code of whoever panicked, which could panic again, outside any guard:
-    // it is leaked instead (a few bytes, once per panic).
-    std::mem::forget(payload);
-    host::log_with(Level::Critical, || {
-        format!("circuit breaker: hook {hook} panicked ({what}); failing open: the stream goes on without the breaker")
-    });
-    if let Some(config) = config {
-        ConfigTelemetry::new(config).add(&Series::global(Metric::Panics), 1);
-    }
-    fail_open
-}
-
-/// Replaces the default panic hook (which would print to Envoy's stderr) with one that hands the
-/// panic's message and place to [`guard`]. A panic outside every guard still goes to the default hook.
-fn install_panic_hook() {
-    let default = panic::take_hook();
-    panic::set_hook(Box::new(move |info| {
-        if GUARDED.with(Cell::get) == 0 {
-            return default(info);
-        }
-        let what = info.to_string().replace('\n', " ");
-        LAST_PANIC.with(|p| {
-            if let Ok(mut p) = p.try_borrow_mut() {
-                *p = Some(what);
-            }
-        });
-    }));
-}
-
-/// Runs a stream hook: the stream's own object and a host for it, behind [`guard`]. A stream whose
-/// earlier hook panicked, or the pass-through object, gets `fail_open` without running anything.
-fn on_stream<T>(
+/// Runs a stream hook's `work` on the stream lent to it, behind [`guard()`]; then, once the lease is
+/// over and nothing refers to the stream, sends the local reply the work asked for (Envoy completes
+/// the stream inside that call, and may destroy it). A stream whose earlier hook panicked, the
+/// pass-through object, or a stream another hook on this thread holds gets `fail_open` without
+/// running anything.
+fn on_stream<T: Copy>(
     hook: &str,
     envoy: FilterEnvoyPtr,
     module: ModulePtr,
     fail_open: T,
-    body: impl FnOnce(&mut Stream, &mut NativeHost<'_>) -> T,
+    work: impl FnOnce(&mut Stream, &FilterEnvoy<'_>) -> (T, Pending),
 ) -> T {
-    let Some(stream) = host::stream_mut(module).filter(|s| !s.failed) else {
-        return fail_open;
-    };
-    let Some(config) = stream.config() else {
-        return fail_open;
-    };
-    let mut panicked = true;
-    let out = guard(hook, fail_open, Some(config), || {
-        let out = body(stream, &mut NativeHost::new(envoy, config));
-        panicked = false;
-        out
-    });
-    if panicked {
-        stream.failed = true;
+    // SAFETY: the filter pointer Envoy passed to this hook; the value lives in this frame only.
+    let envoy = unsafe { FilterEnvoy::new(envoy) };
+    let (out, reply) = {
+        // SAFETY: the stream pointer Envoy passed to this stream hook, on the stream's worker.
+        let mut lease = match unsafe { objects::lease_stream(module) } {
+            Lease::Lent(lease) => lease,
+            Lease::PassThrough => return fail_open,
+            Lease::Busy => {
+                host::log_with(Level::Critical, || {
+                    format!("circuit breaker: hook {hook} re-entered for a stream another hook holds; passing it through")
+                });
+                return fail_open;
+            }
+        };
+        let stream = lease.stream();
+        if stream.failed {
+            return fail_open;
+        }
+        let config = stream.config_handle();
+        let mut panicked = true;
+        let result = guard(hook, (fail_open, None), Some(config.get()), || {
+            let result = work(stream, &envoy);
+            panicked = false;
+            result
+        });
+        if panicked {
+            stream.failed = true;
+        }
+        result
+    }; // the lease ends: from here on nothing refers to the stream
+    if let Some(reply) = reply {
+        guard("send_response", (), None, || {
+            reply::send_local_reply(envoy, &reply);
+        });
     }
     out
 }
@@ -149,13 +122,15 @@ fn trailers_status(action: Action) -> TrailersStatus {
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_program_init() -> *const std::ffi::c_char {
     guard("program_init", abi::ABI_VERSION.as_ptr(), None, || {
-        install_panic_hook();
+        guard::install_panic_hook();
         host::now_ms(); // the process-wide clock's origin
         abi::ABI_VERSION.as_ptr()
     })
 }
 
 /// A filter configuration (main thread): the module's configuration, or null to refuse it.
+// Envoy's entry point: Envoy hands it the pointer, under the promise the SAFETY comment cites.
+#[allow(clippy::not_unsafe_ptr_arg_deref)]
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
     envoy: ConfigEnvoyPtr,
@@ -172,67 +147,111 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
                 abi::ABI_VERSION.to_string_lossy()
             )
         });
-        match config::config_new(envoy, host::lent(name), host::lent(config)) {
-            Some(c) => host::config_into_ptr(Box::new(c)),
+        // SAFETY: the configuration object Envoy passed to this `config_new`; only the configuration
+        // returned keeps it, and Envoy keeps the object until that configuration's `config_destroy`.
+        let envoy = unsafe { ConfigEnvoy::new(envoy) };
+        // SAFETY: Envoy lends both buffers for this hook; `config_new` keeps nothing of them.
+        let (name, config) = unsafe { (objects::lent(name), objects::lent(config)) };
+        match config::config_new(envoy, name, config) {
+            Some(c) => objects::config_into_ptr(Box::new(c)),
             None => std::ptr::null(),
         }
     })
 }
 
-/// An event committed to the configuration's scheduler, on the main thread: the stuck-call check.
+/// An event committed to the configuration's scheduler, on the main thread: the tick.
+// Envoy's entry point: Envoy hands it the pointer, under the promise the SAFETY comment cites.
+#[allow(clippy::not_unsafe_ptr_arg_deref)]
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_config_scheduled(
     _envoy: ConfigEnvoyPtr,
     config: ModulePtr,
     event_id: u64,
 ) {
-    let config = host::config_ref(config);
+    // SAFETY: the pointer `config_new` returned; Envoy delivers a configuration's events only while it
+    // lives (its scheduler holds a weak reference to it).
+    let config = unsafe { objects::config_ref(config) };
     guard("config_scheduled", (), config, || {
-        if let (Some(config), ticker::STUCK_CHECK) = (config, event_id) {
-            config.check_stuck();
+        if let (Some(config), ticker::TICK) = (config, event_id) {
+            config.tick(host::now_ms());
         }
     });
 }
 
 /// The configuration is gone (after its last stream; on whichever thread dropped it last).
+// Envoy's entry point: Envoy hands it the pointer, under the promise the SAFETY comment cites.
+#[allow(clippy::not_unsafe_ptr_arg_deref)]
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(config: ModulePtr) {
-    guard("config_destroy", (), None, || host::drop_config(config));
+    guard("config_destroy", (), None, || {
+        // SAFETY: `config_destroy` comes once per configuration, after its last stream is destroyed.
+        unsafe { objects::drop_config(config) }
+    });
 }
 
 // ---- Stream lifetime ----------------------------------------------------------------------------
 
 /// A new stream, on its worker. On a panic it gets the pass-through object (a null would close it).
+// Envoy's entry point: Envoy hands it the pointer, under the promise the SAFETY comment cites.
+#[allow(clippy::not_unsafe_ptr_arg_deref)]
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_new(
     config: ModulePtr,
     _envoy: FilterEnvoyPtr,
 ) -> ModulePtr {
-    let config = host::config_ref(config);
-    guard("new", host::stream_into_ptr(None), config, || {
-        host::stream_into_ptr(config.map(|c| Box::new(Stream::new(c))))
+    // SAFETY: the pointer `config_new` returned, alive while Envoy makes streams under it.
+    let config = unsafe { objects::config_ref(config) };
+    guard("new", objects::stream_into_ptr(None), config, || {
+        let stream = config.map(|c| {
+            // SAFETY: Envoy destroys a configuration only after the last stream made under it.
+            Box::new(Stream::new(unsafe { ConfigHandle::new(c) }))
+        });
+        objects::stream_into_ptr(stream)
     })
 }
 
 /// Frees the stream (once, after `stream_complete`; Envoy 1.40 defers it to the worker's next turn).
+/// Its scheduler leaves its worker's table first, and is deleted once.
+// Envoy's entry point: Envoy hands it the pointer, under the promise the SAFETY comment cites.
+#[allow(clippy::not_unsafe_ptr_arg_deref)]
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_destroy(module: ModulePtr) {
-    let config = host::stream_mut(module).and_then(|s| s.config());
-    guard("destroy", (), config, || host::drop_stream(module));
+    // SAFETY: the stream pointer Envoy passed to this stream hook, on the stream's worker.
+    let mut lease = match unsafe { objects::lease_stream(module) } {
+        Lease::Lent(lease) => lease,
+        Lease::PassThrough => return,
+        Lease::Busy => {
+            // Freeing it would pull it from under the hook that holds it: leaked instead.
+            host::log(
+                Level::Critical,
+                "circuit breaker: a stream destroyed while a hook holds it is leaked",
+            );
+            return;
+        }
+    };
+    let config = lease.stream().config_handle();
+    let scheduler = guard("destroy", None, Some(config.get()), || {
+        lease.stream().release()
+    });
+    // Deleted out of its worker's table, and after the worker's lock is released.
+    drop(scheduler);
+    // SAFETY: `filter_destroy`: Envoy hands this stream's pointer to no hook after this one.
+    unsafe { objects::free_stream(lease) };
 }
 
-/// The stream is complete, before access logs.
+/// The stream is complete, before access logs. Inside `send_response` when the module answered it.
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
     envoy: FilterEnvoyPtr,
     module: ModulePtr,
 ) {
-    on_stream("stream_complete", envoy, module, (), |s, h| {
-        s.stream_complete(h)
+    on_stream("stream_complete", envoy, module, (), |s, e| {
+        s.stream_complete(e);
+        ((), None)
     });
 }
 
-// ---- The four hooks the breaker works in ----------------------------------------------------------
+// ---- The hooks the breaker works in ---------------------------------------------------------------
 
 /// Request headers: admission.
 #[no_mangle]
@@ -246,7 +265,50 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
         envoy,
         module,
         HeadersStatus::Continue,
-        |s, h| headers_status(s.request_headers(h, end_of_stream)),
+        |s, e| {
+            let (action, reply) = s.request_headers(e, end_of_stream);
+            (headers_status(action), reply)
+        },
+    )
+}
+
+/// Request body: its last chunk ends the request.
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
+    envoy: FilterEnvoyPtr,
+    module: ModulePtr,
+    end_of_stream: bool,
+) -> BodyStatus {
+    if !end_of_stream {
+        return BodyStatus::Continue;
+    }
+    on_stream(
+        "request_body",
+        envoy,
+        module,
+        BodyStatus::Continue,
+        |s, _| {
+            s.request_end();
+            (BodyStatus::Continue, None)
+        },
+    )
+}
+
+/// Request trailers: they end the request.
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
+    envoy: FilterEnvoyPtr,
+    module: ModulePtr,
+) -> TrailersStatus {
+    on_stream(
+        "request_trailers",
+        envoy,
+        module,
+        TrailersStatus::Continue,
+        |s, _| {
+            s.request_end();
+            (TrailersStatus::Continue, None)
+        },
     )
 }
 
@@ -262,7 +324,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
         envoy,
         module,
         HeadersStatus::Continue,
-        |s, h| headers_status(s.response_headers(h, end_of_stream)),
+        |s, e| (headers_status(s.response_headers(e, end_of_stream)), None),
     )
 }
 
@@ -277,34 +339,24 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_response_trailers(
         envoy,
         module,
         TrailersStatus::Continue,
-        |s, h| trailers_status(s.response_trailers(h)),
+        |s, e| (trailers_status(s.response_trailers(e)), None),
     )
 }
 
+/// An event on the stream's scheduler, on its worker: the tick ordered its stuck call cut (the event
+/// is the call's id). The breaker's answer is sent once the stream is let go.
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
+    envoy: FilterEnvoyPtr,
+    module: ModulePtr,
+    event_id: u64,
+) {
+    on_stream("scheduled", envoy, module, (), |s, e| {
+        ((), s.scheduled(e, event_id))
+    });
+}
+
 // ---- Hooks Envoy requires and the breaker does not use: they pass everything through --------------
-
-/// Request body: passed through.
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
-    _envoy: FilterEnvoyPtr,
-    _module: ModulePtr,
-    _end_of_stream: bool,
-) -> BodyStatus {
-    guard("request_body", BodyStatus::Continue, None, || {
-        BodyStatus::Continue
-    })
-}
-
-/// Request trailers: passed through.
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
-    _envoy: FilterEnvoyPtr,
-    _module: ModulePtr,
-) -> TrailersStatus {
-    guard("request_trailers", TrailersStatus::Continue, None, || {
-        TrailersStatus::Continue
-    })
-}
 
 /// Response body: passed through.
 #[no_mangle]
@@ -316,16 +368,6 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_response_body(
     guard("response_body", BodyStatus::Continue, None, || {
         BodyStatus::Continue
     })
-}
-
-/// An event the module scheduled on the stream's worker (none yet).
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
-    _envoy: FilterEnvoyPtr,
-    _module: ModulePtr,
-    _event_id: u64,
-) {
-    guard("scheduled", (), None, || ());
 }
 
 /// An HTTP callout finished (the module makes none).

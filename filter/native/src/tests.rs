@@ -1,35 +1,79 @@
 //! The hooks over the stub Envoy (`abi::stubs`): the panic guard, the stream objects' lifetime, the
-//! metric ids.
+//! metric ids, the host's calls; `streams` drives whole streams through the exported hooks, `cut` the
+//! delivery of a cut.
 #![deny(unsafe_code)]
+
+mod cut;
+mod streams;
 
 use std::sync::Once;
 
-use cb_core::telemetry::Metric;
+use cb_core::telemetry::{Metric, Series, Telemetry};
 
 use super::*;
 use crate::abi::{stubs, LogLevel};
+use crate::config::ModuleConfig;
+use crate::host::{ConfigTelemetry, NativeHost};
 
 fn module_config() -> ModuleConfig {
+    config_from("{}")
+}
+
+/// A configuration made from `json` over the stub Envoy (its metric ids count from 0).
+fn config_from(json: &str) -> ModuleConfig {
     stubs::take(); // metric ids count from 0 again
-    config::config_new(stubs::fake_envoy_ptr(), b"circuit_breaker", b"{}").unwrap()
+    config::config_new(ConfigEnvoy::stub(), b"circuit_breaker", json.as_bytes()).unwrap()
+}
+
+/// A configuration as Envoy holds it (freed by the `config_destroy` hook).
+fn config_ptr(json: &str) -> ModulePtr {
+    objects::config_into_ptr(Box::new(config_from(json)))
+}
+
+fn envoy() -> FilterEnvoyPtr {
+    stubs::fake_envoy_ptr()
+}
+
+/// Runs `f` on the stream behind `ptr` as a hook would; `None` for the pass-through object.
+#[allow(unsafe_code)]
+fn peek<R>(ptr: ModulePtr, f: impl FnOnce(&mut Stream) -> R) -> Option<R> {
+    // SAFETY: the tests pass pointers from `stream_into_ptr` or `filter_new` that they have not
+    // destroyed, on the thread that made them, outside any hook.
+    match unsafe { objects::lease_stream(ptr) } {
+        Lease::Lent(mut lease) => Some(f(lease.stream())),
+        Lease::PassThrough | Lease::Busy => None,
+    }
+}
+
+/// The amount counted in `metric` with these label values.
+fn counted(recorded: &stubs::Recorded, metric: Metric, labels: &[&str]) -> u64 {
+    recorded
+        .counted
+        .iter()
+        .filter(|(id, l, _)| {
+            *id == metric as usize && l.iter().map(String::as_str).eq(labels.iter().copied())
+        })
+        .map(|(_, _, n)| n)
+        .sum()
+}
+
+/// The Critical lines logged.
+fn critical(recorded: &stubs::Recorded) -> Vec<&str> {
+    recorded
+        .logs
+        .iter()
+        .filter(|(l, _)| *l == LogLevel::Critical)
+        .map(|(_, m)| m.as_str())
+        .collect()
 }
 
 fn with_panic_hook() {
     static ONCE: Once = Once::new();
-    ONCE.call_once(install_panic_hook);
+    ONCE.call_once(guard::install_panic_hook);
 }
 
 fn panics_counted(recorded: &stubs::Recorded) -> u64 {
-    let id = Metric::ALL
-        .iter()
-        .position(|m| *m == Metric::Panics)
-        .unwrap();
-    recorded
-        .counted
-        .iter()
-        .filter(|(i, labels, _)| *i == id && labels.is_empty())
-        .map(|(_, _, n)| n)
-        .sum()
+    counted(recorded, Metric::Panics, &[])
 }
 
 #[test]
@@ -78,66 +122,42 @@ fn a_guard_without_a_panic_returns_the_body_value_and_counts_nothing() {
 #[test]
 fn a_stream_whose_hook_panicked_passes_through_from_then_on() {
     with_panic_hook();
-    let config = module_config();
-    let ptr = host::stream_into_ptr(Some(Box::new(Stream::new(&config))));
-    let envoy = stubs::fake_envoy_ptr();
+    let config = config_ptr("{}");
+    let ptr = envoy_dynamic_module_on_http_filter_new(config, envoy());
     stubs::take();
-    let out = on_stream("response_headers", envoy, ptr, 7, |_, _| -> i32 {
-        panic!("half-way")
-    });
+    let out = on_stream(
+        "response_headers",
+        envoy(),
+        ptr,
+        7,
+        |_, _| -> (i32, Pending) { panic!("half-way") },
+    );
     assert_eq!(out, 7);
-    assert!(host::stream_mut(ptr).unwrap().failed);
+    assert_eq!(peek(ptr, |s| s.failed), Some(true));
     let mut ran = false;
     assert_eq!(
-        on_stream("response_trailers", envoy, ptr, 7, |_, _| {
+        on_stream("response_trailers", envoy(), ptr, 7, |_, _| {
             ran = true;
-            8
+            (8, None)
         }),
         7
     );
     assert!(!ran, "a failed stream runs no more of the filter");
     assert_eq!(panics_counted(&stubs::take()), 1);
     envoy_dynamic_module_on_http_filter_destroy(ptr);
-}
-
-#[test]
-fn a_stream_lives_from_new_to_destroy_and_passes_through() {
-    let config = host::config_into_ptr(Box::new(module_config()));
-    let envoy = stubs::fake_envoy_ptr();
-    let stream = envoy_dynamic_module_on_http_filter_new(config, envoy);
-    assert!(host::stream_mut(stream).is_some());
-    assert_eq!(
-        envoy_dynamic_module_on_http_filter_request_headers(envoy, stream, false),
-        HeadersStatus::Continue
-    );
-    assert_eq!(
-        envoy_dynamic_module_on_http_filter_request_body(envoy, stream, true),
-        BodyStatus::Continue
-    );
-    assert_eq!(
-        envoy_dynamic_module_on_http_filter_response_headers(envoy, stream, false),
-        HeadersStatus::Continue
-    );
-    assert_eq!(
-        envoy_dynamic_module_on_http_filter_response_trailers(envoy, stream),
-        TrailersStatus::Continue
-    );
-    envoy_dynamic_module_on_http_filter_stream_complete(envoy, stream);
-    envoy_dynamic_module_on_http_filter_destroy(stream);
     envoy_dynamic_module_on_http_filter_config_destroy(config);
 }
 
 #[test]
 fn the_pass_through_object_runs_nothing_and_is_never_freed() {
-    let stream = host::stream_into_ptr(None);
+    let stream = objects::stream_into_ptr(None);
     assert!(!stream.is_null(), "a null stream would make Envoy close it");
-    assert!(host::stream_mut(stream).is_none());
-    let envoy = stubs::fake_envoy_ptr();
+    assert!(peek(stream, |_| ()).is_none());
     let mut ran = false;
     assert_eq!(
-        on_stream("request_headers", envoy, stream, 1, |_, _| {
+        on_stream("request_headers", envoy(), stream, 1, |_, _| {
             ran = true;
-            2
+            (2, None)
         }),
         1
     );
@@ -183,7 +203,6 @@ fn metric_ids_are_indexed_in_the_order_of_metric_all() {
 
 use cb_core::breaker::{Rejection, StateKind};
 use cb_core::host::Host;
-use cb_core::reply;
 
 use crate::abi::stubs::StubStream;
 use crate::abi::{AttributeId, HeaderType};
@@ -204,7 +223,8 @@ fn header_values_come_back_as_bytes_whatever_they_hold() {
         ],
         ..StubStream::default()
     });
-    let mut host = NativeHost::new(stubs::fake_envoy_ptr(), &config);
+    let envoy = FilterEnvoy::stub();
+    let mut host = NativeHost::new(&envoy, &config, None, None);
     assert_eq!(
         host.request_header("x-tenant"),
         Some(vec![0xff, 0xfe, b'a']),
@@ -229,7 +249,8 @@ fn each_header_map_is_read_where_it_is() {
         ],
         ..StubStream::default()
     });
-    let mut host = NativeHost::new(stubs::fake_envoy_ptr(), &config);
+    let envoy = FilterEnvoy::stub();
+    let mut host = NativeHost::new(&envoy, &config, None, None);
     assert_eq!(host.response_header("grpc-status"), Some(b"14".to_vec()));
     assert_eq!(host.response_trailer("grpc-status"), Some(b"4".to_vec()));
     assert_eq!(
@@ -243,7 +264,8 @@ fn each_header_map_is_read_where_it_is() {
 fn cluster_code_and_flags_come_from_envoy_and_none_when_it_has_none() {
     let config = module_config();
     stubs::set_stream(StubStream::default());
-    let mut host = NativeHost::new(stubs::fake_envoy_ptr(), &config);
+    let envoy = FilterEnvoy::stub();
+    let mut host = NativeHost::new(&envoy, &config, None, None);
     assert_eq!(
         (
             host.cluster_name(),
@@ -273,7 +295,8 @@ fn cluster_code_and_flags_come_from_envoy_and_none_when_it_has_none() {
 #[test]
 fn headers_are_set_on_the_request_and_added_to_the_response() {
     let config = module_config();
-    let mut host = NativeHost::new(stubs::fake_envoy_ptr(), &config);
+    let envoy = FilterEnvoy::stub();
+    let mut host = NativeHost::new(&envoy, &config, None, None);
     host.set_request_header("x-envoy-upstream-rq-timeout-ms", "250");
     host.add_response_header("x-circuit-breaker-dry-run", "open");
     let written = stubs::take().written;
@@ -299,20 +322,22 @@ fn headers_are_set_on_the_request_and_added_to_the_response() {
 #[test]
 fn a_grpc_rejection_goes_to_envoy_with_grpc_status_14_and_no_body() {
     let config = module_config();
-    let mut host = NativeHost::new(stubs::fake_envoy_ptr(), &config);
+    let envoy = FilterEnvoy::stub();
+    let mut host = NativeHost::new(&envoy, &config, None, None);
     let rejection = Rejection {
         state: StateKind::Open,
         retry_after_ms: Some(1500),
     };
-    let parts = reply::RejectParts::new("content");
-    let answer = reply::rejection(true, &parts, "open", rejection.retry_after_ms, None);
+    let parts = cb_core::reply::RejectParts::new("content");
+    let answer = cb_core::reply::rejection(true, &parts, "open", rejection.retry_after_ms, None);
     stubs::take();
     assert!(host.send_reply(answer.clone()));
+    let (_, held) = host.finish();
     assert!(
         stubs::take().replies.is_empty(),
-        "held until the worker is released"
+        "held until the hook lets go of the stream"
     );
-    host.send_pending();
+    reply::send_local_reply(FilterEnvoy::stub(), &held.unwrap());
     let replies = stubs::take().replies;
     let sent = replies.first().unwrap();
     assert_eq!((sent.status, sent.body.as_slice()), (200, &b""[..]));
@@ -332,7 +357,8 @@ fn labelled_series_reach_envoy_with_their_values_in_label_order() {
     let config = module_config();
     let id = |m: Metric| Metric::ALL.iter().position(|x| *x == m).unwrap();
     let labels = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-    let mut host = NativeHost::new(stubs::fake_envoy_ptr(), &config);
+    let envoy = FilterEnvoy::stub();
+    let mut host = NativeHost::new(&envoy, &config, None, None);
     let calls = Series {
         metric: Metric::Calls,
         upstream: "content",
@@ -352,5 +378,28 @@ fn labelled_series_reach_envoy_with_their_values_in_label_order() {
     assert_eq!(
         recorded.counted[1], stuck,
         "outside a stream, through the config's callbacks"
+    );
+}
+
+// ---- The module's clock ----------------------------------------------------------------------------
+
+#[test]
+fn configurations_leave_the_clock_when_dropped_and_no_tick_reaches_a_deleted_scheduler() {
+    let strays = stubs::config_strays();
+    let configs: Vec<ModuleConfig> = (0..20)
+        .map(|_| config_from(r#"{"stuck_call_duration": "1s"}"#))
+        .collect();
+    assert!(
+        ticker::registered() >= 20,
+        "each configuration is on the clock"
+    );
+    // Long enough for the clock to commit to them a few times (a 50 ms period), so that some drops
+    // race a commit.
+    std::thread::sleep(std::time::Duration::from_millis(120));
+    drop(configs);
+    assert_eq!(
+        stubs::config_strays(),
+        strays,
+        "a commit reached a scheduler deleted with its configuration"
     );
 }

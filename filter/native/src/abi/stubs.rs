@@ -7,7 +7,10 @@
 //! (`tests/exports.rs` checks that the built `.so` defines none of them).
 
 use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock, PoisonError};
 
 use super::{
     AttributeId, ConfigEnvoyPtr, EnvoyBuffer, FilterEnvoyPtr, HeaderType, LogLevel, MetricsResult,
@@ -29,8 +32,15 @@ pub struct Recorded {
     pub written: Vec<(HeaderType, String, String, bool)>,
     /// Local replies.
     pub replies: Vec<Reply>,
-    /// Events committed to a configuration's scheduler (from any thread: read with care).
-    pub scheduled: Vec<u64>,
+    /// Stream schedulers made, in order (their addresses: unique, never reused).
+    pub schedulers_made: Vec<usize>,
+    /// Events committed to a live stream scheduler: which, and the event.
+    pub committed: Vec<(usize, u64)>,
+    /// Stream schedulers deleted, in order.
+    pub schedulers_deleted: Vec<usize>,
+    /// Commits to, or deletes of, a stream scheduler that was not live (deleted, or never made):
+    /// each a use-after-free in Envoy. Which, and the event (`None` for a delete).
+    pub strays: Vec<(usize, Option<u64>)>,
 }
 
 /// A local reply the module sent.
@@ -60,6 +70,47 @@ pub struct StubStream {
 thread_local! {
     static RECORDED: RefCell<Recorded> = RefCell::new(Recorded::default());
     static STREAM: RefCell<StubStream> = RefCell::new(StubStream::default());
+    /// What `send_response` runs after recording the reply, once: Envoy completing the stream.
+    static ON_REPLY: RefCell<Option<Box<dyn FnOnce()>>> = const { RefCell::new(None) };
+    /// The stream schedulers made on this thread and not deleted.
+    static LIVE_SCHEDULERS: RefCell<HashSet<usize>> = RefCell::new(HashSet::new());
+}
+
+/// Makes the next `send_response` on this thread run `then` after recording the reply, as Envoy
+/// runs the stream's `stream_complete` (and may destroy it) inside that call.
+pub fn on_send_response(then: impl FnOnce() + 'static) {
+    ON_REPLY.with(|r| *r.borrow_mut() = Some(Box::new(then)));
+}
+
+/// A scheduler address no other stub scheduler ever had (never dereferenced).
+fn fresh_scheduler() -> *mut c_void {
+    static NEXT: AtomicUsize = AtomicUsize::new(1);
+    std::ptr::without_provenance_mut(0x1000 + 16 * NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Configuration schedulers alive, each with the events committed to it (the ticker commits from its
+/// own thread, so this is the process's), and how many commits reached one that was not alive.
+#[derive(Debug, Default)]
+struct ConfigSchedulers {
+    live: HashMap<usize, Vec<u64>>,
+    strays: u64,
+}
+
+fn config_schedulers() -> std::sync::MutexGuard<'static, ConfigSchedulers> {
+    static ALL: OnceLock<Mutex<ConfigSchedulers>> = OnceLock::new();
+    ALL.get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The events committed so far to the configuration scheduler at `address`; `None` once it is deleted.
+pub fn config_events(address: usize) -> Option<Vec<u64>> {
+    config_schedulers().live.get(&address).cloned()
+}
+
+/// How many commits, in the whole process, reached a configuration scheduler that was not alive.
+pub fn config_strays() -> u64 {
+    config_schedulers().strays
 }
 
 /// Makes the stubs answer for `stream` on this thread.
@@ -248,6 +299,9 @@ extern "C" fn envoy_dynamic_module_callback_http_send_response(
         details: text(details),
     };
     record(|r| r.replies.push(reply));
+    if let Some(then) = ON_REPLY.with(|r| r.borrow_mut().take()) {
+        then();
+    }
 }
 
 #[no_mangle]
@@ -345,19 +399,67 @@ extern "C" fn envoy_dynamic_module_callback_log_enabled(_: LogLevel) -> bool {
 extern "C" fn envoy_dynamic_module_callback_http_filter_config_scheduler_new(
     _: ConfigEnvoyPtr,
 ) -> *mut c_void {
-    fake_envoy_ptr()
+    let scheduler = fresh_scheduler();
+    config_schedulers()
+        .live
+        .insert(scheduler.addr(), Vec::new());
+    scheduler
 }
 
 #[no_mangle]
 extern "C" fn envoy_dynamic_module_callback_http_filter_config_scheduler_commit(
-    _: *mut c_void,
+    scheduler: *mut c_void,
     event_id: u64,
 ) {
-    record(|r| r.scheduled.push(event_id));
+    let mut all = config_schedulers();
+    match all.live.get_mut(&scheduler.addr()) {
+        Some(events) => events.push(event_id),
+        None => all.strays += 1,
+    }
 }
 
 #[no_mangle]
-extern "C" fn envoy_dynamic_module_callback_http_filter_config_scheduler_delete(_: *mut c_void) {}
+extern "C" fn envoy_dynamic_module_callback_http_filter_config_scheduler_delete(
+    scheduler: *mut c_void,
+) {
+    let mut all = config_schedulers();
+    if all.live.remove(&scheduler.addr()).is_none() {
+        all.strays += 1;
+    }
+}
+
+#[no_mangle]
+extern "C" fn envoy_dynamic_module_callback_http_filter_scheduler_new(
+    _: FilterEnvoyPtr,
+) -> *mut c_void {
+    let scheduler = fresh_scheduler();
+    LIVE_SCHEDULERS.with(|l| l.borrow_mut().insert(scheduler.addr()));
+    record(|r| r.schedulers_made.push(scheduler.addr()));
+    scheduler
+}
+
+#[no_mangle]
+extern "C" fn envoy_dynamic_module_callback_http_filter_scheduler_commit(
+    scheduler: *mut c_void,
+    event_id: u64,
+) {
+    let at = scheduler.addr();
+    if LIVE_SCHEDULERS.with(|l| l.borrow().contains(&at)) {
+        record(|r| r.committed.push((at, event_id)));
+    } else {
+        record(|r| r.strays.push((at, Some(event_id))));
+    }
+}
+
+#[no_mangle]
+extern "C" fn envoy_dynamic_module_callback_http_filter_scheduler_delete(scheduler: *mut c_void) {
+    let at = scheduler.addr();
+    if LIVE_SCHEDULERS.with(|l| l.borrow_mut().remove(&at)) {
+        record(|r| r.schedulers_deleted.push(at));
+    } else {
+        record(|r| r.strays.push((at, None)));
+    }
+}
 
 /// An Envoy object address for tests: never dereferenced by the stubs.
 pub fn fake_envoy_ptr() -> *mut c_void {
