@@ -21,9 +21,11 @@ fuzz_target!(|data: &[u8]| {
         duration_ms: Some(u64::from(status)),
         ended_early: head[10] & 8 == 8,
         deadline_us: parse_grpc_timeout(rest),
+        headers_came: head[10] & 16 == 16,
+        request_complete: head[10] & 32 == 32,
     };
     let c = classify(&cfg, &facts);
-    if ResponseFlags(flags).upstream_failed() {
+    if ResponseFlags(flags).upstream_failed(facts.request_complete) {
         assert_eq!(c.outcome, Outcome::Failure);
     } else if facts.ended_early && ResponseFlags(flags).downstream_cancelled() && facts.deadline_us.is_none() {
         assert_eq!(c.outcome, Outcome::Ignored);

@@ -6,12 +6,13 @@
 
 use circuit_breaker::abi::{stubs, LogLevel};
 use circuit_breaker::config::{config_from_bytes, config_new};
+use circuit_breaker::host::ConfigEnvoy;
 use cb_core::telemetry::Metric;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     stubs::take();
-    let kept = config_new(stubs::fake_envoy_ptr(), b"circuit_breaker", data);
+    let kept = config_new(ConfigEnvoy::stub(), b"circuit_breaker", data);
     let recorded = stubs::take();
     match config_from_bytes(data) {
         Ok(_) => {

@@ -13,10 +13,10 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(codec::encode(&breaker), data, "decode/encode must round-trip");
         let cfg = BreakerConfig::default();
         breaker.conform(&cfg);
-        let (_, _) = breaker.admit(&cfg, u64::MAX / 2);
+        let (_, _) = breaker.admit(&cfg, u64::MAX / 2, u64::MAX);
         let ticket = Ticket { generation: breaker.generation, probe: true };
         let fail = Classification { outcome: Outcome::Failure, slow: true };
-        let _ = breaker.record(&cfg, ticket, u64::MAX / 2, fail);
+        let _ = breaker.record(&cfg, ticket, u64::MAX / 2, fail, u64::MAX);
         let _ = breaker.stats(u64::MAX);
         assert!(codec::decode(&codec::encode(&breaker)).is_ok());
     }
