@@ -59,13 +59,14 @@ test-wasm: targets wasm-test-runner
 		cargo test -p circuit-breaker-core --lib --target wasm32-unknown-unknown
 
 ## test-e2e: the contract's behaviours (tests/e2e.rs), reliability (tests/reliability.rs), the calls that
-## never finish (tests/unanswered.rs) and one hung replica behind sidecars (tests/replica.rs) in Envoy,
-## once per build: the wasm filter, then the native module (CB_BUILD picks the bootstraps); the crate's
-## k8s tests run in test-k8s, which installs their tools.
+## never finish (tests/unanswered.rs), one hung replica behind sidecars (tests/replica.rs) and recovery
+## (tests/recovery.rs: open_timeout_jitter spreading the probes, recovery_ramp admitting a share) in
+## Envoy, once per build: the wasm filter, then the native module (CB_BUILD picks the bootstraps); the
+## crate's k8s tests run in test-k8s, which installs their tools.
 test-e2e: build envoy
 	cargo test -p circuit-breaker-e2e --lib --test native_smoke -- --test-threads 2
-	CB_BUILD=wasm cargo test -p circuit-breaker-e2e --test e2e --test reliability --test unanswered --test replica -- --test-threads 2
-	CB_BUILD=native cargo test -p circuit-breaker-e2e --test e2e --test reliability --test unanswered --test replica -- --test-threads 2
+	CB_BUILD=wasm cargo test -p circuit-breaker-e2e --test e2e --test reliability --test unanswered --test replica --test recovery -- --test-threads 2
+	CB_BUILD=native cargo test -p circuit-breaker-e2e --test e2e --test reliability --test unanswered --test replica --test recovery -- --test-threads 2
 
 ## test-docs: every relative link in the tracked Markdown resolves inside the repository (no Envoy)
 .PHONY: test-docs

@@ -6,7 +6,8 @@
 //! serves and kills it on drop; [`Metrics`] reads `/stats/prometheus`. So are the demo services of
 //! [`harness::services`], started together by [`Upstreams`]. This crate adds what only the tests need:
 //! [`TestBed`], the services with an Envoy in front; [`worker_channels`], one connection on each Envoy
-//! worker; and [`raw_grpc`], a gRPC call sent and read by hand.
+//! worker; [`raw_grpc`], a gRPC call sent and read by hand; and [`health`], the health endpoint's
+//! answer.
 //!
 //! Envoy comes from `ENVOY`, else the project virtualenv (`make test` installs it); the filter from
 //! `CB_WASM`, else `dist/circuit_breaker.wasm` (`make build`).
@@ -20,6 +21,7 @@ use tonic::transport::Channel;
 
 mod bed;
 mod dead;
+mod health;
 
 pub use bed::TestBed;
 pub use dead::DeadHost;
@@ -27,6 +29,7 @@ pub use harness::envoy::*;
 pub use harness::services::{
     pb, Fault, GrpcService, HttpServer, ServiceKind, Upstreams, MISSING_POST_ID,
 };
+pub use health::{health, health_entry};
 
 /// Bound on one raw gRPC exchange, so a broken filter fails the test instead of hanging the suite.
 const RAW_GRPC_TIMEOUT: Duration = Duration::from_secs(15);
