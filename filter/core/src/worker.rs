@@ -156,9 +156,6 @@ pub struct Worker<S> {
     retries: VecDeque<Retry>,
     entropy: Entropy,
     gauges_synced_ms: u64,
-    /// Times a key's settings were resolved (the glob scan): the tests hold it to once per key.
-    #[cfg(test)]
-    resolutions: u64,
 }
 
 impl<S: BreakerStore> Worker<S> {
@@ -177,8 +174,6 @@ impl<S: BreakerStore> Worker<S> {
             retries: VecDeque::new(),
             entropy: Entropy::new(seed),
             gauges_synced_ms: configured_ms,
-            #[cfg(test)]
-            resolutions: 0,
         }
     }
 
@@ -221,10 +216,6 @@ impl<S: BreakerStore> Worker<S> {
     fn entry(&mut self, key: &str) -> &mut KeyEntry {
         if self.keys.len() >= self.max_keys && !self.keys.contains_key(key) {
             self.keys.clear();
-        }
-        #[cfg(test)]
-        if !self.keys.contains_key(key) {
-            self.resolutions += 1;
         }
         let config = &self.config;
         self.keys.entry_ref(key).or_insert_with(|| KeyEntry {

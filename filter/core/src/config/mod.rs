@@ -191,6 +191,13 @@ impl Default for BreakerConfig {
     }
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Times [`FilterConfig::resolve`] ran on this thread, whoever called it: the worker's tests hold
+    /// it to once per key.
+    pub(crate) static RESOLUTIONS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
 /// The whole validated filter configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FilterConfig {
@@ -245,6 +252,8 @@ impl FilterConfig {
     /// Which settings apply to an upstream key: an exact override, else the longest matching glob,
     /// else the defaults. This scans the globs: resolve once per key and keep the id.
     pub fn resolve(&self, key: &str) -> BreakerId {
+        #[cfg(test)]
+        RESOLUTIONS.with(|n| n.set(n.get() + 1));
         self.overrides.resolve(key)
     }
 
