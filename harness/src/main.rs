@@ -38,7 +38,7 @@ then the same run without the breaker for comparison. Needs dist/circuit_breaker
     /// The benchmarks: the filter in Envoy against Envoy's own floor (what `make bench` runs)
     #[command(
         after_help = "Options are passed to the benchmark driver as they are: --out FILE, --rounds N, --secs S, \
---only PHASES, --criterion DIR, --quick (see harness/src/bench.rs)."
+--only PHASES, --criterion DIR, --quick (see harness/src/bench/mod.rs)."
     )]
     Bench(PassThrough),
 }

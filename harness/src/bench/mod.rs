@@ -28,13 +28,17 @@
 //! 5. Memory: shared-data bytes per upstream (from the codec), the artifacts' sizes, Envoy's RSS with
 //!    1 and with 1000 upstream keys (`upstream_key: header:x-tenant`, wasm build).
 //! 6. Host calls: the price of each kind the wasm filter makes, from a probe module.
+//! 7. LDS (issue 18): an update replacing the filter configurations of 20 listeners of a native Envoy
+//!    (`envoy/bench-lds.yaml`, listeners from a file), with and without `stuck_call_duration`, timed
+//!    from the file's swap until Envoy has built the new configurations and destroyed the old ones.
+//!    Both should cost the same: dropping a configuration waits for no ticker's sleep.
 //!
 //! Every Envoy is started by the one launcher, [`crate::envoy::Launch`]. Load comes from h2load
 //! (nghttp2); the load generator and the upstream share the cores the proxy is not pinned to. Every
 //! load run is bounded in time (h2load `-D`, or `-n` with a route timeout) and killed if it overruns.
 //!
 //! ```text
-//! harness bench [--out BENCHMARKS.md] [--rounds 5] [--secs 3] [--only closed,open,hostcalls,contention,memory]
+//! harness bench [--out BENCHMARKS.md] [--rounds 5] [--secs 3] [--only closed,open,hostcalls,contention,memory,lds]
 //!               [--criterion target/criterion] [--quick]
 //! ```
 //!
@@ -61,7 +65,8 @@ mod stats;
 
 use machine::{clk_tck, loadavg, placement, Machine};
 use phases::{
-    closed_phase, contention_phase, hostcalls_phase, memory_phase, open_phase, probe_wasm,
+    closed_phase, contention_phase, hostcalls_phase, lds_phase, memory_phase, open_phase,
+    probe_wasm,
 };
 use report::{write_report, Report};
 use stats::CoreResults;
@@ -88,7 +93,7 @@ struct Options {
     only: Vec<String>,
 }
 
-const PHASES: [&str; 5] = ["closed", "open", "hostcalls", "contention", "memory"];
+const PHASES: [&str; 6] = ["closed", "open", "hostcalls", "contention", "memory", "lds"];
 
 impl Options {
     fn parse(args: &[String]) -> Result<Self> {
@@ -259,6 +264,11 @@ async fn run_all(opts: Options) -> Result<()> {
     } else {
         None
     };
+    let lds = if opts.runs("lds") {
+        Some(lds_phase(&mut ctx, &opts).await?)
+    } else {
+        None
+    };
     let core = CoreResults::read(&opts.criterion);
     drop(upstream);
 
@@ -272,6 +282,7 @@ async fn run_all(opts: Options) -> Result<()> {
         hostcalls,
         contention,
         memory,
+        lds,
         core,
         elapsed: started.elapsed(),
     };

@@ -57,6 +57,7 @@ pub struct Launch {
     cpus: Option<String>,
     files: RunFiles,
     log_args: Vec<String>,
+    args: Vec<String>,
     main_listener: Option<String>,
 }
 
@@ -73,6 +74,7 @@ impl Launch {
             cpus: None,
             files: RunFiles::PerInstance,
             log_args: TEST_LOG_ARGS.map(str::to_string).to_vec(),
+            args: Vec::new(),
             main_listener: Some("ingress".to_string()),
         }
     }
@@ -122,6 +124,13 @@ impl Launch {
     /// Replaces the tests' logging flags (e.g. `["--log-level", "warn"]`: nothing per request).
     pub fn log_args(mut self, args: &[&str]) -> Self {
         self.log_args = args.iter().map(|a| a.to_string()).collect();
+        self
+    }
+
+    /// Further flags, after all the others (e.g. `["--drain-time-s", "0"]`: a replaced listener's
+    /// filter chains drain, and are destroyed, at once).
+    pub fn args(mut self, args: &[&str]) -> Self {
+        self.args.extend(args.iter().map(|a| a.to_string()));
         self
     }
 
@@ -230,7 +239,8 @@ impl Launch {
         Ok((files, child, command))
     }
 
-    /// `[taskset -c CPUS] envoy --config-path … --concurrency N <base id> --admin-address-path … <log>`.
+    /// `[taskset -c CPUS] envoy --config-path … --concurrency N <base id> --admin-address-path … <log>
+    /// <args>`.
     fn argv(&self, files: &Files) -> Result<Vec<OsString>> {
         let mut argv: Vec<OsString> = Vec::new();
         if let Some(cpus) = &self.cpus {
@@ -249,6 +259,7 @@ impl Launch {
         argv.push("--admin-address-path".into());
         argv.push(files.admin_address.clone().into());
         argv.extend(self.log_args.iter().map(OsString::from));
+        argv.extend(self.args.iter().map(OsString::from));
         Ok(argv)
     }
 }

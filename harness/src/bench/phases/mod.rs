@@ -22,10 +22,14 @@ use crate::services::{Fault, GrpcService, ServiceKind};
 
 mod contention;
 mod hostcalls;
+mod lds;
 mod memory;
 
 pub(super) use contention::{contention_phase, Contention};
 pub(super) use hostcalls::{hostcalls_phase, probe_wasm, HostCalls, PROBES};
+pub(super) use lds::{
+    lds_phase, Lds, LDS_LISTENERS, LDS_VARIANTS, OLD_TICK_MS, STUCK_CALL_DURATION,
+};
 pub(super) use memory::{memory_phase, tenant, Memory, MANY_KEYS};
 
 /// The builds side by side; a phase's proxies are started in this order, so proxy `i` runs

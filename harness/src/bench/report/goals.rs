@@ -16,11 +16,21 @@ pub(super) const WASM_BREAKER_COST_BEFORE_US: f64 = 25.8;
 /// per-round ratio of two identical configurations moves by a few percent on this shared machine.
 const GLOBS_NOISE: f64 = 1.05;
 
+/// The most an LDS update of 20 listeners may cost with `stuck_call_duration` over without and still
+/// count as "the same". Noise moves the per-round ratio by a few tenths; a teardown that waited for
+/// the old ticker threads' sleeps (20 × up to 50 ms over an update of a few tens of ms) would put it
+/// far above.
+pub(super) const LDS_RATIO_BOUND: f64 = 1.5;
+
 /// A row of a goals table.
 fn row(md: &mut String, goal: &str, target: &str, measured: String, ok: Option<bool>) {
     // A row without a target is there for reference.
     let verdict = if target == "–" { "" } else { verdict(ok) };
     let _ = writeln!(md, "| {goal} | {target} | {measured} | {verdict} |");
+}
+
+fn show_median(s: Option<Spread>) -> String {
+    s.map_or("–".into(), |s| format!("{:.1}", s.median))
 }
 
 fn us(x: f64) -> String {
@@ -146,6 +156,21 @@ impl Report<'_> {
             ),
             globs.map(|s| s.median <= GLOBS_NOISE),
         );
+        if let Some(l) = &self.lds {
+            let ratio = l.ratio(|u| u.ms);
+            row(
+                md,
+                "native: an LDS update of 20 listeners, with / without `stuck_call_duration`",
+                &format!("≈ 1 (≤ {LDS_RATIO_BOUND}: the teardown waits for no sleep)"),
+                format!(
+                    "{} ({} ms vs {} ms)",
+                    show(ratio, f2),
+                    show_median(l.of("with", |u| u.ms)),
+                    show_median(l.of("without", |u| u.ms)),
+                ),
+                ratio.map(|s| s.median <= LDS_RATIO_BOUND),
+            );
+        }
         let _ = writeln!(md);
         self.per_build_goals(md);
     }

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::machine::Machine;
-use super::phases::{Closed, Contention, HostCalls, Memory, Open};
+use super::phases::{Closed, Contention, HostCalls, Lds, Memory, Open};
 use super::stats::{CoreResults, Spread};
 use super::{Ctx, Options, Result};
 
@@ -30,6 +30,7 @@ pub(super) struct Report<'a> {
     pub(super) hostcalls: Option<HostCalls>,
     pub(super) contention: Option<Vec<Contention>>,
     pub(super) memory: Option<Memory>,
+    pub(super) lds: Option<Lds>,
     pub(super) core: CoreResults,
     pub(super) elapsed: Duration,
 }
@@ -100,6 +101,7 @@ impl Report<'_> {
         self.contention_section(&mut md);
         self.memory_section(&mut md);
         self.hostcalls_section(&mut md);
+        self.lds_section(&mut md);
         self.commands_section(&mut md);
         let _ = writeln!(md, "{END}");
         md

@@ -4,8 +4,8 @@ use std::fmt::Write as _;
 
 use super::super::load::Run;
 use super::super::phases::{
-    tenant, vname, Closed, BUILDS, CLOSED_LISTENERS, HANG_TIMEOUT, MANY_KEYS, OPEN_LISTENERS,
-    PROBES,
+    tenant, vname, Closed, BUILDS, CLOSED_LISTENERS, HANG_TIMEOUT, LDS_LISTENERS, LDS_VARIANTS,
+    MANY_KEYS, OLD_TICK_MS, OPEN_LISTENERS, PROBES, STUCK_CALL_DURATION,
 };
 use super::super::stats::{differences, of, ratios};
 use super::{f1, f2, f3, num, show, Report};
@@ -425,6 +425,71 @@ impl Report<'_> {
             high.map_or("–".into(), f1),
             sd_low.map_or("–".into(), f1),
             sd_high.map_or("–".into(), f1),
+        );
+    }
+
+    pub(super) fn lds_section(&self, md: &mut String) {
+        let Some(l) = &self.lds else {
+            return;
+        };
+        let rounds = l.updates.values().map(Vec::len).max().unwrap_or(0);
+        let _ = writeln!(
+            md,
+            "### 7. LDS update: {LDS_LISTENERS} listeners, with and without `stuck_call_duration`\n"
+        );
+        let _ = writeln!(
+            md,
+            "One native Envoy (`envoy/bench-lds.yaml`, one worker, pinned like the proxies above, \
+             `--drain-time-s 0`) whose {LDS_LISTENERS} listeners come from LDS on a file, each with the \
+             filter and its own filter configuration (`envoy/bench-lds-listener-native.yaml`). An update \
+             renames a new file over it that changes every listener's filter configuration \
+             (`open_timeout` alternates between 30 s and 31 s): Envoy builds {LDS_LISTENERS} new \
+             configurations, drains the old filter chains at once and destroys them with their \
+             configurations, on its main thread. It is timed from the rename until the admin's stats show \
+             `listener_manager.lds.update_success` counted and nothing warming or draining \
+             (`total_listeners_warming`, `total_listeners_draining`, `total_filter_chains_draining` all \
+             0), asked every 2 ms (the figure is when that answer arrived). The main thread serves \
+             every admin request, so the longest answer during the update is how long it kept the \
+             admin waiting. {rounds} rounds, the variants interleaved; before each measured update an \
+             unmeasured one puts the variant's configurations in place, and they run for 300 ms.\n"
+        );
+        let _ = writeln!(
+            md,
+            "| filter configuration | update of {LDS_LISTENERS} listeners (ms) | longest admin answer during it (ms) | admin answer before it (ms) | filter chains / listeners seen draining |"
+        );
+        let _ = writeln!(md, "| --- | --- | --- | --- | --- |");
+        for (name, config) in &l.configs {
+            let ups = l.updates.get(name).map(Vec::as_slice).unwrap_or_default();
+            let chains = ups.iter().map(|u| u.chains_draining).max().unwrap_or(0);
+            let listeners = ups.iter().map(|u| u.listeners_draining).max().unwrap_or(0);
+            let _ = writeln!(
+                md,
+                "| {name}: `{config}` | {} | {} | {} | up to {chains} / {listeners} |",
+                show(l.of(name, |u| u.ms), f1),
+                show(l.of(name, |u| u.admin_max_ms), f1),
+                show(l.of(name, |u| u.admin_idle_ms), f2),
+            );
+        }
+        let _ = writeln!(
+            md,
+            "\n| with / without (per round, then median) | update | longest admin answer |\n| --- | --- | --- |"
+        );
+        let _ = writeln!(
+            md,
+            "| `stuck_call_duration: {STUCK_CALL_DURATION}` / none | {} | {} |\n",
+            show(l.ratio(|u| u.ms), f2),
+            show(l.ratio(|u| u.admin_max_ms), f2),
+        );
+        let old_max = LDS_LISTENERS as f64 * OLD_TICK_MS;
+        let _ = writeln!(
+            md,
+            "Goal: with / without ≈ 1 (the teardown waits for no sleep). Before the module's clock was \
+             shared, each configuration with `stuck_call_duration` had a ticker thread of its own, \
+             asleep for up to {OLD_TICK_MS:.0} ms, which dropping the configuration joined: the \
+             `{}` update would have added {LDS_LISTENERS} × up to {OLD_TICK_MS:.0} ms = up to \
+             {old_max:.0} ms (about {:.0} ms on average) on the main thread.\n",
+            LDS_VARIANTS[1].0,
+            old_max / 2.0
         );
     }
 }
