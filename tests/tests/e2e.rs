@@ -1390,7 +1390,7 @@ async fn bad_configs_are_refused_naming_the_field() {
 async fn keys_past_max_upstreams_pass_untracked_and_are_counted() {
     let config = json!({
         "upstream_key": "header:x-tenant", "max_upstreams": 2, "failure_threshold": 1, "open_timeout": "30s",
-        "health_path": "/health"
+        "health_path": "/health", "idle_timeout": "1s"
     });
     let bed = start("max_upstreams", config).await;
     let channel = bed.envoy.channel().await.unwrap();
@@ -1402,6 +1402,11 @@ async fn keys_past_max_upstreams_pass_untracked_and_are_counted() {
     }
     bed.content.set_fault(Fault::Unavailable).await.unwrap();
     for _ in 0..3 {
+        // t1 and t2 are called just before (through `web`, which answers): no slot is idle for t3.
+        for tenant in ["t1", "t2"] {
+            let r = bed.envoy.get_with("/hello", &[("x-tenant", tenant)]).await;
+            assert_eq!(r.unwrap().status, 200);
+        }
         assert_upstream_failure(
             get_post_with(&mut client, "1", &[("x-tenant", "t3")]).await,
             Code::Unavailable,
@@ -1427,6 +1432,75 @@ async fn keys_past_max_upstreams_pass_untracked_and_are_counted() {
     assert!(
         tracked.contains(&json!("t1")) && tracked.contains(&json!("t2")),
         "{body}"
+    );
+    assert_eq!(
+        metric(&bed, "circuit_breaker_evicted_total", &[]).await,
+        0.0
+    );
+
+    // Idle breakers give their slots to new keys: four waves of two new keys, each after every
+    // breaker idled past idle_timeout (1 s), so each new key evicts one.
+    let waves = 4;
+    for wave in 0..waves {
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        for k in 0..2 {
+            let tenant = format!("w{wave}-{k}");
+            let r = bed.envoy.get_with("/hello", &[("x-tenant", &tenant)]).await;
+            assert_eq!(r.unwrap().status, 200, "{tenant}");
+        }
+    }
+    let m = bed.envoy.metrics().await.unwrap();
+    assert_eq!(
+        m.value("circuit_breaker_evicted_total", &[]),
+        Some(f64::from(2 * waves)),
+        "{}",
+        m.dump("circuit_breaker_")
+    );
+    let (_, body) = health(&bed, "/health").await;
+    let tracked: Vec<_> = body["circuit_breakers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["upstream"].clone())
+        .collect();
+    assert_eq!(tracked.len(), 2, "{body}");
+    assert!(
+        tracked.contains(&json!("w3-0")) && tracked.contains(&json!("w3-1")),
+        "{body}"
+    );
+
+    // Ten keys had breakers; one Envoy labels 4 x max_upstreams = 8 of them, in order, in every
+    // metric. The last wave's calls are counted as _other, and the first key turned away is logged.
+    let labelled: std::collections::BTreeSet<&str> = m
+        .samples
+        .iter()
+        .filter(|s| s.name.starts_with("circuit_breaker_"))
+        .filter_map(|s| s.labels.get("upstream").map(String::as_str))
+        .collect();
+    let expected: std::collections::BTreeSet<&str> = [
+        "t1", "t2", "w0-0", "w0-1", "w1-0", "w1-1", "w2-0", "w2-1", "_other",
+    ]
+    .into();
+    assert_eq!(labelled, expected, "{}", m.dump("circuit_breaker_"));
+    assert_eq!(
+        m.value(
+            "circuit_breaker_calls_total",
+            &[("upstream", "_other"), ("result", "success")]
+        ),
+        Some(2.0),
+        "{}",
+        m.dump("circuit_breaker_calls_total")
+    );
+    let log = bed.envoy.log();
+    let told: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("counted as upstream=_other"))
+        .collect();
+    assert_eq!(told.len(), 1, "logged once: {told:?}");
+    assert!(
+        told[0].contains("8 upstream keys") && told[0].contains("w3-0"),
+        "{}",
+        told[0]
     );
 }
 

@@ -975,25 +975,46 @@ async fn flood(addr: SocketAddr, range: std::ops::Range<usize>) -> Vec<u16> {
     not_ok
 }
 
+/// One Envoy labels at most this many upstream keys (contract section 6).
+const FLOOD_LABELS: usize = 4 * FLOOD_MAX_UPSTREAMS;
+/// More than `idle_timeout` (1 s): every breaker is idle after it.
+const IDLE: Duration = Duration::from_millis(1_500);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_distinct_keys_stays_bounded() {
     let _heavy = HEAVY.lock().await;
     let config = json!({
         "upstream_key": "header:x-tenant", "max_upstreams": FLOOD_MAX_UPSTREAMS,
-        "failure_threshold": 5, "open_timeout": "30s", "health_path": "/health"
+        "idle_timeout": "1s", "failure_threshold": 5, "open_timeout": "30s", "health_path": "/health"
     });
     let bed = TestBed::start("key_flood", &config).await.unwrap();
     let addr = bed.envoy.listener();
     let pid = bed.envoy.pid();
 
     // A first batch fills the table and warms everything up (connections, pools, the VMs' heaps).
+    // Then every breaker idles past idle_timeout, so the second batch's first keys evict them all
+    // (and later ones evict whatever idled meanwhile).
     let first = 2_000;
     let started = Instant::now();
     let mut not_ok = flood(addr, 0..first).await;
     let (rss_first, heap_first) = (rss_kib(pid), heap_allocated(&bed.envoy).await);
+    tokio::time::sleep(IDLE).await;
     not_ok.extend(flood(addr, first..FLOOD_KEYS).await);
     let elapsed = started.elapsed();
     let (rss_all, heap_all) = (rss_kib(pid), heap_allocated(&bed.envoy).await);
+    // Past 4 x max_upstreams labelled keys when the flood was too quick to get there: waves of
+    // max_upstreams new keys, each after the table idled, each evicting breakers (all of them, less
+    // the races two new keys lose over one idle slot). 16 waves are four times what that takes.
+    let mut keys = FLOOD_KEYS;
+    for _ in 0..16 {
+        let m = bed.envoy.metrics().await.unwrap();
+        if m.sum("circuit_breaker_calls_total", &[("upstream", "_other")]) > 0.0 {
+            break;
+        }
+        tokio::time::sleep(IDLE).await;
+        not_ok.extend(flood(addr, keys..keys + FLOOD_MAX_UPSTREAMS).await);
+        keys += FLOOD_MAX_UPSTREAMS;
+    }
     assert!(
         not_ok.is_empty(),
         "{} requests were not answered 200, e.g. {:?}",
@@ -1001,7 +1022,8 @@ async fn a_flood_of_distinct_keys_stays_bounded() {
         &not_ok[..not_ok.len().min(5)]
     );
 
-    // Bounded: max_upstreams breakers, every other key passed untracked and was counted.
+    // Bounded: max_upstreams breakers at a time. A key had a breaker when it found an empty slot (the
+    // first 64) or evicted an idle one; every other key passed untracked and was counted.
     let (code, body) = health(&bed.envoy, "/health").await;
     assert_eq!(code, 200, "{body}");
     let listed = body["circuit_breakers"].as_array().unwrap().len();
@@ -1009,26 +1031,46 @@ async fn a_flood_of_distinct_keys_stays_bounded() {
     let m = bed.envoy.metrics().await.unwrap();
     let untracked = global(&m, "circuit_breaker_untracked_calls_total") as usize;
     let recorded = m.sum("circuit_breaker_calls_total", &[]) as usize;
-    assert_eq!(untracked, FLOOD_KEYS - FLOOD_MAX_UPSTREAMS);
-    assert_eq!(recorded, FLOOD_MAX_UPSTREAMS);
-    assert_eq!(bed.web.requests() as usize, FLOOD_KEYS);
-    // Metrics exist only for the tracked keys.
-    let labelled = m
+    let evicted = global(&m, "circuit_breaker_evicted_total") as usize;
+    assert!(
+        evicted >= FLOOD_MAX_UPSTREAMS,
+        "the second batch evicts the first one's {FLOOD_MAX_UPSTREAMS} idle breakers: evicted \
+         {evicted}"
+    );
+    assert_eq!(recorded, FLOOD_MAX_UPSTREAMS + evicted);
+    assert_eq!(recorded + untracked, keys);
+    assert_eq!(bed.web.requests() as usize, keys);
+    // Metrics are labelled with 4 x max_upstreams keys at most, in every series with an upstream
+    // label; calls of further keys are counted as _other, and the first such key is logged once.
+    let labelled: std::collections::BTreeSet<&str> = m
         .samples
         .iter()
-        .filter(|s| s.name == "circuit_breaker_state")
+        .filter(|s| s.name.starts_with("circuit_breaker_"))
+        .filter_map(|s| s.labels.get("upstream").map(String::as_str))
+        .filter(|u| *u != "_other")
+        .collect();
+    assert_eq!(labelled.len(), FLOOD_LABELS, "{evicted} evicted");
+    let other = m.sum("circuit_breaker_calls_total", &[("upstream", "_other")]) as usize;
+    assert_eq!(other, recorded - FLOOD_LABELS);
+    let told = bed
+        .envoy
+        .log()
+        .lines()
+        .filter(|l| l.contains("counted as upstream=_other"))
         .count();
-    assert_eq!(labelled, FLOOD_MAX_UPSTREAMS);
+    assert_eq!(told, 1, "the first key past the label limit is logged once");
 
     // Flat memory: 98,000 keys after the first batch. Had the filter kept anything per key (a string
     // and a map entry are ~100 bytes, twice for two workers), it would show as ~20 MB; what a busy
-    // Envoy moves by itself is well under the bound.
+    // Envoy moves by itself, and the series of the at most 192 keys labelled after the first batch,
+    // are well under the bound.
     let growth_kib = rss_all.saturating_sub(rss_first);
     println!(
-        "key flood: {FLOOD_KEYS} keys in {elapsed:?} over {FLOOD_CONNECTIONS} HTTP/1.1 connections \
-         ({FLOOD_BATCH} pipelined at a time); RSS {rss_first} KiB after {first} keys, {rss_all} KiB \
-         after all (+{growth_kib} KiB); Envoy heap {heap_first} -> {heap_all} bytes; untracked \
-         {untracked}"
+        "key flood: {FLOOD_KEYS} keys in {elapsed:?} (with a {IDLE:?} pause) over \
+         {FLOOD_CONNECTIONS} HTTP/1.1 connections ({FLOOD_BATCH} pipelined at a time); RSS \
+         {rss_first} KiB after {first} keys, {rss_all} KiB after all (+{growth_kib} KiB); Envoy \
+         heap {heap_first} -> {heap_all} bytes; evicted {evicted}, untracked {untracked}, _other \
+         {other}"
     );
     assert!(
         growth_kib < 4 * 1024,
@@ -1036,13 +1078,16 @@ async fn a_flood_of_distinct_keys_stays_bounded() {
         FLOOD_KEYS - first
     );
 
-    // Still a working breaker for a tracked key, and an untracked key is never rejected.
+    // Still a working breaker for a tracked key. And once the flood idled out, a new key gets a
+    // breaker of its own (evicting an idle one) that opens too: junk keys cannot keep a real
+    // upstream from its breaker.
+    tokio::time::sleep(IDLE).await;
     bed.web.set_fault(Fault::Unavailable).await.unwrap();
     let tracked = body["circuit_breakers"][0]["upstream"]
         .as_str()
         .unwrap()
         .to_string();
-    for tenant in [tracked.as_str(), "tenant-99999"] {
+    for tenant in [tracked.as_str(), "after-the-flood"] {
         for _ in 0..5 {
             let r = bed
                 .envoy
@@ -1055,19 +1100,25 @@ async fn a_flood_of_distinct_keys_stays_bounded() {
                 "{r:?}"
             );
         }
+        let r = bed
+            .envoy
+            .get_with("/page", &[("x-tenant", tenant)])
+            .await
+            .unwrap();
+        assert_eq!(
+            r.header("x-circuit-breaker"),
+            Some("open"),
+            "{tenant}: {r:?}"
+        );
     }
-    let r = bed
-        .envoy
-        .get_with("/page", &[("x-tenant", &tracked)])
-        .await
-        .unwrap();
-    assert_eq!(r.header("x-circuit-breaker"), Some("open"), "{r:?}");
-    let r = bed
-        .envoy
-        .get_with("/page", &[("x-tenant", "tenant-99999")])
-        .await
-        .unwrap();
-    assert_eq!(r.header("x-circuit-breaker"), None, "{r:?}");
+    assert_eq!(
+        global(
+            &bed.envoy.metrics().await.unwrap(),
+            "circuit_breaker_evicted_total"
+        ) as usize,
+        evicted + 1,
+        "after-the-flood took an idle breaker's slot"
+    );
     assert_no_trap(&bed.envoy);
 }
 

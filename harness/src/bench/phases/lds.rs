@@ -279,7 +279,7 @@ pub(in crate::bench) async fn lds_phase(ctx: &mut Ctx, opts: &Options) -> Result
     let mut updates: BTreeMap<&'static str, Vec<Update>> = BTreeMap::new();
     for round in 0..rounds {
         let mut order = LDS_VARIANTS;
-        order.rotate_left(round % order.len());
+        order.rotate_left(round % LDS_VARIANTS.len());
         for (name, stuck) in order {
             update(&envoy, &mut file, stuck).await?;
             tokio::time::sleep(SETTLE).await;
