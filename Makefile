@@ -95,13 +95,16 @@ demo: build envoy
 	cargo run -q -p circuit-breaker-harness -- demo $(if $(filter 1,$(NATIVE)),--native) \
 		$(if $(SCENARIO),--scenario $(SCENARIO))
 
-## lint: rustfmt and clippy (-D warnings), for the host and for wasm32-wasip1
+## lint: rustfmt and clippy (-D warnings), for the host and for wasm32-wasip1; the fuzz targets and the
+## host-call probe (their own workspaces) against the core
 lint: targets
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo clippy -p circuit-breaker-native --all-targets --features stubs -- -D warnings
 	cargo clippy -p circuit-breaker-core -p circuit-breaker-wasm --target wasm32-wasip1 -- -D warnings
 	cargo check --manifest-path fuzz/Cargo.toml
+	cargo clippy --manifest-path harness/benches/hostcall-probe/Cargo.toml --target wasm32-wasip1 --release \
+		--target-dir target/fixtures -- -D warnings
 
 targets:
 	@rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1

@@ -24,6 +24,7 @@ use cb_core::breaker::Breaker;
 use cb_core::classify::{Classification, Outcome};
 use cb_core::codec;
 use cb_core::config::{BreakerConfig, FilterConfig};
+use cb_core::host::Bare;
 use cb_core::store::{MemoryStore, SharedData, Slot};
 use cb_core::telemetry::Discard;
 use cb_core::worker::{Admission, Worker};
@@ -58,6 +59,7 @@ thread_local! {
             Arc::new(FilterConfig::default()),
             0,
             SharedData::new(MemoryStore::new(), 1024),
+            0,
         ),
         now_ms: 0,
     });
@@ -71,7 +73,11 @@ fn core_call() {
         };
         let core = &mut *core;
         core.now_ms += 1;
-        if let Admission::Allow(call) = core.worker.admit(UPSTREAM, core.now_ms, &mut Discard) {
+        let mut host = Bare {
+            now_ms: core.now_ms,
+            telemetry: Discard,
+        };
+        if let Admission::Allow(call) = core.worker.admit(UPSTREAM, &mut host) {
             let ok = Classification {
                 outcome: Outcome::Success,
                 slow: false,
