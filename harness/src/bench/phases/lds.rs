@@ -146,7 +146,8 @@ impl ListenerFile {
     }
 }
 
-/// The resource file: `version_info`, then each listener rendered from [`LISTENER_TEMPLATE`].
+/// The resource file: `version_info`, then each listener rendered from [`LISTENER_TEMPLATE`], without
+/// its comments.
 fn listeners_yaml(version: u32, filter_config: &str, wasm: &Path) -> Result<String> {
     let mut text = format!("version_info: \"{version}\"\nresources:\n");
     for i in 0..LDS_LISTENERS {
@@ -159,7 +160,11 @@ fn listeners_yaml(version: u32, filter_config: &str, wasm: &Path) -> Result<Stri
             &[("NAME", &name)],
         )
         .map_err(|e| e.to_string())?;
-        text.push_str(&listener);
+        // The template's own comments (which name its placeholders) once would do; not 20 times.
+        for line in listener.lines().filter(|l| !l.trim_start().starts_with('#')) {
+            text.push_str(line);
+            text.push('\n');
+        }
     }
     Ok(text)
 }
