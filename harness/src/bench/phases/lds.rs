@@ -161,7 +161,10 @@ fn listeners_yaml(version: u32, filter_config: &str, wasm: &Path) -> Result<Stri
         )
         .map_err(|e| e.to_string())?;
         // The template's own comments (which name its placeholders) once would do; not 20 times.
-        for line in listener.lines().filter(|l| !l.trim_start().starts_with('#')) {
+        for line in listener
+            .lines()
+            .filter(|l| !l.trim_start().starts_with('#'))
+        {
             text.push_str(line);
             text.push('\n');
         }
