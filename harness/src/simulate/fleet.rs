@@ -184,9 +184,9 @@ pub fn fleet(
     let cfg = config.breaker_for(&upstream);
     let run = |config: &FilterConfig| {
         let mut fleet = Fleet::new(&calls, &failure, opts.proxies);
+        let shared = Arc::new(config.clone());
         for n in 0..opts.proxies {
-            let mut proxy = Proxy::new(Arc::new(config.clone()), proxy_seed(opts.seed, n.into()));
-            fleet.state = StateKind::Closed;
+            let mut proxy = Proxy::new(Arc::clone(&shared), proxy_seed(opts.seed, n.into()));
             fleet.opened.push(None);
             let picked = (n as usize..calls.len()).step_by(opts.proxies as usize);
             run(&calls, picked, &mut proxy, &config.upstream_key, &mut fleet);
@@ -221,8 +221,6 @@ fn rate_before(calls: &[Call], until: u64) -> Option<f64> {
 struct Fleet {
     start_ms: u64,
     end_ms: u64,
-    /// The state of the proxy running now.
-    state: StateKind,
     /// Per proxy run so far: when its breaker first left Closed during the failure (the failure's
     /// start if it was not Closed then).
     opened: Vec<Option<u64>>,
@@ -240,7 +238,6 @@ impl Fleet {
         Self {
             start_ms: failure.start_ms,
             end_ms: failure.end_ms,
-            state: StateKind::Closed,
             opened: Vec::with_capacity(proxies as usize),
             calls_to_failed: 0,
             probes: Vec::new(),
@@ -252,7 +249,6 @@ impl Fleet {
         let Event::Transition(t) = event else {
             return;
         };
-        self.state = t.to;
         let Some(opened) = self.opened.last_mut() else {
             return;
         };

@@ -241,11 +241,7 @@ pub fn run_args(args: &Args) -> Result<(), String> {
         std::fs::write(out, svg::render(&timeline(&report))).map_err(|e| format!("{out}: {e}"))?;
         eprintln!("wrote {out}");
     }
-    if args.json {
-        emit(&(render_json(&report)? + "\n"))
-    } else {
-        emit(&render_table(&report))
-    }
+    emit_report(args.json, &report, render_table)
 }
 
 fn run_tune(args: &Args) -> Result<(), String> {
@@ -275,13 +271,7 @@ fn run_tune(args: &Args) -> Result<(), String> {
         input.calls.len(),
         started.elapsed().as_secs_f64()
     );
-    if args.json {
-        let text =
-            serde_json::to_string_pretty(&report).map_err(|e| format!("report as JSON: {e}"))?;
-        emit(&(text + "\n"))
-    } else {
-        emit(&render::render_tune(&report))
-    }
+    emit_report(args.json, &report, render::render_tune)
 }
 
 fn run_fleet(args: &Args, proxies: u32) -> Result<(), String> {
@@ -303,13 +293,7 @@ fn run_fleet(args: &Args, proxies: u32) -> Result<(), String> {
         seed: args.seed,
     };
     let report = fleet::fleet(&input.calls, &config, &without, &opts)?;
-    if args.json {
-        let text =
-            serde_json::to_string_pretty(&report).map_err(|e| format!("report as JSON: {e}"))?;
-        emit(&(text + "\n"))
-    } else {
-        emit(&fleet::render_fleet(&report))
-    }
+    emit_report(args.json, &report, fleet::render_fleet)
 }
 
 /// Validates the filter configuration exactly as the filter does; the error is the line the filter
@@ -327,6 +311,19 @@ fn read(path: &str) -> Result<String, String> {
         return Ok(s);
     }
     std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))
+}
+
+/// A report on stdout: as JSON with `--json`, else as `table` renders it.
+fn emit_report<T: serde::Serialize>(
+    json: bool,
+    report: &T,
+    table: impl FnOnce(&T) -> String,
+) -> Result<(), String> {
+    if json {
+        emit(&(render_json(report)? + "\n"))
+    } else {
+        emit(&table(report))
+    }
 }
 
 fn emit(text: &str) -> Result<(), String> {

@@ -226,9 +226,14 @@ impl Proxy {
     /// `seed` is the one place a proxy's randomness comes from (`open_timeout_jitter`): every proxy
     /// of a fleet gets its own, derived from `--seed`, so that runs repeat exactly.
     pub(crate) fn new(config: Arc<FilterConfig>, seed: u64) -> Self {
-        let table = Box::new(LocalStore::new(config.max_upstreams));
+        let capacity = config.max_upstreams;
+        Self::with_table(config, capacity, seed)
+    }
+
+    /// [`Proxy::new`] with a breaker table of `capacity` slots.
+    fn with_table(config: Arc<FilterConfig>, capacity: u32, seed: u64) -> Self {
         Self {
-            worker: Worker::new(config, 0, table, seed),
+            worker: Worker::new(config, 0, Box::new(LocalStore::new(capacity)), seed),
             streams: HashMap::new(),
         }
     }
@@ -325,10 +330,7 @@ pub fn judge(config: &Arc<FilterConfig>, call: &Call) -> Option<Judged> {
     let key = key.as_ref();
     // A table of one slot: the call's own breaker, fresh.
     // No jitter is ever drawn: this breaker never opens.
-    let mut proxy = Proxy {
-        worker: Worker::new(Arc::clone(config), 0, Box::new(LocalStore::new(1)), 0),
-        streams: HashMap::new(),
-    };
+    let mut proxy = Proxy::with_table(Arc::clone(config), 1, 0);
     let stuck_ms = proxy.stuck_ms(key);
     let (admit, _) = proxy.admit(0, call, call.start_ms);
     if admit != Admit::Allow {

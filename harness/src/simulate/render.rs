@@ -154,7 +154,7 @@ pub fn render_table(r: &Report) -> String {
 }
 
 /// The report as pretty-printed JSON.
-pub fn render_json(r: &Report) -> Result<String, String> {
+pub fn render_json<T: serde::Serialize>(r: &T) -> Result<String, String> {
     serde_json::to_string_pretty(r).map_err(|e| format!("report as JSON: {e}"))
 }
 
