@@ -34,6 +34,12 @@ fn envoy() -> FilterEnvoyPtr {
     stubs::fake_envoy_ptr()
 }
 
+/// The end of a stream as Envoy makes it: `stream_complete`, then `filter_destroy`.
+fn end_stream(stream: ModulePtr) {
+    envoy_dynamic_module_on_http_filter_stream_complete(envoy(), stream);
+    envoy_dynamic_module_on_http_filter_destroy(stream);
+}
+
 /// Runs `f` on the stream behind `ptr` as a hook would; `None` for the pass-through object.
 #[allow(unsafe_code)]
 fn peek<R>(ptr: ModulePtr, f: impl FnOnce(&mut Stream) -> R) -> Option<R> {

@@ -76,8 +76,7 @@ fn a_stuck_call_is_cut_on_its_own_stream_once_its_breaker_opens() {
 
     // Envoy completes and destroys the stream inside the send, as it does for a local reply.
     stubs::on_send_response(move || {
-        envoy_dynamic_module_on_http_filter_stream_complete(envoy(), stream);
-        envoy_dynamic_module_on_http_filter_destroy(stream);
+        end_stream(stream);
     });
     envoy_dynamic_module_on_http_filter_scheduled(envoy(), stream, event);
     let recorded = stubs::take();
@@ -109,8 +108,7 @@ fn a_stream_gone_before_its_event_leaves_nothing_to_commit_to() {
     tick_after(config, 2_000);
     assert_eq!(stubs::take().committed.len(), 1);
     // The client gave up first: Envoy completes and destroys the stream, and drops its event.
-    envoy_dynamic_module_on_http_filter_stream_complete(envoy(), stream);
-    envoy_dynamic_module_on_http_filter_destroy(stream);
+    end_stream(stream);
     tick_after(config, 4_000);
     let recorded = stubs::take();
     assert_eq!(recorded.schedulers_deleted.len(), 1);
@@ -131,7 +129,6 @@ fn without_cut_stuck_calls_a_stuck_call_is_recorded_and_left_alone() {
     let recorded = stubs::take();
     assert_eq!(counted(&recorded, Metric::StuckCalls, &["cut-off"]), 1);
     assert!(recorded.schedulers_made.is_empty() && recorded.committed.is_empty());
-    envoy_dynamic_module_on_http_filter_stream_complete(envoy(), stream);
-    envoy_dynamic_module_on_http_filter_destroy(stream);
+    end_stream(stream);
     envoy_dynamic_module_on_http_filter_config_destroy(config);
 }

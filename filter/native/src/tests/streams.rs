@@ -33,8 +33,7 @@ fn answered_call(config: ModulePtr) {
         envoy_dynamic_module_on_http_filter_response_headers(envoy(), stream, true),
         HeadersStatus::Continue
     );
-    envoy_dynamic_module_on_http_filter_stream_complete(envoy(), stream);
-    envoy_dynamic_module_on_http_filter_destroy(stream);
+    end_stream(stream);
 }
 
 #[test]
@@ -74,8 +73,7 @@ fn a_rejection_is_sent_after_the_hook_lets_go_even_when_envoy_destroys_the_strea
         let completed = std::rc::Rc::clone(&completed);
         move || {
             completed.set(peek(stream, |_| ()).is_some());
-            envoy_dynamic_module_on_http_filter_stream_complete(envoy(), stream);
-            envoy_dynamic_module_on_http_filter_destroy(stream);
+            end_stream(stream);
         }
     });
     assert_eq!(
