@@ -10,7 +10,9 @@ use std::time::Duration;
 use e2e::pb::content_service_client::ContentServiceClient;
 use e2e::pb::feed_service_client::FeedServiceClient;
 use e2e::pb::user_service_client::UserServiceClient;
-use e2e::{raw_grpc, worker_channels, Envoy, Fault, Metrics, TestBed, MISSING_POST_ID};
+use e2e::{
+    health_entry, raw_grpc, worker_channels, Envoy, Fault, Metrics, TestBed, MISSING_POST_ID,
+};
 use serde_json::{json, Value};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
@@ -164,9 +166,7 @@ async fn metric(bed: &TestBed, name: &str, labels: &[(&str, &str)]) -> f64 {
 }
 
 async fn health(bed: &TestBed, path: &str) -> (u16, Value) {
-    let r = bed.envoy.get(path).await.unwrap();
-    assert_eq!(r.header("content-type"), Some("application/json"), "{r:?}");
-    (r.status, r.json().unwrap())
+    e2e::health(&bed.envoy, path).await.unwrap()
 }
 
 /// The health answer lists exactly the breakers of `keys` (in any order).
@@ -185,11 +185,7 @@ async fn assert_tracked<const N: usize>(bed: &TestBed, keys: [&str; N]) {
 }
 
 fn breaker<'a>(health: &'a Value, upstream: &str) -> &'a Value {
-    health["circuit_breakers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["upstream"] == upstream)
+    health_entry(health, upstream)
         .unwrap_or_else(|| panic!("no breaker for {upstream} in {health}"))
 }
 

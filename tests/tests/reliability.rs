@@ -41,8 +41,8 @@ use e2e::pb::content_service_client::ContentServiceClient;
 use e2e::pb::feed_service_client::FeedServiceClient;
 use e2e::pb::user_service_client::UserServiceClient;
 use e2e::{
-    channel_to, raw_grpc, workspace_root, Build, Envoy, Fault, GrpcService, HttpServer, Metrics,
-    TestBed, UpstreamPorts, Upstreams,
+    channel_to, health_entry, raw_grpc, workspace_root, Build, Envoy, Fault, GrpcService,
+    HttpServer, Metrics, TestBed, UpstreamPorts, Upstreams,
 };
 use serde_json::{json, Value};
 use tokio::net::{TcpListener, TcpStream};
@@ -137,16 +137,7 @@ async fn get_feed(channel: &Channel) -> Result<(), Status> {
 
 /// The health endpoint: status code and JSON.
 async fn health(envoy: &Envoy, path: &str) -> (u16, Value) {
-    let r = envoy.get(path).await.unwrap();
-    (r.status, r.json().unwrap())
-}
-
-fn breaker_of<'a>(health: &'a Value, upstream: &str) -> Option<&'a Value> {
-    health["circuit_breakers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["upstream"] == upstream)
+    e2e::health(envoy, path).await.unwrap()
 }
 
 /// Calls let through and recorded + calls rejected + calls untracked: every call the filter admitted
@@ -344,7 +335,7 @@ async fn watch_health(envoy: &Envoy, until: Instant) -> bool {
         let (code, body) = health(envoy, HEALTH).await;
         if code == 503
             && body["status"] == "degraded"
-            && breaker_of(&body, "content").is_some_and(|b| b["state"] == "open")
+            && health_entry(&body, "content").is_some_and(|b| b["state"] == "open")
         {
             seen_open = true;
         }
@@ -745,7 +736,7 @@ async fn live_reconfiguration_keeps_state_and_refuses_a_bad_config() {
     get_feed(&channel).await.unwrap();
     sent += 5;
     let (_, before) = health(&bed.envoy, "/health").await;
-    let retry_before = breaker_of(&before, "content").unwrap()["retry_after_ms"]
+    let retry_before = health_entry(&before, "content").unwrap()["retry_after_ms"]
         .as_u64()
         .unwrap();
     let m0 = bed.envoy.metrics().await.unwrap();
@@ -804,7 +795,7 @@ async fn live_reconfiguration_keeps_state_and_refuses_a_bad_config() {
         sent += 1;
         let (code, after) = health(&bed.envoy, "/health").await;
         assert_eq!(code, 503, "{after}");
-        let content = breaker_of(&after, "content").unwrap();
+        let content = health_entry(&after, "content").unwrap();
         assert_eq!(content["state"], "open", "{after}");
         assert_eq!(content["consecutive_failures"], 3, "{after}");
         let retry_after = content["retry_after_ms"].as_u64().unwrap();
@@ -1609,7 +1600,7 @@ async fn corrupt_shared_data_fails_open_and_restarts() {
         (503, Some("unknown")),
         "{body}"
     );
-    assert!(breaker_of(&body, "content").is_none(), "{body}");
+    assert!(health_entry(&body, "content").is_none(), "{body}");
 
     // The next call fails open (it reaches the upstream although the breaker was open), the breaker
     // restarts closed, and it is logged and counted.
@@ -1628,7 +1619,7 @@ async fn corrupt_shared_data_fails_open_and_restarts() {
     );
     let (code, body) = health(envoy, "/health").await;
     assert_eq!(code, 200, "{body}");
-    let content = breaker_of(&body, "content").unwrap();
+    let content = health_entry(&body, "content").unwrap();
     assert_eq!(content["state"], "closed", "{body}");
     assert_eq!(content["consecutive_failures"], 0, "{body}");
     assert_eq!(content["calls_in_window"], 1, "{body}");
@@ -1704,7 +1695,7 @@ async fn corrupt_shared_data_fails_open_and_restarts() {
     );
     get_user(&channel).await.unwrap();
     let (_, body) = health(envoy, "/health").await;
-    assert!(breaker_of(&body, "user").is_some(), "{body}");
+    assert!(health_entry(&body, "user").is_some(), "{body}");
     bed.content.set_fault(Fault::Unavailable).await.unwrap();
     for _ in 0..3 {
         get_post(&channel, &[]).await.unwrap_err();
@@ -1776,7 +1767,7 @@ async fn empty_bytes_under_a_breaker_key_are_corrupt_state() {
     // Restarted at once: the breaker is there again, closed, with the call just made.
     let (code, body) = health(envoy, "/health").await;
     assert_eq!(code, 200, "{body}");
-    let content = breaker_of(&body, "content").unwrap_or_else(|| panic!("{body}"));
+    let content = health_entry(&body, "content").unwrap_or_else(|| panic!("{body}"));
     assert_eq!(content["calls_in_window"], 1, "{body}");
     assert!(envoy.log().contains("corrupt state for upstream=content"));
     assert_no_trap(envoy);
