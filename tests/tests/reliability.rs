@@ -1078,24 +1078,22 @@ async fn a_flood_of_distinct_keys_stays_bounded() {
         .as_str()
         .unwrap()
         .to_string();
+    let page = async |tenant: &str| {
+        bed.envoy
+            .get_with("/page", &[("x-tenant", tenant)])
+            .await
+            .unwrap()
+    };
     for tenant in [tracked.as_str(), "after-the-flood"] {
         for _ in 0..5 {
-            let r = bed
-                .envoy
-                .get_with("/page", &[("x-tenant", tenant)])
-                .await
-                .unwrap();
+            let r = page(tenant).await;
             assert_eq!(
                 (r.status, r.header("x-circuit-breaker")),
                 (503, None),
                 "{r:?}"
             );
         }
-        let r = bed
-            .envoy
-            .get_with("/page", &[("x-tenant", tenant)])
-            .await
-            .unwrap();
+        let r = page(tenant).await;
         assert_eq!(
             r.header("x-circuit-breaker"),
             Some("open"),
