@@ -1,7 +1,8 @@
 //! One Envoy worker's side of the breakers: the configuration it serves, its handle on the store, what
-//! it remembers per upstream key, the calls it let through that are still waiting (the stuck-call
-//! check and the cuts, in [`crate::inflight`]), and the outcomes that lost every compare-and-swap and
-//! wait for a retry.
+//! it remembers per upstream key, and the calls it let through that are still waiting (their table in
+//! [`crate::inflight`]). This file admits calls and takes their outcomes; `outcomes` stores them, and
+//! queues for a retry those that lost every compare-and-swap; `periodic` is the tick: the stuck-call
+//! check, the cuts, the retries and the gauges.
 //!
 //! Hosts keep one [`Worker`] per configuration per worker thread (one per root context in wasm, one
 //! per Envoy worker in the native module, one per simulated worker in the harness), and call
@@ -12,27 +13,28 @@ use std::sync::Arc;
 
 use hashbrown::HashMap;
 
-use crate::breaker::{BreakerState, Decision, Rejection, StateKind, Ticket, Transition};
-use crate::classify::{Classification, Outcome};
+use crate::breaker::{Decision, Rejection, StateKind, Ticket, Transition};
+use crate::classify::Classification;
 use crate::config::{BreakerConfig, BreakerId, FilterConfig, Mode};
 use crate::entropy::Entropy;
 use crate::host::Host;
 use crate::inflight::{InFlight, Pending, Settled, Standing};
 use crate::registry::{self, Located, Moment, Untracked};
 use crate::reply::{self, LocalReply, RejectParts};
-use crate::store::{BreakerStore, Label, SlotRead, UpdateError};
+use crate::store::{BreakerStore, Label};
 use crate::telemetry::{Event, StoreEvent, Telemetry, Upstream, OTHER_LABEL};
 
 pub use crate::inflight::CutOrder;
+
+use outcomes::{store_events, Retry};
+
+mod outcomes;
+mod periodic;
 
 /// Fewest upstream keys a worker remembers; it remembers twice `max_upstreams` when that is more. Past
 /// the bound the memory is cleared and rebuilt as calls come: hostile keys can make a worker forget,
 /// never grow beyond what its real upstreams need.
 const MIN_REMEMBERED_KEYS: usize = 1024;
-/// Most outcomes waiting for a retry after losing every compare-and-swap.
-const MAX_RETRIES_QUEUED: usize = 256;
-/// How many times a queued outcome is retried before it is given up as lost.
-const MAX_RETRY_ROUNDS: u8 = 8;
 /// Queued outcomes retried per admission, so a call never pays for a backlog.
 const RETRIES_PER_CALL: usize = 4;
 /// How often [`Worker::tick`] sets the state gauges from the stored states (ms). A gauge is one value
@@ -128,20 +130,6 @@ pub enum Admission {
     Untracked,
     /// `mode: disabled`: let it through, nothing to report.
     Disabled,
-}
-
-/// An outcome waiting for a retry.
-#[derive(Debug, Clone)]
-struct Retry {
-    key: Arc<str>,
-    label: Arc<str>,
-    slot: u32,
-    breaker: BreakerId,
-    ticket: Ticket,
-    at_ms: u64,
-    outcome: Classification,
-    stuck: bool,
-    rounds: u8,
 }
 
 /// One worker's view of the breakers, over a store `S`.
@@ -553,202 +541,6 @@ impl<S: BreakerStore> Worker<S> {
         }
     }
 
-    /// What the host runs periodically (the wasm root's tick, the native module's timer, the
-    /// harness's clock): records, as failures, the calls of every upstream waiting past
-    /// `stuck_call_duration`; retries queued outcomes; every [`GAUGE_RESYNC_MS`], sets the state
-    /// gauges from the stored states. Returns the stuck calls to cut now: the host delivers each with
-    /// [`crate::session::deliver_cut`].
-    pub fn tick<T: Telemetry + ?Sized>(&mut self, now_ms: u64, t: &mut T) -> Vec<CutOrder> {
-        for slot in self.in_flight.slots_due(now_ms) {
-            self.check_stuck_slot(slot, now_ms, t);
-        }
-        self.retry_queued(MAX_RETRIES_QUEUED, t);
-        let orders = self.cuts(now_ms);
-        if now_ms.saturating_sub(self.gauges_synced_ms) >= GAUGE_RESYNC_MS {
-            self.gauges_synced_ms = now_ms;
-            self.resync_gauges(t);
-        }
-        orders
-    }
-
-    /// The stuck-call check for one upstream's calls, oldest first.
-    fn check_stuck_slot<T: Telemetry + ?Sized>(&mut self, slot: u32, now_ms: u64, t: &mut T) {
-        let config = Arc::clone(&self.config);
-        let cuts = |b: BreakerId| config.breaker(b).cut_stuck_calls;
-        while let Some((_, call)) = self.in_flight.next_stuck(slot, now_ms, cuts) {
-            let slow_ms = self.config.breaker(call.breaker).slow_call_duration_ms;
-            let outcome = Classification {
-                outcome: Outcome::Failure,
-                slow: slow_ms.is_some_and(|s| call.stuck_after_ms >= s),
-            };
-            let retry = Retry {
-                key: call.key,
-                label: call.label,
-                slot,
-                breaker: call.breaker,
-                ticket: call.ticket,
-                at_ms: now_ms,
-                outcome,
-                stuck: true,
-                rounds: 0,
-            };
-            self.store_outcome(retry, t);
-        }
-    }
-
-    /// The stuck calls to cut now: those of every upstream whose breaker is Open or HalfOpen.
-    fn cuts(&mut self, now_ms: u64) -> Vec<CutOrder> {
-        let mut orders = Vec::new();
-        for (slot, key) in self.in_flight.cuttable_slots() {
-            let Ok(SlotRead::Held(held)) = self.store.read(slot) else {
-                continue;
-            };
-            if *held.key != *key {
-                continue;
-            }
-            let b = &held.breaker;
-            let retry_after_ms = match b.state {
-                BreakerState::Closed => continue,
-                BreakerState::Open { until_ms } => until_ms.saturating_sub(now_ms),
-                BreakerState::HalfOpen { .. } => b.probe_wait_ms(),
-            };
-            let rejection = Rejection {
-                state: b.state.kind(),
-                retry_after_ms: Some(retry_after_ms),
-            };
-            orders.extend(self.in_flight.cut_slot(slot, &key, rejection));
-        }
-        orders
-    }
-
-    /// The answer to a stuck call the host was told to cut ([`CutOrder::call`]): `None` when there is
-    /// nothing to answer (it ended meanwhile, or was answered already).
-    pub fn take_cut(&mut self, call: u64) -> Option<Refusal> {
-        let (pending, rejection) = self.in_flight.take_cut(call)?;
-        let reply = self.reply(
-            &pending.key,
-            pending.breaker,
-            pending.grpc,
-            &rejection,
-            "cut",
-        );
-        Some(Refusal {
-            reply,
-            rejection,
-            key: pending.key,
-            label: pending.label,
-        })
-    }
-
-    /// Sets every gauge this worker set from the state stored now.
-    fn resync_gauges<T: Telemetry + ?Sized>(&mut self, t: &mut T) {
-        let known: Vec<(Arc<str>, u32)> = self
-            .keys
-            .values()
-            .filter(|e| e.gauge.is_some())
-            .filter_map(|e| Some((Arc::clone(&e.key), e.slot?)))
-            .collect();
-        for (key, slot) in known {
-            let Ok(SlotRead::Held(held)) = self.store.read(slot) else {
-                continue;
-            };
-            if *held.key != *key {
-                continue;
-            }
-            let state = held.breaker.state.kind();
-            let label = self.label_or_ask(&key, t);
-            self.entry(&key).gauge = Some(state);
-            t.event(
-                Upstream {
-                    key: &key,
-                    label: &label,
-                },
-                &Event::State(state),
-            );
-        }
-    }
-
-    /// Stores one outcome; one that loses every compare-and-swap waits in the retry queue rather than
-    /// being lost (a probe's outcome lost there would leave its permit held until it counted as a
-    /// failed probe).
-    fn store_outcome<T: Telemetry + ?Sized>(&mut self, r: Retry, t: &mut T) {
-        let at = self.moment(r.at_ms);
-        let cfg = self.config.breaker(r.breaker);
-        let recorded = registry::record(
-            &mut self.store,
-            r.slot,
-            &r.key,
-            cfg,
-            r.ticket,
-            r.outcome,
-            at,
-        );
-        let on_slot = match recorded {
-            Ok(on_slot) => on_slot,
-            Err(e) => return self.queue_retry(r, e, t),
-        };
-        let upstream = Upstream {
-            key: &r.key,
-            label: &r.label,
-        };
-        store_events(upstream, on_slot.retries, on_slot.corrupt, t);
-        let Some(transition) = on_slot.value else {
-            let lost = StoreEvent::OutcomeLost("its breaker's slot went to another upstream");
-            t.event(upstream, &Event::Store(lost));
-            return;
-        };
-        let event = Event::Recorded {
-            outcome: r.outcome.outcome,
-            slow: r.outcome.slow,
-            stuck: r.stuck,
-        };
-        t.event(upstream, &event);
-        if let Some(tr) = transition {
-            self.state_seen(&r.key, &r.label, tr.to, Some(tr), t);
-        }
-    }
-
-    fn queue_retry<T: Telemetry + ?Sized>(&mut self, mut r: Retry, e: UpdateError, t: &mut T) {
-        let failed = StoreEvent::Failed {
-            during: "record",
-            error: e,
-        };
-        let upstream = Upstream {
-            key: &r.key,
-            label: &r.label,
-        };
-        t.event(upstream, &Event::Store(failed));
-        r.rounds = r.rounds.saturating_add(1);
-        if r.rounds > MAX_RETRY_ROUNDS {
-            t.event(
-                upstream,
-                &Event::Store(StoreEvent::OutcomeLost("retried too often")),
-            );
-            return;
-        }
-        if self.retries.len() >= MAX_RETRIES_QUEUED {
-            if let Some(old) = self.retries.pop_front() {
-                let upstream = Upstream {
-                    key: &old.key,
-                    label: &old.label,
-                };
-                t.event(
-                    upstream,
-                    &Event::Store(StoreEvent::OutcomeLost("retry queue full")),
-                );
-            }
-        }
-        self.retries.push_back(r);
-    }
-
-    fn retry_queued<T: Telemetry + ?Sized>(&mut self, most: usize, t: &mut T) {
-        for _ in 0..most.min(self.retries.len()) {
-            if let Some(r) = self.retries.pop_front() {
-                self.store_outcome(r, t);
-            }
-        }
-    }
-
     /// The health endpoint's reply: the breakers of the table (at most
     /// [`reply::MAX_HEALTH_ENTRIES`], those not closed first), or 503 and `unknown` when the store
     /// cannot be read. Never `healthy` without knowing.
@@ -757,21 +549,6 @@ impl<S: BreakerStore> Worker<S> {
             Ok(h) => reply::health(&h),
             Err(e) => reply::health_unknown(&e.to_string()),
         }
-    }
-}
-
-/// The events every store answer may carry: lost races, corrupt bytes.
-fn store_events<T: Telemetry + ?Sized>(
-    upstream: Upstream<'_>,
-    retries: u32,
-    corrupt: Option<crate::codec::CodecError>,
-    t: &mut T,
-) {
-    if retries > 0 {
-        t.event(upstream, &Event::Store(StoreEvent::Retries(retries)));
-    }
-    if let Some(e) = corrupt {
-        t.event(upstream, &Event::Store(StoreEvent::Corrupt(e)));
     }
 }
 
