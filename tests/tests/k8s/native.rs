@@ -13,12 +13,14 @@ use harness::envoy;
 use harness::services::{Fault, ServiceKind};
 use serde_json::{json, Value};
 
-use super::{
-    call, destination_side_guards_the_pod, filter_config, inbound_sidecar_filter, k8s, kustomize,
-    only_of_kind, prod_overrides_and_metric_labels, root, sidecar_filter, temp_config, trip,
-    yaml_documents, yaml_file, CallResult, Loader, Overlay, ProxySettings, Side, Sidecar,
-    DYNAMIC_MODULE_FILTER_TYPE, STRING_VALUE_TYPE,
+use super::destination::destination_side_guards_the_pod;
+use super::overlays_in_envoy::prod_overrides_and_metric_labels;
+use super::rendered_filter::{
+    filter_config, inbound_sidecar_filter, sidecar_filter, DYNAMIC_MODULE_FILTER_TYPE,
+    STRING_VALUE_TYPE,
 };
+use super::sidecar::{call, temp_config, trip, CallResult, ProxySettings, Sidecar};
+use super::{k8s, kustomize, only_of_kind, root, yaml_documents, yaml_file, Loader, Overlay, Side};
 
 /// The runtime flag that gives the module's metrics the names of docs/metrics.md.
 const STRIP_PREFIX_FLAG: &str =
