@@ -18,6 +18,7 @@ use hashbrown::{HashMap, HashSet};
 
 use crate::breaker::{Rejection, Ticket};
 use crate::config::BreakerId;
+use crate::worker::Names;
 
 /// Where a call in flight stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,8 +36,7 @@ pub(crate) enum Standing {
 /// One call in flight.
 #[derive(Debug, Clone)]
 pub(crate) struct Pending {
-    pub key: Arc<str>,
-    pub label: Arc<str>,
+    pub names: Arc<Names>,
     pub slot: u32,
     pub breaker: BreakerId,
     pub ticket: Ticket,
@@ -181,7 +181,12 @@ impl InFlight {
         self.cuttable
             .iter()
             .filter_map(|(slot, ids)| {
-                let key = ids.iter().find_map(|id| self.calls.get(id))?.key.clone();
+                let key = ids
+                    .iter()
+                    .find_map(|id| self.calls.get(id))?
+                    .names
+                    .key
+                    .clone();
                 Some((*slot, key))
             })
             .collect()
@@ -198,7 +203,7 @@ impl InFlight {
             let Some(call) = self.calls.get_mut(&id) else {
                 continue;
             };
-            if &*call.key != key {
+            if &*call.names.key != key {
                 // The slot went to another upstream meanwhile: this call is not that one's.
                 continue;
             }
@@ -230,8 +235,10 @@ mod tests {
 
     fn call(slot: u32, stream: Option<u64>) -> Pending {
         Pending {
-            key: Arc::from("k"),
-            label: Arc::from("k"),
+            names: Arc::new(Names {
+                key: Arc::from("k"),
+                label: Arc::from("k"),
+            }),
             slot,
             breaker: BreakerId::DEFAULTS,
             ticket: Ticket {

@@ -275,13 +275,9 @@ fn answer<H: Host + ?Sized>(host: &mut H, refusal: Refusal, cut: bool) -> bool {
     let Refusal {
         reply,
         rejection,
-        key,
-        label,
+        names,
     } = refusal;
-    let upstream = Upstream {
-        key: &key,
-        label: &label,
-    };
+    let upstream = names.upstream();
     // Counted only once the reply is out: a call the host would not answer goes on.
     if host.send_reply(reply) {
         let event = if cut {

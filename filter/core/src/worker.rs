@@ -53,19 +53,36 @@ struct KeyEntry {
     slot: Option<u32>,
     /// The state this worker last set the gauge to.
     gauge: Option<StateKind>,
-    /// The `upstream` label of its series (the key, or `_other`), once asked.
-    label: Option<Arc<str>>,
+    /// The key with the `upstream` label of its series (the key, or `_other`), once asked.
+    names: Option<Arc<Names>>,
     /// Its rejection's fixed parts, made at its first rejection.
     parts: Option<Arc<RejectParts>>,
+}
+
+/// An upstream key and its metric label, made once per key: a call holds both through one count.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Names {
+    /// The upstream key.
+    pub key: Arc<str>,
+    /// Its metric label (the key, or `_other`).
+    pub label: Arc<str>,
+}
+
+impl Names {
+    /// The upstream, as telemetry names it.
+    pub fn upstream(&self) -> Upstream<'_> {
+        Upstream {
+            key: &self.key,
+            label: &self.label,
+        }
+    }
 }
 
 /// A call let through, held by its session until its outcome is recorded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Call {
-    /// The upstream key.
-    pub key: Arc<str>,
-    /// Its metric label.
-    pub label: Arc<str>,
+    /// The upstream key and its metric label.
+    pub names: Arc<Names>,
     /// Its breaker's slot.
     pub slot: u32,
     /// Its breaker settings.
@@ -84,10 +101,7 @@ pub struct Call {
 impl Call {
     /// The upstream, as telemetry names it.
     pub fn upstream(&self) -> Upstream<'_> {
-        Upstream {
-            key: &self.key,
-            label: &self.label,
-        }
+        self.names.upstream()
     }
 }
 
@@ -98,19 +112,14 @@ pub struct Refusal {
     pub reply: LocalReply,
     /// Why.
     pub rejection: Rejection,
-    /// The upstream key.
-    pub key: Arc<str>,
-    /// Its metric label.
-    pub label: Arc<str>,
+    /// The upstream key and its metric label.
+    pub names: Arc<Names>,
 }
 
 impl Refusal {
     /// The upstream, as telemetry names it.
     pub fn upstream(&self) -> Upstream<'_> {
-        Upstream {
-            key: &self.key,
-            label: &self.label,
-        }
+        self.names.upstream()
     }
 }
 
@@ -211,7 +220,7 @@ impl<S: BreakerStore> Worker<S> {
             breaker: config.resolve(key),
             slot: None,
             gauge: None,
-            label: None,
+            names: None,
             parts: None,
         })
     }
@@ -231,7 +240,7 @@ impl<S: BreakerStore> Worker<S> {
     pub fn admit<H: Host + ?Sized>(&mut self, key: &str, host: &mut H) -> Admission {
         let entry = self.entry(key);
         let (breaker, mut slot, gauge) = (entry.breaker, entry.slot, entry.gauge);
-        let (key_arc, label) = (Arc::clone(&entry.key), entry.label.clone());
+        let mut names = entry.names.clone();
         if self.config.breaker(breaker).mode == Mode::Disabled {
             // Nothing to track or report: spare the clock and the content-type.
             return Admission::Disabled;
@@ -262,11 +271,12 @@ impl<S: BreakerStore> Worker<S> {
                     return Admission::Untracked;
                 }
             };
-            let label = match &label {
-                Some(label) => Arc::clone(label),
-                None => self.label_or_ask(key, host),
+            // The remembered names move into the call: no second count on them.
+            let names = match names.take() {
+                Some(names) => names,
+                None => self.names_or_ask(key, host),
             };
-            let upstream = Upstream { key, label: &label };
+            let upstream = names.upstream();
             store_events(upstream, on_slot.retries, on_slot.corrupt, host);
             let Some(a) = on_slot.value else {
                 self.forget_slot(key);
@@ -274,11 +284,10 @@ impl<S: BreakerStore> Worker<S> {
                 continue;
             };
             if gauge != Some(a.state) || a.transition.is_some() {
-                self.state_seen(key, &label, a.state, a.transition, host);
+                self.state_seen(upstream, a.state, a.transition, host);
             }
             let call = Call {
-                key: key_arc,
-                label,
+                names,
                 slot: i,
                 breaker,
                 ticket: Ticket {
@@ -314,8 +323,8 @@ impl<S: BreakerStore> Worker<S> {
                 retries,
                 corrupt,
             }) => {
-                let label = self.label_or_ask(key, t);
-                let upstream = Upstream { key, label: &label };
+                let names = self.names_or_ask(key, t);
+                let upstream = names.upstream();
                 store_events(upstream, retries, corrupt, t);
                 if evicted {
                     t.event(upstream, &Event::Evicted);
@@ -330,10 +339,10 @@ impl<S: BreakerStore> Worker<S> {
         }
     }
 
-    /// The metric label of `key`, asked of the store the first time (when the key gets a slot).
-    fn label_or_ask<T: Telemetry + ?Sized>(&mut self, key: &str, t: &mut T) -> Arc<str> {
-        if let Some(label) = &self.entry(key).label {
-            return Arc::clone(label);
+    /// `key` with its metric label, asked of the store the first time (when the key gets a slot).
+    fn names_or_ask<T: Telemetry + ?Sized>(&mut self, key: &str, t: &mut T) -> Arc<Names> {
+        if let Some(names) = &self.entry(key).names {
+            return Arc::clone(names);
         }
         let limit = self
             .config
@@ -369,8 +378,13 @@ impl<S: BreakerStore> Worker<S> {
                 Arc::from(OTHER_LABEL)
             }
         };
-        self.entry(key).label = Some(Arc::clone(&label));
-        label
+        let entry = self.entry(key);
+        let names = Arc::new(Names {
+            key: Arc::clone(&entry.key),
+            label,
+        });
+        entry.names = Some(Arc::clone(&names));
+        names
     }
 
     fn forget_slot(&mut self, key: &str) {
@@ -385,17 +399,15 @@ impl<S: BreakerStore> Worker<S> {
     /// (and by [`Worker::tick`], when no call comes).
     fn state_seen<T: Telemetry + ?Sized>(
         &mut self,
-        key: &str,
-        label: &str,
+        upstream: Upstream<'_>,
         state: StateKind,
         transition: Option<Transition>,
         t: &mut T,
     ) {
-        let upstream = Upstream { key, label };
         if let Some(tr) = transition {
             t.event(upstream, &Event::Transition(tr));
         }
-        let entry = self.entry(key);
+        let entry = self.entry(upstream.key);
         let already = entry.gauge == Some(state) || transition.is_some_and(|tr| tr.to == state);
         entry.gauge = Some(state);
         if !already {
@@ -423,7 +435,7 @@ impl<S: BreakerStore> Worker<S> {
             }
             Decision::Reject(rejection) => {
                 let reply = self.reply(
-                    &call.key,
+                    &call.names.key,
                     call.breaker,
                     call.grpc,
                     &rejection,
@@ -432,8 +444,7 @@ impl<S: BreakerStore> Worker<S> {
                 Admission::Reject(Refusal {
                     reply,
                     rejection,
-                    key: call.key,
-                    label: call.label,
+                    names: call.names,
                 })
             }
             Decision::DryRunReject(r) => {
@@ -466,8 +477,7 @@ impl<S: BreakerStore> Worker<S> {
     fn track(&mut self, call: &Call) -> Option<u64> {
         let after = self.config.breaker(call.breaker).stuck_call_duration_ms?;
         let pending = Pending {
-            key: Arc::clone(&call.key),
-            label: Arc::clone(&call.label),
+            names: Arc::clone(&call.names),
             slot: call.slot,
             breaker: call.breaker,
             ticket: call.ticket,
@@ -520,8 +530,7 @@ impl<S: BreakerStore> Worker<S> {
             }
         }
         let retry = Retry {
-            key: call.key,
-            label: call.label,
+            names: call.names,
             slot: call.slot,
             breaker: call.breaker,
             ticket: call.ticket,

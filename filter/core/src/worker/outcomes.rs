@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use super::Worker;
+use super::{Names, Worker};
 use crate::breaker::Ticket;
 use crate::classify::Classification;
 use crate::config::BreakerId;
@@ -20,8 +20,7 @@ pub(super) const MAX_RETRY_ROUNDS: u8 = 8;
 /// An outcome waiting for a retry.
 #[derive(Debug, Clone)]
 pub(super) struct Retry {
-    pub(super) key: Arc<str>,
-    pub(super) label: Arc<str>,
+    pub(super) names: Arc<Names>,
     pub(super) slot: u32,
     pub(super) breaker: BreakerId,
     pub(super) ticket: Ticket,
@@ -41,7 +40,7 @@ impl<S: BreakerStore> Worker<S> {
         let recorded = registry::record(
             &mut self.store,
             r.slot,
-            &r.key,
+            &r.names.key,
             cfg,
             r.ticket,
             r.outcome,
@@ -51,10 +50,7 @@ impl<S: BreakerStore> Worker<S> {
             Ok(on_slot) => on_slot,
             Err(e) => return self.queue_retry(r, e, t),
         };
-        let upstream = Upstream {
-            key: &r.key,
-            label: &r.label,
-        };
+        let upstream = r.names.upstream();
         store_events(upstream, on_slot.retries, on_slot.corrupt, t);
         let Some(transition) = on_slot.value else {
             let lost = StoreEvent::OutcomeLost("its breaker's slot went to another upstream");
@@ -68,7 +64,7 @@ impl<S: BreakerStore> Worker<S> {
         };
         t.event(upstream, &event);
         if let Some(tr) = transition {
-            self.state_seen(&r.key, &r.label, tr.to, Some(tr), t);
+            self.state_seen(upstream, tr.to, Some(tr), t);
         }
     }
 
@@ -77,10 +73,7 @@ impl<S: BreakerStore> Worker<S> {
             during: "record",
             error: e,
         };
-        let upstream = Upstream {
-            key: &r.key,
-            label: &r.label,
-        };
+        let upstream = r.names.upstream();
         t.event(upstream, &Event::Store(failed));
         r.rounds = r.rounds.saturating_add(1);
         if r.rounds > MAX_RETRY_ROUNDS {
@@ -92,12 +85,8 @@ impl<S: BreakerStore> Worker<S> {
         }
         if self.retries.len() >= MAX_RETRIES_QUEUED {
             if let Some(old) = self.retries.pop_front() {
-                let upstream = Upstream {
-                    key: &old.key,
-                    label: &old.label,
-                };
                 t.event(
-                    upstream,
+                    old.names.upstream(),
                     &Event::Store(StoreEvent::OutcomeLost("retry queue full")),
                 );
             }

@@ -11,7 +11,7 @@ use crate::classify::{Classification, Outcome};
 use crate::config::BreakerId;
 use crate::inflight::CutOrder;
 use crate::store::{BreakerStore, SlotRead};
-use crate::telemetry::{Event, Telemetry, Upstream};
+use crate::telemetry::{Event, Telemetry};
 
 impl<S: BreakerStore> Worker<S> {
     /// What the host runs periodically (the wasm root's tick, the native module's timer, the
@@ -39,17 +39,18 @@ impl<S: BreakerStore> Worker<S> {
         now_ms: u64,
         t: &mut T,
     ) {
-        let config = Arc::clone(&self.config);
-        let cuts = |b: BreakerId| config.breaker(b).cut_stuck_calls;
-        while let Some((_, call)) = self.in_flight.next_stuck(slot, now_ms, cuts) {
+        // Runs on every admission: the closure borrows the configuration rather than counting a
+        // reference to it.
+        while let Some((_, call)) = self.in_flight.next_stuck(slot, now_ms, |b: BreakerId| {
+            self.config.breaker(b).cut_stuck_calls
+        }) {
             let slow_ms = self.config.breaker(call.breaker).slow_call_duration_ms;
             let outcome = Classification {
                 outcome: Outcome::Failure,
                 slow: slow_ms.is_some_and(|s| call.stuck_after_ms >= s),
             };
             let retry = Retry {
-                key: call.key,
-                label: call.label,
+                names: call.names,
                 slot,
                 breaker: call.breaker,
                 ticket: call.ticket,
@@ -92,7 +93,7 @@ impl<S: BreakerStore> Worker<S> {
     pub fn take_cut(&mut self, call: u64) -> Option<Refusal> {
         let (pending, rejection) = self.in_flight.take_cut(call)?;
         let reply = self.reply(
-            &pending.key,
+            &pending.names.key,
             pending.breaker,
             pending.grpc,
             &rejection,
@@ -101,8 +102,7 @@ impl<S: BreakerStore> Worker<S> {
         Some(Refusal {
             reply,
             rejection,
-            key: pending.key,
-            label: pending.label,
+            names: pending.names,
         })
     }
 
@@ -122,15 +122,9 @@ impl<S: BreakerStore> Worker<S> {
                 continue;
             }
             let state = held.breaker.state.kind();
-            let label = self.label_or_ask(&key, t);
+            let names = self.names_or_ask(&key, t);
             self.entry(&key).gauge = Some(state);
-            t.event(
-                Upstream {
-                    key: &key,
-                    label: &label,
-                },
-                &Event::State(state),
-            );
+            t.event(names.upstream(), &Event::State(state));
         }
     }
 }
