@@ -18,7 +18,7 @@ use hashbrown::{HashMap, HashSet};
 
 use crate::breaker::{Rejection, Ticket};
 use crate::config::BreakerId;
-use crate::worker::Names;
+use crate::telemetry::Names;
 
 /// Where a call in flight stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

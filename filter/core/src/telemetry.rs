@@ -5,6 +5,8 @@
 //! labels, the native module's labelled counters, plain counters in the harness); [`report`] decides
 //! what each [`Event`] counts and logs.
 
+use std::sync::Arc;
+
 use crate::breaker::{Rejection, StateKind, Transition};
 use crate::classify::Outcome;
 use crate::codec::CodecError;
@@ -205,6 +207,26 @@ impl<'a> Upstream<'a> {
     /// An upstream labelled by its own key.
     pub fn same(key: &'a str) -> Self {
         Self { key, label: key }
+    }
+}
+
+/// An upstream as calls and refusals carry it, owned: its key and its label, made once per key by the
+/// worker, so that a call holds both through one count.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Names {
+    /// The upstream key.
+    pub key: Arc<str>,
+    /// Its metric label (the key, or `_other`).
+    pub label: Arc<str>,
+}
+
+impl Names {
+    /// The upstream, as telemetry names it.
+    pub fn upstream(&self) -> Upstream<'_> {
+        Upstream {
+            key: &self.key,
+            label: &self.label,
+        }
     }
 }
 

@@ -22,7 +22,7 @@ use crate::inflight::{InFlight, Pending, Settled, Standing};
 use crate::registry::{self, Located, Moment, Untracked};
 use crate::reply::{self, LocalReply, RejectParts};
 use crate::store::{BreakerStore, Label};
-use crate::telemetry::{Event, StoreEvent, Telemetry, Upstream, OTHER_LABEL};
+use crate::telemetry::{Event, Names, StoreEvent, Telemetry, Upstream, OTHER_LABEL};
 
 pub use crate::inflight::CutOrder;
 
@@ -57,25 +57,6 @@ struct KeyEntry {
     names: Option<Arc<Names>>,
     /// Its rejection's fixed parts, made at its first rejection.
     parts: Option<Arc<RejectParts>>,
-}
-
-/// An upstream key and its metric label, made once per key: a call holds both through one count.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Names {
-    /// The upstream key.
-    pub key: Arc<str>,
-    /// Its metric label (the key, or `_other`).
-    pub label: Arc<str>,
-}
-
-impl Names {
-    /// The upstream, as telemetry names it.
-    pub fn upstream(&self) -> Upstream<'_> {
-        Upstream {
-            key: &self.key,
-            label: &self.label,
-        }
-    }
 }
 
 /// A call let through, held by its session until its outcome is recorded.

@@ -4,13 +4,13 @@
 
 use std::sync::Arc;
 
-use super::{Names, Worker};
+use super::Worker;
 use crate::breaker::Ticket;
 use crate::classify::Classification;
 use crate::config::BreakerId;
 use crate::registry;
 use crate::store::{BreakerStore, UpdateError};
-use crate::telemetry::{Event, StoreEvent, Telemetry, Upstream};
+use crate::telemetry::{Event, Names, StoreEvent, Telemetry, Upstream};
 
 /// Most outcomes waiting for a retry after losing every compare-and-swap.
 pub(super) const MAX_RETRIES_QUEUED: usize = 256;
